@@ -1,0 +1,253 @@
+"""Datasets as lazily read, index-addressed image collections.
+
+A dataset is chosen by a spec string:
+
+- `folder:PATH`: `PATH/<split>/<class_name>/<index>.<ext>` (the layout of
+  `cifar10-test-exact` and the extracted `cifar10-jpeg.tar.gz`). Class indices
+  follow sorted class-folder names; an all-digit file stem is the dataset
+  index, otherwise files are numbered in sorted order. A flat folder holding
+  `imagenet_class_index.json` and files named `<wnid>_*.JPEG` is read as
+  ImageNet (labels from the wnid).
+- `tfds:NAME` (e.g. `tfds:cifar10`, `tfds:imagenet2012`): read through
+  `tfds.data_source`, which needs no TensorFlow. `imagenet2012` needs its
+  manual-download files in `data_dir/downloads/manual`.
+
+Images are decoded only when a batch is asked for, so memory stays flat in
+the number of images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from opa_jax.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Index-addressed images; `read(positions)` decodes only what is asked for."""
+
+    name: str
+    labels: np.ndarray  # [N] int32
+    indices: np.ndarray  # [N] int64, the dataset index of each position
+    class_names: tuple[str, ...]
+    read_fn: Callable[[Sequence[int]], np.ndarray]  # positions -> uint8 [n, H, W, 3]
+    sources: Sequence[str] | None = None  # file path per position, when from files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, positions: Sequence[int]) -> np.ndarray:
+        return self.read_fn(list(positions))
+
+
+def _decode(path: str, image_shape: tuple[int, int, int] | None, resize: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if image_shape is not None and (im.height, im.width) != tuple(image_shape[:2]):
+                if resize == "none":
+                    raise InputError(
+                        f"image {path} is {im.height}x{im.width}, but the model expects "
+                        f"{image_shape[0]}x{image_shape[1]}; set --config.resize=center_crop "
+                        "to resize and centre-crop"
+                    )
+                im = resize_center_crop(im, image_shape[:2])
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"image {path}: cannot be decoded ({e})") from e
+
+
+def resize_center_crop(im, size: tuple[int, int]):
+    """The standard ImageNet eval transform: shorter side to 256/224 of the crop, centre crop."""
+    from PIL import Image
+
+    crop_h, crop_w = size
+    scale = round(max(crop_h, crop_w) * 256 / 224) / min(im.height, im.width)
+    new_h, new_w = max(crop_h, round(im.height * scale)), max(crop_w, round(im.width * scale))
+    im = im.resize((new_w, new_h), Image.BILINEAR)
+    top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+    return im.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _files_reader(paths, image_shape, resize):
+    def read(positions):
+        if not positions:
+            shape = tuple(image_shape) if image_shape else (0, 0, 3)
+            return np.zeros((0, *shape), np.uint8)
+        images = [_decode(paths[p], image_shape, resize) for p in positions]
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise InputError(f"images of different sizes {sorted(shapes)} in one dataset")
+        return np.stack(images)
+
+    return read
+
+
+def _load_imagenet_flat(root, image_shape, resize) -> Dataset:
+    with open(os.path.join(root, "imagenet_class_index.json")) as f:
+        index = json.load(f)
+    wnid_to_label = {wnid: int(k) for k, (wnid, _) in index.items()}
+    class_names = tuple(index[str(i)][1] for i in range(len(index)))
+    files = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
+    paths, labels = [], []
+    for f in files:
+        wnid = f.split("_")[0]
+        if wnid not in wnid_to_label:
+            raise InputError(f"image {os.path.join(root, f)}: unknown ImageNet wnid {wnid!r}")
+        paths.append(os.path.join(root, f))
+        labels.append(wnid_to_label[wnid])
+    if not paths:
+        raise InputError(f"dataset folder {root}: no images found")
+    return Dataset(
+        name=f"folder:{root}",
+        labels=np.asarray(labels, np.int32),
+        indices=np.arange(len(paths), dtype=np.int64),
+        class_names=class_names,
+        read_fn=_files_reader(paths, image_shape, resize),
+        sources=paths,
+    )
+
+
+def load_folder(root: str, split: str, image_shape=None, resize: str = "none") -> Dataset:
+    if not os.path.isdir(root):
+        raise InputError(f"dataset folder {root!r} does not exist or is not a directory")
+    if os.path.exists(os.path.join(root, "imagenet_class_index.json")):
+        return _load_imagenet_flat(root, image_shape, resize)
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise InputError(
+            f"dataset folder {root!r}: expected a split folder {split!r} "
+            f"(layout <root>/<split>/<class_name>/<index>.<ext>); found {found}"
+        )
+    class_names = tuple(
+        sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    )
+    entries = []  # (index or None, stem, path, label)
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        for f in os.listdir(class_dir):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                index = int(stem) if stem.isdigit() else None
+                entries.append((index, stem, os.path.join(class_dir, f), label))
+    if not entries:
+        raise InputError(
+            f"dataset folder {split_dir!r}: no images found (expected "
+            f"<class_name>/<index>.<ext> with ext in {IMAGE_EXTENSIONS})"
+        )
+    if all(e[0] is not None for e in entries):
+        entries.sort(key=lambda e: e[0])
+        indices = [e[0] for e in entries]
+        if len(set(indices)) != len(indices):
+            raise InputError(f"dataset folder {split_dir!r}: duplicate image indices")
+    else:
+        entries.sort(key=lambda e: (e[3], e[1]))
+        indices = list(range(len(entries)))
+    paths = [e[2] for e in entries]
+    return Dataset(
+        name=f"folder:{root}",
+        labels=np.asarray([e[3] for e in entries], np.int32),
+        indices=np.asarray(indices, np.int64),
+        class_names=class_names,
+        read_fn=_files_reader(paths, image_shape, resize),
+        sources=paths,
+    )
+
+
+def load_tfds(name: str, split: str, image_shape=None, resize="none", data_dir=None) -> Dataset:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - tfds is a dependency
+        raise InputError(f"dataset tfds:{name}: tensorflow-datasets is not installed") from e
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+        raise InputError(f"dataset tfds:{name}: unknown tfds dataset ({e})") from e
+    try:
+        if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+            builder.download_and_prepare()
+        source = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:
+        manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+        where = os.path.join(builder._data_dir_root, "downloads", "manual")
+        hint = f" Put the manual-download files in {where}." if manual else ""
+        raise InputError(f"dataset tfds:{name} split {split!r} is not available: {e}.{hint}") from e
+    class_names = tuple(builder.info.features["label"].names)
+    labels = np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int32)
+
+    def read(positions):
+        images = []
+        for p in positions:
+            image = np.asarray(source[p]["image"], np.uint8)
+            if image_shape is not None and image.shape[:2] != tuple(image_shape[:2]):
+                if resize == "none":
+                    raise InputError(
+                        f"tfds:{name} image {p} is {image.shape[:2]}, model expects "
+                        f"{tuple(image_shape[:2])}; set --config.resize=center_crop"
+                    )
+                from PIL import Image
+
+                image = np.asarray(resize_center_crop(Image.fromarray(image), image_shape[:2]))
+            images.append(image)
+        return np.stack(images) if images else np.zeros((0, *image_shape), np.uint8)
+
+    return Dataset(
+        name=f"tfds:{name}",
+        labels=labels,
+        indices=np.arange(len(labels), dtype=np.int64),
+        class_names=class_names,
+        read_fn=read,
+    )
+
+
+def load_dataset(
+    spec: str, split: str = "test", image_shape=None, resize: str = "none", data_dir=None
+) -> Dataset:
+    """Loads a dataset from a spec string (see the module docstring)."""
+    kind, sep, arg = spec.partition(":")
+    if resize not in ("none", "center_crop"):
+        raise InputError(f"resize={resize!r}: expected 'none' or 'center_crop'")
+    if not sep or not arg:
+        raise InputError(
+            f"dataset spec {spec!r}: expected folder:PATH or tfds:NAME "
+            "(e.g. 'folder:../shared/data/cifar10-test-exact' or 'tfds:cifar10')"
+        )
+    if kind == "folder":
+        return load_folder(arg, split, image_shape, resize)
+    if kind == "tfds":
+        return load_tfds(arg, split, image_shape, resize, data_dir)
+    raise InputError(f"dataset spec {spec!r}: unknown kind {kind!r}; expected folder or tfds")
+
+
+def select(dataset: Dataset, selection: str) -> np.ndarray:
+    """Positions chosen by a selection string: '' (all), 'A:B' (index range), or 'i,j,k'."""
+    selection = selection.strip()
+    if not selection:
+        return np.arange(len(dataset))
+    try:
+        if ":" in selection:
+            lo, hi = selection.split(":")
+            lo = int(lo) if lo else 0
+            hi = int(hi) if hi else np.iinfo(np.int64).max
+            return np.nonzero((dataset.indices >= lo) & (dataset.indices < hi))[0]
+        wanted = [int(s) for s in selection.split(",") if s.strip()]
+    except ValueError as e:
+        raise InputError(
+            f"selection {selection!r}: expected 'A:B' (index range) or a comma list of indices"
+        ) from e
+    position_of = {int(i): p for p, i in enumerate(dataset.indices)}
+    missing = [i for i in wanted if i not in position_of]
+    if missing:
+        raise InputError(f"selection: image indices {missing[:10]} are not in {dataset.name}")
+    return np.asarray([position_of[i] for i in wanted], np.int64)
