@@ -1,0 +1,241 @@
+"""The attack loop on the device: fixed in-flight slots refilled without a host round trip.
+
+Each loop iteration is one generation for every slot: the slots' candidates
+(a fresh slot's initial population, otherwise its trial vectors) go through
+the model as one flat batch of `slots * popsize` images, then selection runs.
+A slot whose image stops records its result in an output buffer and takes the
+next waiting image from the queue at the start of the next iteration, so the
+model spends nearly every evaluation on unfinished images.
+
+Each image's random stream is `fold_in(fold_in(key, dataset_index), target + 1)`,
+so its result does not depend on the slot count, the batch or the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from opa_jax import de
+
+
+@struct.dataclass
+class Queue:
+    """A chunk of work items, padded to a fixed length; `length` are valid."""
+
+    images: jax.Array  # [Q, H, W, 3] uint8
+    true_labels: jax.Array  # [Q] int32
+    target_labels: jax.Array  # [Q] int32, -1 when non-targeted
+    indices: jax.Array  # [Q] int32 dataset index
+    work_ids: jax.Array  # [Q] int32 caller's id for the item
+    length: jax.Array  # [] int32
+
+
+@struct.dataclass
+class EngineState:
+    """Everything in flight between loop calls."""
+
+    images: jax.Array  # [S, H, W, 3] the slot's clean image, float32
+    true_labels: jax.Array  # [S]
+    target_labels: jax.Array  # [S]
+    indices: jax.Array  # [S]
+    work_ids: jax.Array  # [S], -1 when the slot is idle
+    fresh: jax.Array  # [S] bool: evaluate the initial population next
+    de_state: de.ImageState  # batched over [S]
+    evaluations: jax.Array  # [] float32, model evaluations spent (all slots)
+    active_evaluations: jax.Array  # [] float32, of those on unfinished images
+    iterations: jax.Array  # [] int32
+    nan_seen: jax.Array  # [] bool: the model returned a non-finite output
+
+
+@struct.dataclass
+class Finished:
+    """Results of images that finished during one loop call, `count` valid rows."""
+
+    work_ids: jax.Array  # [R]
+    success: jax.Array  # [R] bool
+    candidate: jax.Array  # [R, genes]
+    probs: jax.Array  # [R, C] model output on the best perturbed image
+    generations: jax.Array  # [R]
+    queries: jax.Array  # [R]
+    count: jax.Array  # []
+
+
+def init_state(num_slots: int, image_shape, num_classes: int, config: de.DEConfig) -> EngineState:
+    empty = de.empty_image_state(config, num_classes)
+    return EngineState(
+        images=jnp.zeros((num_slots, *image_shape), jnp.float32),
+        true_labels=jnp.zeros((num_slots,), jnp.int32),
+        target_labels=jnp.full((num_slots,), -1, jnp.int32),
+        indices=jnp.zeros((num_slots,), jnp.int32),
+        work_ids=jnp.full((num_slots,), -1, jnp.int32),
+        fresh=jnp.zeros((num_slots,), bool),
+        de_state=jax.tree.map(lambda x: jnp.broadcast_to(x, (num_slots, *x.shape)), empty),
+        evaluations=jnp.zeros((), jnp.float32),
+        active_evaluations=jnp.zeros((), jnp.float32),
+        iterations=jnp.zeros((), jnp.int32),
+        nan_seen=jnp.zeros((), bool),
+    )
+
+
+def empty_queue(length: int, image_shape) -> Queue:
+    return Queue(
+        images=np.zeros((length, *image_shape), np.uint8),
+        true_labels=np.zeros((length,), np.int32),
+        target_labels=np.full((length,), -1, np.int32),
+        indices=np.zeros((length,), np.int32),
+        work_ids=np.full((length,), -1, np.int32),
+        length=np.zeros((), np.int32),
+    )
+
+
+def _refill(state: EngineState, queue: Queue, cursor):
+    """Moves the next waiting items into idle slots; returns the state and new cursor."""
+    idle = state.work_ids < 0
+    rank = jnp.cumsum(idle) - 1  # the k-th idle slot takes item cursor + k
+    take = idle & (cursor + rank < queue.length)
+    source = jnp.clip(cursor + rank, 0, queue.images.shape[0] - 1)
+
+    def pick(slot_value, queue_values):
+        new = queue_values[source]
+        mask = take.reshape(take.shape + (1,) * (new.ndim - 1))
+        return jnp.where(mask, new.astype(slot_value.dtype), slot_value)
+
+    state = state.replace(
+        images=pick(state.images, queue.images),
+        true_labels=pick(state.true_labels, queue.true_labels),
+        target_labels=pick(state.target_labels, queue.target_labels),
+        indices=pick(state.indices, queue.indices),
+        work_ids=pick(state.work_ids, queue.work_ids),
+        fresh=state.fresh | take,
+    )
+    return state, cursor + jnp.sum(take)
+
+
+def _generation(state: EngineState, key, apply_fn, params, config, targeted, low, high):
+    """One generation for every slot: propose, one flat model call, update."""
+    num_slots = state.work_ids.shape[0]
+    active = state.work_ids >= 0
+    image_keys = jax.vmap(
+        lambda index, target: jax.random.fold_in(jax.random.fold_in(key, index), target + 1)
+    )(state.indices, state.target_labels)
+    candidates = jax.vmap(de.propose, in_axes=(0, 0, 0, None, None, None))(
+        image_keys, state.de_state, state.fresh, config, low, high
+    )  # [S, popsize, genes]
+    perturbed = jax.vmap(
+        jax.vmap(functools.partial(de.apply_candidate, round_rgb=config.round_rgb), (None, 0)),
+        (0, 0),
+    )(state.images, candidates)  # [S, popsize, H, W, 3]
+    flat = perturbed.reshape((num_slots * config.popsize, *perturbed.shape[2:]))
+    logits = apply_fn(params, flat).astype(jnp.float32)  # [S * popsize, C]
+    probs = jax.nn.softmax(logits, axis=-1).reshape(num_slots, config.popsize, -1)
+    nan_seen = state.nan_seen | jnp.any(active[:, None, None] & ~jnp.isfinite(probs))
+    new_de = jax.vmap(de.update, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+        state.de_state, state.fresh, candidates, probs,
+        state.true_labels, state.target_labels, config, targeted,
+    )  # fmt: skip
+    # Idle slots keep their (meaningless) state and never finish.
+    new_de = jax.tree.map(
+        lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+        new_de, state.de_state,
+    )  # fmt: skip
+    evaluations = float(num_slots * config.popsize)
+    return state.replace(
+        de_state=new_de,
+        fresh=jnp.zeros_like(state.fresh),
+        evaluations=state.evaluations + evaluations,
+        active_evaluations=state.active_evaluations
+        + jnp.sum(active).astype(jnp.float32) * config.popsize,
+        iterations=state.iterations + 1,
+        nan_seen=nan_seen,
+    )
+
+
+def _collect(state: EngineState, finished: Finished):
+    """Moves stopped slots' results to the output buffer and frees those slots."""
+    done = (state.work_ids >= 0) & state.de_state.stopped
+    capacity = finished.work_ids.shape[0]
+    position = jnp.where(done, finished.count + jnp.cumsum(done) - 1, capacity)  # drop if not done
+    s = state.de_state
+
+    def put(buffer, values):
+        return buffer.at[position].set(values.astype(buffer.dtype), mode="drop")
+
+    finished = Finished(
+        work_ids=put(finished.work_ids, state.work_ids),
+        success=put(finished.success, s.best_is_adv),
+        candidate=put(finished.candidate, s.best_candidate),
+        probs=put(finished.probs, s.best_probs),
+        generations=put(finished.generations, s.generation),
+        queries=put(finished.queries, s.queries),
+        count=finished.count + jnp.sum(done),
+    )
+    state = state.replace(
+        work_ids=jnp.where(done, -1, state.work_ids),
+        de_state=s.replace(stopped=s.stopped & ~done),
+    )
+    return state, finished
+
+
+def run_queue(
+    key,
+    state: EngineState,
+    queue: Queue,
+    final,
+    params,
+    *,
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    config: de.DEConfig,
+    targeted: bool,
+) -> tuple[EngineState, Finished]:
+    """Runs generations until the queue is drained (and, when `final`, every slot is done).
+
+    Not final: returns as soon as an idle slot could not be refilled, leaving
+    the rest in flight for the next call with the next chunk. Jit this with
+    `apply_fn`, `config` and `targeted` static.
+    """
+    num_slots = state.work_ids.shape[0]
+    capacity = num_slots + queue.images.shape[0]
+    low, high = de.bounds(queue.images.shape[1:], config.num_pixels)
+    finished = Finished(
+        work_ids=jnp.full((capacity,), -1, jnp.int32),
+        success=jnp.zeros((capacity,), bool),
+        candidate=jnp.zeros((capacity, config.num_genes), jnp.float32),
+        probs=jnp.zeros((capacity, state.de_state.best_probs.shape[-1]), jnp.float32),
+        generations=jnp.zeros((capacity,), jnp.int32),
+        queries=jnp.zeros((capacity,), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+    def cond(carry):
+        state, cursor, _ = carry
+        remaining = queue.length - cursor
+        idle = jnp.sum(state.work_ids < 0)
+        work_left = (idle < num_slots) | (remaining > 0)
+        # Not final: stop once the queue is consumed and a slot has nothing to do.
+        keep_going = final | (remaining > 0) | (idle == 0)
+        return work_left & keep_going & ~state.nan_seen
+
+    def body(carry):
+        state, cursor, finished = carry
+        state, cursor = _refill(state, queue, cursor)
+        state = _generation(state, key, apply_fn, params, config, targeted, low, high)
+        state, finished = _collect(state, finished)
+        return state, cursor, finished
+
+    state, _, finished = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32), finished))
+    return state, finished
+
+
+def compile_run_queue(apply_fn, config: de.DEConfig, targeted: bool):
+    """`run_queue` jitted, with the state donated (it is replaced every call)."""
+    return jax.jit(
+        functools.partial(run_queue, apply_fn=apply_fn, config=config, targeted=targeted),
+        donate_argnums=(1,),
+    )

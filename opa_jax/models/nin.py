@@ -1,0 +1,93 @@
+"""Network in Network (Lin, Chen & Yan 2014), the Caffe CIFAR-10 variant.
+
+One of the three CIFAR-10 networks attacked in Su, Vargas & Sakurai (Sec. 4).
+Layer names follow the Caffe model zoo prototxt (conv1, cccp1, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from opa_jax.models.alexnet import ceil_mode_padding
+
+CIFAR10_MEAN = (125.307, 122.95, 113.865)  # per-channel pixel mean of the CIFAR-10 train set
+CIFAR10_STD = (62.9932, 62.0887, 66.7048)
+
+
+def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, stride=1, padding=None):
+    """Conv (no bias when followed by batch norm), optional batch norm, ReLU."""
+    padding = kernel // 2 if padding is None else padding
+    x = nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=padding,
+        use_bias=not batch_norm,
+        dtype=dtype,
+        name=name,
+    )(x)
+    if batch_norm:
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=f"{name}_bn"
+        )(x)
+    return nn.relu(x)
+
+
+def scaled(width: float, features: int) -> int:
+    """A hidden layer's width under the width multiplier (at least 1 unit)."""
+    return max(1, round(features * width))
+
+
+class NiN(nn.Module):
+    """NiN for CIFAR-10: three mlpconv blocks, global average pooling.
+
+    Blocks: conv1 5x5 192 / cccp1 1x1 160 / cccp2 1x1 96, max pool 3/2, dropout;
+    conv2 5x5 192 / cccp3 1x1 192 / cccp4 1x1 192, avg pool 3/2, dropout;
+    conv3 3x3 192 / cccp5 1x1 192 / cccp6 1x1 num_classes, global avg pool.
+    Pools use Caffe's ceil-mode output size (32 -> 16 -> 8). With `batch_norm`
+    each hidden conv is followed by batch norm (and has no bias). cccp6 gives
+    the logits directly: the Caffe model has a ReLU there, which would clamp
+    logits at zero; the parameter count is unaffected.
+    """
+
+    num_classes: int = 10
+    width: float = 1.0  # multiplies hidden widths; 1.0 is the paper's network
+    batch_norm: bool = True
+    dropout: float = 0.5
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        # images: [N, H, W, 3] float RGB 0-255
+        x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        x = x.astype(self.dtype)
+        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
+        w = lambda f: scaled(self.width, f)
+
+        x = conv_bn_relu(x, w(192), 5, "conv1", **block)
+        x = conv_bn_relu(x, w(160), 1, "cccp1", **block)
+        x = conv_bn_relu(x, w(96), 1, "cccp2", **block)
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=ceil_mode_padding(x.shape[1:3], 3, 2))
+        x = nn.Dropout(self.dropout, deterministic=not train, name="drop1")(x)
+
+        x = conv_bn_relu(x, w(192), 5, "conv2", **block)
+        x = conv_bn_relu(x, w(192), 1, "cccp3", **block)
+        x = conv_bn_relu(x, w(192), 1, "cccp4", **block)
+        x = nn.avg_pool(
+            x,
+            (3, 3),
+            (2, 2),
+            padding=ceil_mode_padding(x.shape[1:3], 3, 2),
+            count_include_pad=False,  # Caffe averages over the in-image part of a window
+        )
+        x = nn.Dropout(self.dropout, deterministic=not train, name="drop2")(x)
+
+        x = conv_bn_relu(x, w(192), 3, "conv3", **block)
+        x = conv_bn_relu(x, w(192), 1, "cccp5", **block)
+        x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="cccp6")(x)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [N, num_classes] logits
