@@ -7,11 +7,14 @@ the number of images; finished results come back after every chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from opa_jax import de, engine
 from opa_jax.errors import InputError
@@ -58,16 +61,44 @@ class Progress:
 
 
 class Attacker:
-    """Holds the compiled loop for one model and DE config; `run` streams items through it."""
+    """Holds the compiled loop for one model and DE config; `run` streams items through it.
 
-    def __init__(self, model, config: de.DEConfig, targeted: bool, num_slots: int):
+    The in-flight slots and each chunk of the queue are sharded over a `Mesh`
+    of the local devices along a `data` axis: every device runs its own loop
+    on its share (no collectives), and parameters are replicated. An image's
+    result depends only on its key, so it is the same for any device count.
+    """
+
+    def __init__(self, model, config: de.DEConfig, targeted: bool, num_slots: int, devices=None):
         if num_slots < 1:
             raise InputError(f"slots={num_slots}: expected >= 1")
         self.model = model
         self.config = config
         self.targeted = targeted
-        self.num_slots = num_slots
-        self._run_queue = engine.compile_run_queue(model.apply_fn, config, targeted)
+        self.devices = list(devices or jax.local_devices())
+        self.num_slots = num_slots  # per device
+        self.mesh = Mesh(np.asarray(self.devices), ("data",))
+        run_queue = functools.partial(
+            engine.run_queue, apply_fn=model.apply_fn, config=config, targeted=targeted
+        )
+
+        def per_device(key, state, queue, final, params):
+            queue = queue.replace(length=queue.length[0])
+            state, finished = run_queue(key, state, queue, final, params)
+            return state, finished.replace(count=finished.count[None])
+
+        sharded, replicated = P("data"), P()
+        self._run_queue = jax.jit(
+            jax.shard_map(
+                per_device,
+                mesh=self.mesh,
+                in_specs=(replicated, sharded, sharded, replicated, replicated),
+                out_specs=(sharded, sharded),
+                check_vma=False,
+            ),
+            donate_argnums=(1,),
+        )
+        self._params = jax.device_put(model.params, NamedSharding(self.mesh, replicated))
 
     def run(
         self,
@@ -77,14 +108,25 @@ class Attacker:
         chunk_size: int,
         progress: Progress | None = None,
     ) -> Iterator[Results]:
-        """Yields the results of each chunk as soon as the device returns them."""
+        """Yields the results of each chunk as soon as the device returns them.
+
+        `chunk_size` is per device: each call takes up to devices x chunk_size items.
+        """
         image_shape = tuple(self.model.image_shape)
-        state = engine.init_state(self.num_slots, image_shape, self.model.num_classes, self.config)
+        num_devices = len(self.devices)
+        sharding = NamedSharding(self.mesh, P("data"))
+        state = engine.init_state(
+            self.num_slots * num_devices, image_shape, self.model.num_classes, self.config,
+            num_devices,
+        )  # fmt: skip
+        state = jax.device_put(state, sharding)
         n = len(items)
-        starts = list(range(0, n, chunk_size)) or [0]
+        per_call = chunk_size * num_devices
+        starts = list(range(0, n, per_call)) or [0]
         for start in starts:
-            stop = min(start + chunk_size, n)
-            queue = engine.empty_queue(chunk_size, image_shape)
+            stop = min(start + per_call, n)
+            queue = engine.empty_queue(per_call, image_shape)
+            lengths = np.zeros((num_devices,), np.int32)
             if stop > start:
                 images = read_images(items.positions[start:stop])
                 if images.shape[1:] != image_shape:
@@ -92,34 +134,44 @@ class Attacker:
                         f"images have shape {images.shape[1:]}, but model {self.model.name} "
                         f"expects {image_shape}"
                     )
-                queue.images[: stop - start] = images
-                queue.true_labels[: stop - start] = items.true_labels[start:stop]
-                queue.target_labels[: stop - start] = items.target_labels[start:stop]
-                queue.indices[: stop - start] = items.indices[start:stop]
-                queue.work_ids[: stop - start] = np.arange(start, stop)
-            queue = queue.replace(length=np.asarray(stop - start, np.int32))
+                # Device d takes items d, d + D, d + 2D, ... of this call's share.
+                for d in range(num_devices):
+                    rows = np.arange(start + d, stop, num_devices)
+                    at = slice(d * chunk_size, d * chunk_size + len(rows))
+                    queue.images[at] = images[rows - start]
+                    queue.true_labels[at] = items.true_labels[rows]
+                    queue.target_labels[at] = items.target_labels[rows]
+                    queue.indices[at] = items.indices[rows]
+                    queue.work_ids[at] = rows
+                    lengths[d] = len(rows)
+            queue = jax.device_put(queue.replace(length=lengths), sharding)
             final = np.asarray(stop >= n)
-            state, finished = self._run_queue(key, state, queue, final, self.model.params)
+            state, finished = self._run_queue(key, state, queue, final, self._params)
             finished = jax.device_get(finished)
-            if bool(state.nan_seen):
+            if bool(np.any(jax.device_get(state.nan_seen))):
                 raise InputError(
                     f"model {self.model.name} returned NaN or infinite outputs during the attack; "
                     "check the weights and the input normalisation"
                 )
             if progress is not None:
-                progress.evaluations = float(state.evaluations)
-                progress.active_evaluations = float(state.active_evaluations)
-                progress.iterations = int(state.iterations)
-            count = int(finished.count)
+                progress.evaluations = float(np.sum(jax.device_get(state.evaluations)))
+                progress.active_evaluations = float(
+                    np.sum(jax.device_get(state.active_evaluations))
+                )
+                progress.iterations = int(np.max(jax.device_get(state.iterations)))
+            capacity = finished.work_ids.shape[0] // num_devices
+            rows = np.concatenate(
+                [np.arange(d * capacity, d * capacity + c) for d, c in enumerate(finished.count)]
+            )
             yield Results(
-                work_ids=finished.work_ids[:count],
-                success=finished.success[:count],
+                work_ids=finished.work_ids[rows],
+                success=finished.success[rows],
                 perturbation=de.applied_pixels(
-                    finished.candidate[:count], image_shape, self.config.round_rgb
+                    finished.candidate[rows], image_shape, self.config.round_rgb
                 ),
-                adv_probs=finished.probs[:count],
-                generations=finished.generations[:count],
-                queries=finished.queries[:count],
+                adv_probs=finished.probs[rows],
+                generations=finished.generations[rows],
+                queries=finished.queries[rows],
             )
 
 
@@ -134,6 +186,7 @@ def attack_arrays(
     indices=None,
     num_slots: int = 8,
     chunk_size: int | None = None,
+    devices=None,
 ) -> Results:
     """Attacks in-memory images; returns results ordered like the inputs."""
     n = len(images)
@@ -146,7 +199,7 @@ def attack_arrays(
         ),
     )
     targeted = target_labels is not None
-    attacker = Attacker(model, config, targeted, num_slots)
+    attacker = Attacker(model, config, targeted, num_slots, devices)
     chunks = list(attacker.run(key, items, lambda p: images[p], chunk_size or max(n, 1)))
     merged = Results(*[np.concatenate([getattr(c, f.name) for c in chunks])
                        for f in dataclasses.fields(Results)])  # fmt: skip

@@ -21,13 +21,33 @@ from flax import struct
 
 from opa_jax.errors import InputError
 
-STRATEGIES = ("rand1", "best1")
+STRATEGIES = ("rand1", "best1", "random")
 INITS = ("paper", "latin_hypercube", "uniform")
 BOUNDS_HANDLING = ("clip", "resample")
 STOP_RULES = ("threshold", "argmax", "none")
 
 # fold_in tags that keep each use of an image's key apart.
 _INIT_TAG = 0x7FFF_FFFF
+
+
+# Named settings. `paper`: Su et al. 2019, Sec. III-C. `scipy`: SciPy's
+# differential_evolution as the public Keras/PyTorch/ART attacks call it
+# (best1bin, dithered F, recombination 1, Latin hypercube, stop on a wrong
+# argmax). `random`: random search with the paper's query budget.
+PRESETS = {
+    "paper": dict(
+        popsize=400, generations=100, strategy="rand1", mutation=0.5, mutation_high=0.0,
+        crossover=1.0, init="paper", bounds_handling="clip", stop="threshold",
+    ),
+    "scipy": dict(
+        popsize=400, generations=75, strategy="best1", mutation=0.5, mutation_high=1.0,
+        crossover=1.0, init="latin_hypercube", bounds_handling="resample", stop="argmax",
+    ),
+    "random": dict(
+        popsize=400, generations=100, strategy="random", mutation=0.5, mutation_high=0.0,
+        crossover=1.0, init="paper", bounds_handling="clip", stop="threshold",
+    ),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +57,9 @@ class DEConfig:
     num_pixels: int = 1
     popsize: int = 400
     generations: int = 100
-    strategy: str = "rand1"  # rand1: x_r1 + F (x_r2 - x_r3); best1: x_best + F (x_r1 - x_r2)
+    # rand1: x_r1 + F (x_r2 - x_r3); best1: x_best + F (x_r1 - x_r2); random: fresh samples
+    # from the initial distribution each generation (the paper's random-search baseline).
+    strategy: str = "rand1"
     mutation: float = 0.5  # F, or the low end of the dither range
     mutation_high: float = 0.0  # > mutation: F ~ U[mutation, mutation_high) per generation
     crossover: float = 1.0  # binomial crossover rate; 1.0 means no crossover
@@ -68,6 +90,15 @@ class DEConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> DEConfig:
+        """A preset's settings, with any non-None override replacing its field."""
+        if preset not in PRESETS:
+            raise InputError(f"de.preset={preset!r}: expected one of {sorted(PRESETS)}")
+        fields = dict(PRESETS[preset])
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
 
     @property
     def num_genes(self) -> int:
@@ -140,6 +171,8 @@ def _distinct_others(key, member, popsize: int, count: int) -> jax.Array:
 def mutate(key, population, fitness, config: DEConfig, low, high) -> jax.Array:
     """Trial vectors for one image: mutation, crossover, bounds. [popsize, genes]."""
     popsize, genes = population.shape
+    if config.strategy == "random":
+        return init_population(key, config, low, high)
     key_f, key_idx, key_cross, key_jrand, key_resample = jax.random.split(key, 5)
     if config.mutation_high > config.mutation:  # SciPy's dither: one F per generation
         scale = jax.random.uniform(key_f, (), minval=config.mutation, maxval=config.mutation_high)

@@ -48,10 +48,11 @@ class EngineState:
     work_ids: jax.Array  # [S], -1 when the slot is idle
     fresh: jax.Array  # [S] bool: evaluate the initial population next
     de_state: de.ImageState  # batched over [S]
-    evaluations: jax.Array  # [] float32, model evaluations spent (all slots)
-    active_evaluations: jax.Array  # [] float32, of those on unfinished images
-    iterations: jax.Array  # [] int32
-    nan_seen: jax.Array  # [] bool: the model returned a non-finite output
+    # Counters, one per device ([1] inside a device's loop) so they shard with the slots.
+    evaluations: jax.Array  # [D] float32, model evaluations spent (all slots)
+    active_evaluations: jax.Array  # [D] float32, of those on unfinished images
+    iterations: jax.Array  # [D] int32, loop iterations (generations)
+    nan_seen: jax.Array  # [D] bool: the model returned a non-finite output
 
 
 @struct.dataclass
@@ -67,7 +68,9 @@ class Finished:
     count: jax.Array  # []
 
 
-def init_state(num_slots: int, image_shape, num_classes: int, config: de.DEConfig) -> EngineState:
+def init_state(
+    num_slots: int, image_shape, num_classes: int, config: de.DEConfig, num_devices: int = 1
+) -> EngineState:
     empty = de.empty_image_state(config, num_classes)
     return EngineState(
         images=jnp.zeros((num_slots, *image_shape), jnp.float32),
@@ -77,10 +80,10 @@ def init_state(num_slots: int, image_shape, num_classes: int, config: de.DEConfi
         work_ids=jnp.full((num_slots,), -1, jnp.int32),
         fresh=jnp.zeros((num_slots,), bool),
         de_state=jax.tree.map(lambda x: jnp.broadcast_to(x, (num_slots, *x.shape)), empty),
-        evaluations=jnp.zeros((), jnp.float32),
-        active_evaluations=jnp.zeros((), jnp.float32),
-        iterations=jnp.zeros((), jnp.int32),
-        nan_seen=jnp.zeros((), bool),
+        evaluations=jnp.zeros((num_devices,), jnp.float32),
+        active_evaluations=jnp.zeros((num_devices,), jnp.float32),
+        iterations=jnp.zeros((num_devices,), jnp.int32),
+        nan_seen=jnp.zeros((num_devices,), bool),
     )
 
 
@@ -220,7 +223,7 @@ def run_queue(
         work_left = (idle < num_slots) | (remaining > 0)
         # Not final: stop once the queue is consumed and a slot has nothing to do.
         keep_going = final | (remaining > 0) | (idle == 0)
-        return work_left & keep_going & ~state.nan_seen
+        return work_left & keep_going & ~jnp.any(state.nan_seen)
 
     def body(carry):
         state, cursor, finished = carry

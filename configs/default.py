@@ -1,0 +1,51 @@
+"""Shared defaults for every attack config; experiment configs override a few fields.
+
+Any field can be set on the command line, e.g. `--config.de.popsize=100`.
+`de.*` fields left as None take the value of the chosen `de.preset`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # What to attack.
+    config.data = "folder:../shared/data/cifar10-test-exact"  # folder:PATH or tfds:NAME
+    config.split = "test"
+    config.data_dir = ""  # tfds data_dir (ImageNet: its downloads/manual holds the tars)
+    config.resize = "none"  # none, or center_crop (resize + centre crop to the model's size)
+    config.selection = ""  # '' all, 'A:B' dataset-index range, or 'i,j,k'
+    config.num_images = 0  # attack the first N eligible images by dataset index; 0 = all
+    config.only_correct = True  # the paper attacks correctly classified images only
+    # The model.
+    config.model = "keras:../shared/data/keras/lenet.h5"  # keras:, ckpt:, alexnet:, random:
+    config.allow_pickle = False  # needed for alexnet:*.npy (pickle); convert to .npz instead
+    # The attack.
+    config.method = "de"  # de (DE or random search, by de.preset) or fgsm
+    config.pixels = 1
+    config.targeted = False
+    config.targets = "all"  # targeted: 'all' other classes, or a comma list of class indices
+    config.seed = 0
+    config.de = ml_collections.ConfigDict()
+    config.de.preset = "paper"  # paper, scipy or random
+    config.de.popsize = config_dict.placeholder(int)
+    config.de.generations = config_dict.placeholder(int)
+    config.de.strategy = config_dict.placeholder(str)
+    config.de.mutation = config_dict.placeholder(float)
+    config.de.mutation_high = config_dict.placeholder(float)
+    config.de.crossover = config_dict.placeholder(float)
+    config.de.init = config_dict.placeholder(str)
+    config.de.bounds_handling = config_dict.placeholder(str)
+    config.de.stop = config_dict.placeholder(str)
+    config.de.nontargeted_threshold = config_dict.placeholder(float)
+    config.de.targeted_threshold = config_dict.placeholder(float)
+    config.de.round_rgb = config_dict.placeholder(bool)
+    config.fgsm = ml_collections.ConfigDict()
+    config.fgsm.epsilon = 8.0  # L-inf, in pixel units 0-255
+    # Execution (does not change results).
+    config.slots = 0  # in-flight images per device; 0 = choose from memory
+    config.chunk_size = 0  # work items per device loop call; 0 = 4 x slots
+    config.flush_seconds = 30.0  # results reach disk at least this often
+    config.precision = "float32"  # float32 or bfloat16 model forward passes
+    return config

@@ -1,0 +1,105 @@
+"""The paper's measurements as mergeable tallies (counts and sums; rates at the end).
+
+A `Tally` is built from result records (the lines of `results.jsonl`) and
+merges across chunks, devices, hosts and resumed runs by addition, so a
+report over several workdirs or hosts is the sum of theirs (Su et al. 2019,
+Sec. IV-C: success rate, confidence, number of target classes, class pairs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Tally:
+    num_classes: int
+    attacks: int = 0
+    successes: int = 0
+    confidence_sum: float = 0.0  # adv-label probability, summed over successes
+    queries_sum: float = 0.0
+    queries_success_sum: float = 0.0
+    generations_success_sum: float = 0.0
+    queries_success: list = dataclasses.field(default_factory=list)  # for medians
+    pair_counts: np.ndarray = None  # [C, C] successes, true label -> adversarial label
+    pair_attempts: np.ndarray = None  # [C, C] attacks, true label -> target (targeted only)
+    adv_label_counts: np.ndarray = None  # [C] adversarial labels of successes
+    reached: dict = dataclasses.field(default_factory=dict)  # image -> set of labels reached
+    attacked_images: set = dataclasses.field(default_factory=set)
+
+    def __post_init__(self):
+        c = self.num_classes
+        if self.pair_counts is None:
+            self.pair_counts = np.zeros((c, c), np.int64)
+        if self.pair_attempts is None:
+            self.pair_attempts = np.zeros((c, c), np.int64)
+        if self.adv_label_counts is None:
+            self.adv_label_counts = np.zeros((c,), np.int64)
+
+    def add(self, record: dict) -> None:
+        self.attacks += 1
+        self.queries_sum += record["queries"]
+        image = record["image"]
+        self.attacked_images.add(image)
+        true_label, target = record["true_label"], record.get("target_label")
+        if target is not None:
+            self.pair_attempts[true_label, target] += 1
+        if record["success"]:
+            adv = record["adv_label"]
+            self.successes += 1
+            self.confidence_sum += record["adv_prob"]
+            self.queries_success_sum += record["queries"]
+            self.generations_success_sum += record["generations"]
+            self.queries_success.append(record["queries"])
+            self.pair_counts[true_label, adv] += 1
+            self.adv_label_counts[adv] += 1
+            self.reached.setdefault(image, set()).add(adv)
+
+    def update(self, records: Iterable[dict]) -> Tally:
+        for record in records:
+            self.add(record)
+        return self
+
+    def merge(self, other: Tally) -> Tally:
+        merged = Tally(self.num_classes)
+        for f in ("attacks", "successes", "confidence_sum", "queries_sum",
+                  "queries_success_sum", "generations_success_sum"):  # fmt: skip
+            setattr(merged, f, getattr(self, f) + getattr(other, f))
+        merged.queries_success = self.queries_success + other.queries_success
+        merged.pair_counts = self.pair_counts + other.pair_counts
+        merged.pair_attempts = self.pair_attempts + other.pair_attempts
+        merged.adv_label_counts = self.adv_label_counts + other.adv_label_counts
+        merged.attacked_images = self.attacked_images | other.attacked_images
+        for tally in (self, other):
+            for image, labels in tally.reached.items():
+                merged.reached.setdefault(image, set()).update(labels)
+        return merged
+
+    def num_target_classes(self) -> np.ndarray:
+        """Histogram [C]: how many images were pushed to exactly n classes (Fig. 3)."""
+        counts = np.zeros((self.num_classes,), np.int64)
+        for image in self.attacked_images:
+            counts[len(self.reached.get(image, ()))] += 1
+        return counts
+
+    def summary(self) -> dict:
+        n, s = self.attacks, self.successes
+        q = np.asarray(self.queries_success, np.float64)
+        return {
+            "attacks": n,
+            "images": len(self.attacked_images),
+            "successes": s,
+            "success_rate": s / n if n else 0.0,
+            "confidence": self.confidence_sum / s if s else 0.0,
+            "mean_queries": self.queries_sum / n if n else 0.0,
+            "mean_queries_success": self.queries_success_sum / s if s else 0.0,
+            "median_queries_success": float(np.median(q)) if s else 0.0,
+            "mean_generations_success": self.generations_success_sum / s if s else 0.0,
+            "adv_label_counts": self.adv_label_counts.tolist(),
+            "pair_counts": self.pair_counts.tolist(),
+            "pair_attempts": self.pair_attempts.tolist(),
+            "num_target_classes": self.num_target_classes().tolist(),
+        }

@@ -1,0 +1,74 @@
+"""Append-only, kill-safe JSONL result files.
+
+Each flush appends whole lines, then flushes and fsyncs. A kill can leave at
+most one partial last line; opening the file for a resumed run cuts it off,
+so no half-written record survives and no finished one is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+from opa_jax.errors import InputError
+
+
+def repair(path: str) -> None:
+    """Truncates a trailing partial line left by a kill."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            f.truncate(end)
+
+
+def read(path: str) -> list[dict]:
+    """All complete records; a partial last line is ignored."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    complete = lines[:-1]  # whatever follows the last newline is partial (or empty)
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InputError(f"results file {path}: line {number} is not valid JSON ({e})") from e
+    return records
+
+
+class Writer:
+    """Appends records; `flush()` makes them durable."""
+
+    def __init__(self, path: str):
+        repair(path)
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._pending = 0
+
+    def write(self, records: Iterable[dict]) -> None:
+        for record in records:
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._pending += 1
+
+    def flush(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._pending = 0
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
