@@ -54,7 +54,7 @@ def _to_storage(variables, weights_dtype: str):
 
     def cast(x):
         x = np.asarray(x)
-        return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16 else x
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     return jax.tree_util.tree_map(cast, serialization.to_state_dict(variables))
 

@@ -31,7 +31,11 @@ def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, stride=
     )(x)
     if batch_norm:
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=f"{name}_bn"
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=dtype,
+            name=f"{name}_bn",
         )(x)
     return nn.relu(x)
 

@@ -60,9 +60,7 @@ def build(name: str, **overrides) -> nn.Module:
     known = module_fields(name)
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise InputError(
-            f"model {name!r}: unknown option(s) {unknown}; known: {', '.join(known)}"
-        )
+        raise InputError(f"model {name!r}: unknown option(s) {unknown}; known: {', '.join(known)}")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return arch.module(**fields)
 
@@ -76,9 +74,7 @@ def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]):
 def variable_shapes(module: nn.Module, image_shape: tuple[int, int, int]):
     """The variables' shapes and dtypes, without computing them."""
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    return jax.eval_shape(
-        functools.partial(module.init, train=False), jax.random.key(0), images
-    )
+    return jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), images)
 
 
 def make_apply_fn(module: nn.Module):

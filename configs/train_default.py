@@ -1,0 +1,59 @@
+"""Shared defaults for scripts/train.py; the per-model configs override these.
+
+Any field can be set on the command line, e.g. `--config.num_epochs=10` or
+`--config.model_overrides.width=0.5`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Model: a zoo name (nin, allconv, vgg16) and options of its module.
+    config.model = "nin"
+    config.model_overrides = ml_collections.ConfigDict(
+        {
+            "width": config_dict.placeholder(float),  # width multiplier (1.0 = the paper's)
+            "batch_norm": config_dict.placeholder(bool),
+            "dropout": config_dict.placeholder(float),
+        }
+    )
+
+    # Data: `tfds:cifar10` or `folder:PATH` (PATH/train/<class>/*, PATH/test/<class>/*).
+    config.dataset = "tfds:cifar10"
+    config.train_split = "train"
+    config.test_split = "test"
+    # Also reported at the end when present: the bit-exact CIFAR-10 test images.
+    config.exact_test_data = "folder:../shared/data/cifar10-test-exact"
+    config.data_cache_dir = ""  # keep decoded splits here as .npy ("" = no cache)
+
+    config.seed = 0
+    config.batch_size = 128
+    config.eval_batch_size = 500
+    config.num_epochs = 100
+    config.num_steps = -1  # > 0 overrides num_epochs
+
+    # Optimiser: sgd (momentum, optionally Nesterov) or adamw; weight decay on kernels only.
+    config.optimizer = "sgd"
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.nesterov = True
+    config.weight_decay = 5e-4
+    config.schedule = "warmup_cosine"  # warmup_cosine | one_cycle | constant
+    config.warmup_epochs = 2.0
+    config.one_cycle_pct_start = 0.25
+    config.label_smoothing = 0.0
+
+    # Augmentation on device: random crop after zero padding, horizontal flip.
+    config.augment = True
+    config.crop_padding = 4
+
+    config.compute_dtype = "float32"  # bfloat16: mixed precision (params stay float32)
+    config.save_dtype = "float32"  # weights in the model checkpoint: float32|float16|bfloat16
+
+    config.log_every = 100
+    config.checkpoint_every = 1000
+    config.stop_after_steps = 0  # > 0: stop after this step's checkpoint, as if killed (tests)
+    return config

@@ -1,0 +1,490 @@
+"""Training the zoo's CIFAR-10 networks (the attacked models of Su, Vargas & Sakurai, Sec. 4).
+
+`train_and_evaluate(config, workdir)` trains one architecture on a dataset
+spec (`folder:PATH` or `tfds:cifar10`), checkpoints the training state every
+`checkpoint_every` steps, resumes from `<workdir>/checkpoints` when present,
+and finally evaluates and writes a self-describing model checkpoint to
+`<workdir>/model` (see `opa_jax.checkpoint`).
+
+Resuming gives the same result as an uninterrupted run: the data order is a
+function of (seed, epoch) and each step's random key is `fold_in(key(seed),
+step)`, so nothing but the checkpointed state carries over between steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import serialization
+
+from opa_jax import checkpoint, data
+from opa_jax.errors import InputError
+from opa_jax.models import zoo
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("warmup_cosine", "one_cycle", "constant")
+TRAIN_STATE_FILE = "train_state.msgpack"
+# Config fields that may change between a run and its resumption without changing the result.
+RESUME_FREE_FIELDS = (
+    "stop_after_steps",
+    "log_every",
+    "checkpoint_every",
+    "eval_batch_size",
+    "exact_test_data",
+    "data_cache_dir",
+    "save_dtype",
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps taken
+    params: Any
+    batch_stats: Any  # {} for models without batch norm
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_split(spec: str, split: str, image_shape, cache_dir: str = ""):
+    """A whole split in memory: images uint8 [N, H, W, 3], labels int32 [N], class names.
+
+    With `cache_dir`, the decoded arrays are kept as .npy files keyed by the spec,
+    split and shape, so later runs skip decoding.
+    """
+    cache_base = None
+    if cache_dir:
+        key = json.dumps([spec, os.path.abspath(spec.partition(":")[2]), split, list(image_shape)])
+        stem = f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        cache_base = os.path.join(cache_dir, stem)
+        if os.path.exists(cache_base + ".json"):
+            with open(cache_base + ".json") as f:
+                info = json.load(f)
+            images = np.load(cache_base + "-images.npy")
+            labels = np.load(cache_base + "-labels.npy")
+            logging.info("%s %s: %d images from cache %s", spec, split, len(labels), cache_base)
+            return images, labels, tuple(info["class_names"])
+
+    dataset = data.load_dataset(spec, split, image_shape=tuple(image_shape))
+    images = np.empty((len(dataset), *image_shape), np.uint8)  # [N, H, W, 3]
+    chunk = 5000
+    start_time = time.time()
+    for start in range(0, len(dataset), chunk):
+        stop = min(start + chunk, len(dataset))
+        images[start:stop] = dataset.read(range(start, stop))
+        logging.info("%s %s: decoded %d/%d images", spec, split, stop, len(dataset))
+    logging.info("%s %s: decoding took %.1fs", spec, split, time.time() - start_time)
+    labels = np.asarray(dataset.labels, np.int32)
+    if cache_base:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.save(cache_base + "-images.npy", images)
+        np.save(cache_base + "-labels.npy", labels)
+        with open(cache_base + ".json", "w") as f:
+            json.dump({"spec": spec, "split": split, "class_names": dataset.class_names}, f)
+    return images, labels, tuple(dataset.class_names)
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The example order of one epoch: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def augment_image(key, image, padding: int):
+    """Random crop after zero-padding by `padding`, and a random horizontal flip."""
+    crop_key, flip_key = jax.random.split(key)
+    height, width, _ = image.shape
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    top, left = jax.random.randint(crop_key, (2,), 0, 2 * padding + 1)
+    crop = jax.lax.dynamic_slice(padded, (top, left, 0), image.shape)
+    return jnp.where(jax.random.bernoulli(flip_key), crop[:, ::-1], crop)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def make_schedule(config, total_steps: int, steps_per_epoch: int):
+    peak = config.learning_rate
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    if config.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=peak,
+            warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1),
+            end_value=0.0,
+        )
+    if config.schedule == "one_cycle":
+        return optax.cosine_onecycle_schedule(
+            transition_steps=max(total_steps, 1),
+            peak_value=peak,
+            pct_start=config.one_cycle_pct_start,
+        )
+    return optax.constant_schedule(peak)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+    # Weight decay on kernels only: not on biases or batch-norm scales/offsets.
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+    if config.optimizer == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        )
+    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+
+
+def _variables(params, batch_stats):
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def train_step(state: TrainState, images, labels, *, module, tx, seed, augment_padding,
+               label_smoothing, num_classes):  # fmt: skip
+    """One SGD step on a batch of uint8 images [B, H, W, 3] and int labels [B]."""
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    augment_key, dropout_key = jax.random.split(key)
+    images = images.astype(jnp.float32)
+    if augment_padding:
+        keys = jax.random.split(augment_key, images.shape[0])
+        images = jax.vmap(augment_image, in_axes=(0, 0, None))(keys, images, augment_padding)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+    def loss_fn(params):
+        logits, updates = module.apply(
+            _variables(params, state.batch_stats),
+            images,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+        return loss, (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss_sum": loss * labels.shape[0],
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+        "count": labels.shape[0],
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def eval_step(variables, images, labels, mask, *, module):
+    """Correct predictions and example count on a padded batch (mask marks real examples)."""
+    logits = module.apply(variables, images.astype(jnp.float32), train=False)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return jnp.sum(correct), jnp.sum(mask)
+
+
+def evaluate(eval_fn, variables, images, labels, batch_size: int) -> dict[str, float]:
+    """Accuracy over a whole split; the last batch is padded so shapes stay static."""
+    correct, count = 0, 0
+    for start in range(0, len(labels), batch_size):
+        batch_images = images[start : start + batch_size]
+        batch_labels = labels[start : start + batch_size]
+        n = len(batch_labels)
+        mask = np.arange(batch_size) < n
+        if n < batch_size:
+            batch_images = np.concatenate(
+                [batch_images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)]
+            )
+            batch_labels = np.concatenate([batch_labels, np.zeros(batch_size - n, labels.dtype)])
+        c, m = eval_fn(variables, batch_images, batch_labels, mask)
+        correct += int(c)
+        count += int(m)
+    return {"accuracy": correct / max(count, 1), "correct": correct, "count": count}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _resume_fingerprint(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
+
+
+def save_train_state(workdir: str, state: TrainState, config) -> None:
+    """Atomically writes the training state (params, batch stats, optimizer state, step)."""
+    directory = os.path.join(workdir, "checkpoints")
+    os.makedirs(directory, exist_ok=True)
+    payload = {
+        "state": serialization.to_state_dict(jax.device_get(state)),
+        "fingerprint": json.dumps(_resume_fingerprint(config), sort_keys=True, default=str),
+    }
+    path = os.path.join(directory, TRAIN_STATE_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+
+
+def restore_train_state(workdir: str, target: TrainState, config) -> TrainState | None:
+    """The last saved training state, or None when the workdir has none."""
+    path = os.path.join(workdir, "checkpoints", TRAIN_STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            payload = serialization.msgpack_restore(f.read())
+        fingerprint = json.loads(payload["fingerprint"])
+    except Exception as e:
+        raise InputError(
+            f"training checkpoint {path!r} is corrupt ({e}); delete it to start afresh"
+        ) from e
+    expected = json.loads(json.dumps(_resume_fingerprint(config), sort_keys=True, default=str))
+    differing = sorted(
+        k for k in set(expected) | set(fingerprint) if expected.get(k) != fingerprint.get(k)
+    )
+    if differing:
+        raise InputError(
+            f"workdir {workdir!r} holds a training checkpoint of a different run (config fields "
+            f"{differing} differ); use a new --workdir or the same config to resume"
+        )
+    checkpoint.check_variables(
+        payload["state"].get("params", {}), target.params, f"training checkpoint {path!r}"
+    )
+    try:
+        state = serialization.from_state_dict(target, payload["state"])
+    except Exception as e:
+        raise InputError(f"training checkpoint {path!r} does not fit this model ({e})") from e
+    return jax.tree_util.tree_map(jnp.asarray, state)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _check_config(config) -> None:
+    choices = {
+        "optimizer": OPTIMIZERS,
+        "schedule": SCHEDULES,
+        "compute_dtype": tuple(COMPUTE_DTYPES),
+        "save_dtype": tuple(checkpoint.WEIGHTS_DTYPES),
+    }
+    for field, allowed in choices.items():
+        if config[field] not in allowed:
+            raise InputError(f"config.{field}={config[field]!r}: expected one of {allowed}")
+    if config.batch_size <= 0 or config.eval_batch_size <= 0:
+        raise InputError("config.batch_size and config.eval_batch_size must be positive")
+    if config.num_steps <= 0 and config.num_epochs <= 0:
+        raise InputError("set config.num_steps or config.num_epochs to a positive number")
+
+
+def model_overrides(config) -> dict[str, Any]:
+    """The model options set in `config.model_overrides` (unset placeholders are None)."""
+    return {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
+
+
+def _exact_test_available(spec: str) -> bool:
+    kind, _, path = spec.partition(":")
+    return bool(spec) and (kind != "folder" or os.path.isdir(path))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config.model` on `config.dataset`; returns the accuracies and final variables.
+
+    Writes `<workdir>/checkpoints/` (resumable training state), `<workdir>/config.json`
+    and, at the end, the model checkpoint `<workdir>/model/`.
+    """
+    _check_config(config)
+    arch = zoo.get_architecture(config.model)
+    overrides = model_overrides(config)
+    zoo.build(config.model, **overrides)  # unknown options fail before any data is read
+    image_shape = tuple(arch.image_shape)
+    os.makedirs(workdir, exist_ok=True)
+
+    train_images, train_labels, class_names = load_split(
+        config.dataset, config.train_split, image_shape, config.data_cache_dir
+    )
+    test_images, test_labels, test_classes = load_split(
+        config.dataset, config.test_split, image_shape, config.data_cache_dir
+    )
+    if test_classes != class_names:
+        raise InputError(
+            f"dataset {config.dataset}: classes of {config.test_split!r} {test_classes} differ "
+            f"from those of {config.train_split!r} {class_names}"
+        )
+    num_classes = len(class_names)
+    model_config = {**overrides, "num_classes": num_classes}
+    module = zoo.build(config.model, **model_config, dtype=COMPUTE_DTYPES[config.compute_dtype])
+    eval_module = zoo.build(config.model, **model_config)  # float32, as attacks load it
+
+    num_train = len(train_labels)
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"dataset {config.dataset}: {num_train} training images, fewer than one batch "
+            f"(batch_size={config.batch_size})"
+        )
+    total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
+    schedule = make_schedule(config, total_steps, steps_per_epoch)
+    tx = make_optimizer(config, schedule)
+
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2, default=str)
+
+    variables = zoo.init_variables(eval_module, jax.random.key(config.seed), image_shape)
+    params = variables["params"]
+    state = TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
+    restored = restore_train_state(workdir, state, config)
+    if restored is not None:
+        state = restored
+        logging.info("resumed from %s at step %d", workdir, int(state.step))
+    logging.info(
+        "%s (%d parameters) on %s: %d train / %d test images, %d steps of %d (%d per epoch)",
+        config.model,
+        zoo.count_params(variables),
+        config.dataset,
+        num_train,
+        len(test_labels),
+        total_steps,
+        config.batch_size,
+        steps_per_epoch,
+    )
+
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            module=module,
+            tx=tx,
+            seed=config.seed,
+            augment_padding=config.crop_padding if config.augment else 0,
+            label_smoothing=config.label_smoothing,
+            num_classes=num_classes,
+        ),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(functools.partial(eval_step, module=eval_module))
+
+    step = int(state.step)
+    pending = []  # metrics since the last log line, left on device until then
+    last_log_time, last_log_step = time.time(), step
+    train_start = time.time()
+    order, order_epoch = None, -1
+    train_metrics = {}
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_permutation(config.seed, epoch, num_train), epoch
+        batch = order[position * config.batch_size : (position + 1) * config.batch_size]
+        state, metrics = step_fn(state, train_images[batch], train_labels[batch])
+        pending.append(metrics)
+        step += 1
+
+        if step % config.log_every == 0 or step == total_steps:
+            totals = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *pending))
+            pending = []
+            now = time.time()
+            steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
+            train_metrics = {
+                "loss": float(totals["loss_sum"] / totals["count"]),
+                "accuracy": float(totals["correct"] / totals["count"]),
+            }
+            logging.info(
+                "step %d/%d epoch %.2f: loss %.4f, train accuracy %.4f, lr %.4g, %.0f images/s, "
+                "ETA %.0fs",
+                step,
+                total_steps,
+                step / steps_per_epoch,
+                train_metrics["loss"],
+                train_metrics["accuracy"],
+                float(schedule(step - 1)),
+                steps_per_s * config.batch_size,
+                (total_steps - step) / max(steps_per_s, 1e-9),
+            )
+            last_log_time, last_log_step = now, step
+        stopping = config.stop_after_steps > 0 and step >= config.stop_after_steps
+        if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+            save_train_state(workdir, state, config)
+        if stopping and step < total_steps:
+            logging.info("stopping after step %d (stop_after_steps); resume to continue", step)
+            return {"step": step, "stopped": True, "variables": jax.device_get(
+                _variables(state.params, state.batch_stats))}  # fmt: skip
+    train_time = time.time() - train_start
+
+    final_variables = jax.device_get(_variables(state.params, state.batch_stats))
+    accuracies = {
+        "test": {
+            "dataset": config.dataset,
+            "split": config.test_split,
+            **evaluate(eval_fn, final_variables, test_images, test_labels, config.eval_batch_size),
+        }
+    }
+    if _exact_test_available(config.exact_test_data):
+        exact_images, exact_labels, exact_classes = load_split(
+            config.exact_test_data, "test", image_shape
+        )
+        if exact_classes != class_names:
+            logging.warning(
+                "skipping %s: its classes %s differ from the training classes %s",
+                config.exact_test_data,
+                exact_classes,
+                class_names,
+            )
+        else:
+            accuracies["exact_test"] = {
+                "dataset": config.exact_test_data,
+                "split": "test",
+                **evaluate(
+                    eval_fn, final_variables, exact_images, exact_labels, config.eval_batch_size
+                ),
+            }
+    for name, result in accuracies.items():
+        logging.info(
+            "%s accuracy on %s: %.4f (%d/%d)",
+            name,
+            result["dataset"],
+            result["accuracy"],
+            result["correct"],
+            result["count"],
+        )
+
+    checkpoint.save_model_checkpoint(
+        os.path.join(workdir, "model"),
+        config.model,
+        final_variables,
+        {
+            "model_config": model_config,
+            "class_names": class_names,
+            "image_shape": image_shape,
+            "dataset": config.dataset,
+            "accuracies": accuracies,
+            "final_train_metrics": train_metrics,
+            "steps": total_steps,
+            "seed": config.seed,
+            "train_config": config.to_dict(),
+            "train_time_s": round(train_time, 1),
+            "devices": [str(d) for d in jax.devices()],
+        },
+        weights_dtype=config.save_dtype,
+    )
+    logging.info("wrote %s", os.path.join(workdir, "model"))
+    return {
+        "step": step,
+        "stopped": False,
+        "accuracies": accuracies,
+        "train_metrics": train_metrics,
+        "variables": final_variables,
+    }

@@ -1,0 +1,37 @@
+"""Trains a zoo model on CIFAR-10 and writes a model checkpoint to <workdir>/model.
+
+    python scripts/train.py --config=configs/train_nin.py --workdir=runs/nin \
+        --config.dataset=folder:/tmp/cifar10-jpeg
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from opa_jax import train  # noqa: E402
+from opa_jax.errors import InputError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/train_default.py", "Training config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and the model.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
