@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -82,18 +83,18 @@ class Attacker:
             engine.run_queue, apply_fn=model.apply_fn, config=config, targeted=targeted
         )
 
-        def per_device(key, state, queue, final, params):
+        def per_device(key, state, queue, final, params, max_iterations):
             queue = queue.replace(length=queue.length[0])
-            state, finished = run_queue(key, state, queue, final, params)
-            return state, finished.replace(count=finished.count[None])
+            state, finished, taken = run_queue(key, state, queue, final, params, max_iterations)
+            return state, finished.replace(count=finished.count[None]), taken[None]
 
         sharded, replicated = P("data"), P()
         self._run_queue = jax.jit(
             jax.shard_map(
                 per_device,
                 mesh=self.mesh,
-                in_specs=(replicated, sharded, sharded, replicated, replicated),
-                out_specs=(sharded, sharded),
+                in_specs=(replicated, sharded, sharded, replicated, replicated, replicated),
+                out_specs=(sharded, sharded, sharded),
                 check_vma=False,
             ),
             donate_argnums=(1,),
@@ -107,10 +108,14 @@ class Attacker:
         read_images: Callable[[Sequence[int]], np.ndarray],
         chunk_size: int,
         progress: Progress | None = None,
+        call_seconds: float = 30.0,
     ) -> Iterator[Results]:
-        """Yields the results of each chunk as soon as the device returns them.
+        """Yields results as the device returns them, at least every `call_seconds`.
 
-        `chunk_size` is per device: each call takes up to devices x chunk_size items.
+        Item i goes to device i mod D; each call takes up to `chunk_size` items
+        per device, and ends after a number of generations sized from the
+        previous calls to last about `call_seconds`. Items a call did not take
+        go into the next one.
         """
         image_shape = tuple(self.model.image_shape)
         num_devices = len(self.devices)
@@ -120,45 +125,57 @@ class Attacker:
             num_devices,
         )  # fmt: skip
         state = jax.device_put(state, sharding)
-        n = len(items)
-        per_call = chunk_size * num_devices
-        starts = list(range(0, n, per_call)) or [0]
-        for start in starts:
-            stop = min(start + per_call, n)
-            queue = engine.empty_queue(per_call, image_shape)
+        pending = [np.arange(d, len(items), num_devices) for d in range(num_devices)]
+        cursor = np.zeros(num_devices, np.int64)
+        max_iterations = 8  # grows once a call's duration is known
+        while True:
+            queue = engine.empty_queue(chunk_size * num_devices, image_shape)
             lengths = np.zeros((num_devices,), np.int32)
-            if stop > start:
-                images = read_images(items.positions[start:stop])
-                if images.shape[1:] != image_shape:
-                    raise InputError(
-                        f"images have shape {images.shape[1:]}, but model {self.model.name} "
-                        f"expects {image_shape}"
-                    )
-                # Device d takes items d, d + D, d + 2D, ... of this call's share.
-                for d in range(num_devices):
-                    rows = np.arange(start + d, stop, num_devices)
-                    at = slice(d * chunk_size, d * chunk_size + len(rows))
-                    queue.images[at] = images[rows - start]
-                    queue.true_labels[at] = items.true_labels[rows]
-                    queue.target_labels[at] = items.target_labels[rows]
-                    queue.indices[at] = items.indices[rows]
-                    queue.work_ids[at] = rows
-                    lengths[d] = len(rows)
+            rows_per_device = [p[c : c + chunk_size] for p, c in zip(pending, cursor, strict=True)]
+            all_rows = np.concatenate(rows_per_device)
+            images = read_images(items.positions[all_rows]) if len(all_rows) else queue.images
+            if images.shape[1:] != image_shape:
+                raise InputError(
+                    f"images have shape {images.shape[1:]}, but model {self.model.name} "
+                    f"expects {image_shape}"
+                )
+            offset = 0
+            for d, rows in enumerate(rows_per_device):
+                at = slice(d * chunk_size, d * chunk_size + len(rows))
+                queue.images[at] = images[offset : offset + len(rows)]
+                queue.true_labels[at] = items.true_labels[rows]
+                queue.target_labels[at] = items.target_labels[rows]
+                queue.indices[at] = items.indices[rows]
+                queue.work_ids[at] = rows
+                lengths[d] = len(rows)
+                offset += len(rows)
+            final = all(c + chunk_size >= len(p) for p, c in zip(pending, cursor, strict=True))
             queue = jax.device_put(queue.replace(length=lengths), sharding)
-            final = np.asarray(stop >= n)
-            state, finished = self._run_queue(key, state, queue, final, self._params)
-            finished = jax.device_get(finished)
-            if bool(np.any(jax.device_get(state.nan_seen))):
+            started = time.perf_counter()
+            iterations_before = int(np.max(jax.device_get(state.iterations)))
+            state, finished, taken = self._run_queue(
+                key, state, queue, np.asarray(final), self._params, np.int32(max_iterations)
+            )
+            finished, taken, counters = jax.device_get(
+                (finished, taken, (state.evaluations, state.active_evaluations, state.iterations,
+                                   state.nan_seen, state.work_ids))
+            )  # fmt: skip
+            elapsed = time.perf_counter() - started
+            evaluations, active_evaluations, iterations, nan_seen, work_ids = counters
+            if np.any(nan_seen):
                 raise InputError(
                     f"model {self.model.name} returned NaN or infinite outputs during the attack; "
                     "check the weights and the input normalisation"
                 )
+            cursor += taken
+            ran = int(np.max(iterations)) - iterations_before
+            if ran >= max_iterations and elapsed > 0:  # the cap ended the call: resize it
+                per_iteration = elapsed / ran
+                max_iterations = int(np.clip(0.8 * call_seconds / per_iteration, 1, 1 << 20))
             if progress is not None:
-                progress.evaluations = float(np.sum(jax.device_get(state.evaluations)))
-                progress.active_evaluations = float(
-                    np.sum(jax.device_get(state.active_evaluations))
-                )
-                progress.iterations = int(np.max(jax.device_get(state.iterations)))
+                progress.evaluations = float(np.sum(evaluations))
+                progress.active_evaluations = float(np.sum(active_evaluations))
+                progress.iterations = int(np.max(iterations))
             capacity = finished.work_ids.shape[0] // num_devices
             rows = np.concatenate(
                 [np.arange(d * capacity, d * capacity + c) for d, c in enumerate(finished.count)]
@@ -173,6 +190,9 @@ class Attacker:
                 generations=finished.generations[rows],
                 queries=finished.queries[rows],
             )
+            drained = all(c >= len(p) for p, c in zip(pending, cursor, strict=True))
+            if drained and np.all(work_ids < 0):
+                return
 
 
 def attack_arrays(

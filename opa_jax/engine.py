@@ -192,15 +192,18 @@ def run_queue(
     queue: Queue,
     final,
     params,
+    max_iterations,
     *,
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     config: de.DEConfig,
     targeted: bool,
-) -> tuple[EngineState, Finished]:
+) -> tuple[EngineState, Finished, jax.Array]:
     """Runs generations until the queue is drained (and, when `final`, every slot is done).
 
     Not final: returns as soon as an idle slot could not be refilled, leaving
-    the rest in flight for the next call with the next chunk. Jit this with
+    the rest in flight for the next call with the next chunk. It also returns
+    after `max_iterations` generations, so the host can write results on time;
+    the third output says how many queue items were taken. Jit this with
     `apply_fn`, `config` and `targeted` static.
     """
     num_slots = state.work_ids.shape[0]
@@ -217,28 +220,22 @@ def run_queue(
     )
 
     def cond(carry):
-        state, cursor, _ = carry
+        state, cursor, _, iteration = carry
         remaining = queue.length - cursor
         idle = jnp.sum(state.work_ids < 0)
         work_left = (idle < num_slots) | (remaining > 0)
         # Not final: stop once the queue is consumed and a slot has nothing to do.
         keep_going = final | (remaining > 0) | (idle == 0)
-        return work_left & keep_going & ~jnp.any(state.nan_seen)
+        in_time = iteration < max_iterations
+        return work_left & keep_going & in_time & ~jnp.any(state.nan_seen)
 
     def body(carry):
-        state, cursor, finished = carry
+        state, cursor, finished, iteration = carry
         state, cursor = _refill(state, queue, cursor)
         state = _generation(state, key, apply_fn, params, config, targeted, low, high)
         state, finished = _collect(state, finished)
-        return state, cursor, finished
+        return state, cursor, finished, iteration + 1
 
-    state, _, finished = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32), finished))
-    return state, finished
-
-
-def compile_run_queue(apply_fn, config: de.DEConfig, targeted: bool):
-    """`run_queue` jitted, with the state donated (it is replaced every call)."""
-    return jax.jit(
-        functools.partial(run_queue, apply_fn=apply_fn, config=config, targeted=targeted),
-        donate_argnums=(1,),
-    )
+    zero = jnp.zeros((), jnp.int32)
+    state, cursor, finished, _ = jax.lax.while_loop(cond, body, (state, zero, finished, zero))
+    return state, finished, cursor
