@@ -79,27 +79,8 @@ class Attacker:
         self.devices = list(devices or jax.local_devices())
         self.num_slots = num_slots  # per device
         self.mesh = Mesh(np.asarray(self.devices), ("data",))
-        run_queue = functools.partial(
-            engine.run_queue, apply_fn=model.apply_fn, config=config, targeted=targeted
-        )
-
-        def per_device(key, state, queue, final, params, max_iterations):
-            queue = queue.replace(length=queue.length[0])
-            state, finished, taken = run_queue(key, state, queue, final, params, max_iterations)
-            return state, finished.replace(count=finished.count[None]), taken[None]
-
-        sharded, replicated = P("data"), P()
-        self._run_queue = jax.jit(
-            jax.shard_map(
-                per_device,
-                mesh=self.mesh,
-                in_specs=(replicated, sharded, sharded, replicated, replicated, replicated),
-                out_specs=(sharded, sharded, sharded),
-                check_vma=False,
-            ),
-            donate_argnums=(1,),
-        )
-        self._params = jax.device_put(model.params, NamedSharding(self.mesh, replicated))
+        self._run_queue = _compiled_loop(model.apply_fn, config, targeted, self.mesh)
+        self._params = jax.device_put(model.params, NamedSharding(self.mesh, P()))
 
     def run(
         self,
@@ -193,6 +174,31 @@ class Attacker:
             drained = all(c >= len(p) for p, c in zip(pending, cursor, strict=True))
             if drained and np.all(work_ids < 0):
                 return
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_loop(apply_fn, config: de.DEConfig, targeted: bool, mesh: Mesh):
+    """The device loop, sharded over `mesh` and jitted; cached so repeated runs reuse it."""
+    run_queue = functools.partial(
+        engine.run_queue, apply_fn=apply_fn, config=config, targeted=targeted
+    )
+
+    def per_device(key, state, queue, final, params, max_iterations):
+        queue = queue.replace(length=queue.length[0])
+        state, finished, taken = run_queue(key, state, queue, final, params, max_iterations)
+        return state, finished.replace(count=finished.count[None]), taken[None]
+
+    sharded, replicated = P("data"), P()
+    return jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(replicated, sharded, sharded, replicated, replicated, replicated),
+            out_specs=(sharded, sharded, sharded),
+            check_vma=False,
+        ),
+        donate_argnums=(1,),
+    )
 
 
 def attack_arrays(

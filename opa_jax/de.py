@@ -155,17 +155,25 @@ def init_population(key, config: DEConfig, low, high) -> jax.Array:
     return jnp.clip(population, low, high)
 
 
-def _distinct_others(key, member, popsize: int, count: int) -> jax.Array:
-    """`count` distinct indices in [0, popsize), all different from `member`."""
-    excluded = jnp.array([member])
+def _distinct_others(key, popsize: int, count: int) -> jax.Array:
+    """For every member i, `count` distinct indices in [0, popsize) other than i. [popsize, count].
+
+    Draw r_j uniformly from popsize - 1 - j values, then shift it past each
+    index already taken (i, r_1, ..., r_{j-1}) in increasing order: exact
+    sampling without replacement, in a few vector ops.
+    """
+    draws = jax.random.randint(
+        key, (popsize, count), 0, popsize - 1 - jnp.arange(count)
+    )  # [popsize, count]
+    taken = jnp.arange(popsize)[:, None]  # [popsize, 1], sorted per row
     picks = []
-    for j, k in enumerate(jax.random.split(key, count)):
-        r = jax.random.randint(k, (), 0, popsize - 1 - j)
-        for e in jnp.sort(excluded):  # shift past each excluded index, in order
-            r = r + (r >= e)
+    for j in range(count):
+        r = draws[:, j]
+        for e in range(j + 1):  # taken[:, e] is the e-th smallest excluded index
+            r = r + (r >= taken[:, e])
         picks.append(r)
-        excluded = jnp.append(excluded, r)
-    return jnp.stack(picks)
+        taken = jnp.sort(jnp.concatenate([taken, r[:, None]], axis=1), axis=1)
+    return jnp.stack(picks, axis=1)
 
 
 def mutate(key, population, fitness, config: DEConfig, low, high) -> jax.Array:
@@ -179,10 +187,7 @@ def mutate(key, population, fitness, config: DEConfig, low, high) -> jax.Array:
     else:
         scale = config.mutation
     count = 3 if config.strategy == "rand1" else 2
-    members = jnp.arange(popsize)
-    idx = jax.vmap(lambda k, i: _distinct_others(k, i, popsize, count))(
-        jax.random.split(key_idx, popsize), members
-    )  # [popsize, count]
+    idx = _distinct_others(key_idx, popsize, count)  # [popsize, count]
     if config.strategy == "rand1":
         base = population[idx[:, 0]]
         diff = population[idx[:, 1]] - population[idx[:, 2]]

@@ -191,7 +191,15 @@ def load_keras_model(path: str) -> LoadedModel:
         ) from err
     config, raw_weights, attrs = contents
 
-    layers, class_name, num_config_layers = _parse_model_config(config, path)
+    try:
+        layers, class_name, num_config_layers = _parse_model_config(config, path)
+    except InputError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise InputError(
+            f"keras model {path!r}: malformed model_config ({type(err).__name__}: {err}); "
+            "expected a Keras 2.x Sequential or functional Model config"
+        ) from err
     layers, output_name = _drop_final_softmax(layers, path)
     image_shape = _image_shape(layers[0], path)
     normalization = _normalization(attrs.get("normalization"), path)
@@ -201,9 +209,16 @@ def load_keras_model(path: str) -> LoadedModel:
         mean=normalization["mean"],
         std=normalization["std"],
     )
+    # Shape inference through the whole graph gives the variable shapes to expect.
     dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    expected = jax.eval_shape(module.init, jax.random.key(0), dummy)
-    output = jax.eval_shape(module.apply, expected, dummy)
+    try:
+        expected = jax.eval_shape(module.init, jax.random.key(0), dummy)
+        output = jax.eval_shape(module.apply, expected, dummy)
+    except (TypeError, ValueError) as err:  # InputError included
+        raise InputError(
+            f"keras model {path!r}: the layers do not fit together on a {list(image_shape)} "
+            f"input: {err}"
+        ) from err
     if output.ndim != 2:
         raise InputError(
             f"keras model {path!r}: output layer {output_name!r} gives shape "
@@ -211,9 +226,14 @@ def load_keras_model(path: str) -> LoadedModel:
         )
     variables = _assemble_variables(layers, raw_weights, expected, path)
     num_classes = int(output.shape[-1])
+
+    def apply_fn(params, images):
+        """[N, H, W, 3] float pixels 0-255 -> logits [N, num_classes]."""
+        return module.apply(params, images)
+
     return LoadedModel(
         name="keras:" + path,
-        apply_fn=module.apply,
+        apply_fn=apply_fn,
         params=variables,
         image_shape=image_shape,
         num_classes=num_classes,
@@ -265,9 +285,7 @@ def _read_file(h5: h5py.File, path: str):
     try:
         config = json.loads(_text(h5.attrs["model_config"]))
     except json.JSONDecodeError as err:
-        raise InputError(
-            f"keras model {path!r}: 'model_config' is not valid JSON ({err})"
-        ) from err
+        raise InputError(f"keras model {path!r}: 'model_config' is not valid JSON ({err})") from err
     root = h5["model_weights"] if "model_weights" in h5 else h5
     raw_weights = {}  # layer name -> {weight basename: array}
     for layer_name, group in root.items():
@@ -388,25 +406,31 @@ def _parse_functional(body: dict, path: str) -> tuple[KerasLayer, ...]:
         if name not in by_name:
             raise InputError(f"keras model {path!r}: model input/output {name!r} is not a layer")
 
-    # Depth-first from the output: every layer the output depends on, inputs first.
-    order, state = [], {}  # state: 1 = on the stack, 2 = done
-
-    def visit(name: str, consumer: str):
+    # The layers the output depends on ...
+    needed, stack = set(), [(output_name, "<model output>")]
+    while stack:
+        name, consumer = stack.pop()
         if name not in by_name:
             raise InputError(
                 f"keras model {path!r}: layer {consumer!r} takes input from unknown layer {name!r}"
             )
-        if state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            raise InputError(f"keras model {path!r}: the graph has a cycle through {name!r}")
-        state[name] = 1
-        for source in by_name[name].inputs:
-            visit(source, name)
-        state[name] = 2
-        order.append(by_name[name])
-
-    visit(output_name, "<model output>")
+        if name not in needed:
+            needed.add(name)
+            stack.extend((source, name) for source in by_name[name].inputs)
+    # ... in topological order (Kahn's algorithm, ties in config order).
+    order, done = [], set()
+    remaining = [name for name in by_name if name in needed]
+    while remaining:
+        blocked = []
+        for name in remaining:
+            if done.issuperset(by_name[name].inputs):
+                order.append(by_name[name])
+                done.add(name)
+            else:
+                blocked.append(name)
+        if len(blocked) == len(remaining):
+            raise InputError(f"keras model {path!r}: the graph has a cycle through {blocked}")
+        remaining = blocked
     roots = [layer.name for layer in order if not layer.inputs]
     if roots != [input_name] or order[0].class_name != "InputLayer":
         raise InputError(
