@@ -43,9 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.de.round_rgb = config_dict.placeholder(bool)
     config.fgsm = ml_collections.ConfigDict()
     config.fgsm.epsilon = 8.0  # L-inf, in pixel units 0-255
+    config.precision = "float32"  # float32 or bfloat16 model forward passes
     # Execution (does not change results).
     config.slots = 0  # in-flight images per device; 0 = choose from memory
     config.chunk_size = 0  # work items per device loop call; 0 = 4 x slots
     config.flush_seconds = 30.0  # results reach disk at least this often
-    config.precision = "float32"  # float32 or bfloat16 model forward passes
+    # Multi-host: call jax.distributed.initialize() (coordinator from the environment,
+    # e.g. on Cloud TPU or SLURM); each host then attacks its own share of the items.
+    config.distributed = False
     return config

@@ -26,7 +26,7 @@ from opa_jax.errors import InputError
 from opa_jax.models import load_model
 
 # Fields that change how a run executes, never its results.
-EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds")
+EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds", "distributed")
 RESULTS_FILE = "results.jsonl"
 
 
@@ -216,7 +216,7 @@ def _record(config, model, dataset, items, clean, res: attack_lib.Results, i: in
     w = int(res.work_ids[i])
     p = int(items.positions[w])
     target = int(items.target_labels[w])
-    return {
+    record = {
         "image": int(items.indices[w]),
         "true_label": int(items.true_labels[w]),
         "target_label": None if target < 0 else target,
@@ -232,10 +232,16 @@ def _record(config, model, dataset, items, clean, res: attack_lib.Results, i: in
         "model": config.model,
         "method": config.method if config.method != "de" else f"de:{config.de.preset}",
     }
+    if hasattr(res, "l0_pixels"):  # dense baselines (FGSM): how many pixels, how far
+        record["l0_pixels"] = int(res.l0_pixels[i])
+        record["linf"] = float(res.linf[i])
+    return record
 
 
 def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False) -> dict:
     """Runs (or resumes) the attack described by `config`; returns the summary."""
+    if config.distributed and jax.process_count() == 1:
+        jax.distributed.initialize()
     the_plan = plan(config)
     model, dataset, items = the_plan["model"], the_plan["dataset"], the_plan["items"]
     dconf = the_plan["de_config"]
