@@ -240,8 +240,8 @@ def _record(config, model, dataset, items, clean, res: attack_lib.Results, i: in
 
 def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False) -> dict:
     """Runs (or resumes) the attack described by `config`; returns the summary."""
-    if config.distributed and jax.process_count() == 1:
-        jax.distributed.initialize()
+    if config.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # before anything touches a backend
     the_plan = plan(config)
     model, dataset, items = the_plan["model"], the_plan["dataset"], the_plan["items"]
     dconf = the_plan["de_config"]
