@@ -254,8 +254,11 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
         info = {
             "config": json.loads(config.to_json()),
             "de": dconf.__dict__ if dconf else None,
-            "model": {"name": model.name, "image_shape": model.image_shape,
-                      "num_classes": model.num_classes},  # fmt: skip
+            "model": {
+                "name": model.name,
+                "image_shape": model.image_shape,
+                "num_classes": model.num_classes,
+            },  # fmt: skip
             "dataset": {"name": dataset.name, "size": len(dataset)},
             "images_checked": the_plan["checked"],
             "eligible_images": the_plan["eligible"],

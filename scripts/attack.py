@@ -17,7 +17,9 @@ from opa_jax.errors import InputError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results and the run record.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config and plan; attack nothing.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the resolved config and plan; attack nothing."
+)
 
 
 def main(argv):
