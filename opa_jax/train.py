@@ -236,8 +236,11 @@ def save_train_state(workdir: str, state: TrainState, config) -> None:
     os.replace(tmp, path)
 
 
-def restore_train_state(workdir: str, target: TrainState, config) -> TrainState | None:
-    """The last saved training state, or None when the workdir has none."""
+def read_train_state(workdir: str, config) -> dict | None:
+    """The saved training state as a state dict, or None when the workdir has none.
+
+    InputError when it is corrupt or was written by a run with a different config.
+    """
     path = os.path.join(workdir, "checkpoints", TRAIN_STATE_FILE)
     if not os.path.exists(path):
         return None
@@ -245,6 +248,8 @@ def restore_train_state(workdir: str, target: TrainState, config) -> TrainState 
         with open(path, "rb") as f:
             payload = serialization.msgpack_restore(f.read())
         fingerprint = json.loads(payload["fingerprint"])
+        state = payload["state"]
+        state["params"]  # noqa: B018 - present in every training checkpoint
     except Exception as e:
         raise InputError(
             f"training checkpoint {path!r} is corrupt ({e}); delete it to start afresh"
@@ -256,15 +261,18 @@ def restore_train_state(workdir: str, target: TrainState, config) -> TrainState 
     if differing:
         raise InputError(
             f"workdir {workdir!r} holds a training checkpoint of a different run (config fields "
-            f"{differing} differ); use a new --workdir or the same config to resume"
+            f"{differing} differ); use a new --workdir, or the same config to resume"
         )
-    checkpoint.check_variables(
-        payload["state"].get("params", {}), target.params, f"training checkpoint {path!r}"
-    )
+    return state
+
+
+def restore_train_state(saved: dict, target: TrainState, what: str) -> TrainState:
+    """`target` with the values of a saved state dict; InputError when they do not fit."""
+    checkpoint.check_variables(saved["params"], target.params, what)
     try:
-        state = serialization.from_state_dict(target, payload["state"])
+        state = serialization.from_state_dict(target, saved)
     except Exception as e:
-        raise InputError(f"training checkpoint {path!r} does not fit this model ({e})") from e
+        raise InputError(f"{what} does not fit this model ({e})") from e
     return jax.tree_util.tree_map(jnp.asarray, state)
 
 
@@ -309,6 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     zoo.build(config.model, **overrides)  # unknown options fail before any data is read
     image_shape = tuple(arch.image_shape)
     os.makedirs(workdir, exist_ok=True)
+    saved = read_train_state(workdir, config)  # before reading data: a mismatch fails fast
 
     train_images, train_labels, class_names = load_split(
         config.dataset, config.train_split, image_shape, config.data_cache_dir
@@ -348,9 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
     )
-    restored = restore_train_state(workdir, state, config)
-    if restored is not None:
-        state = restored
+    if saved is not None:
+        state = restore_train_state(saved, state, f"training checkpoint in {workdir!r}")
         logging.info("resumed from %s at step %d", workdir, int(state.step))
     logging.info(
         "%s (%d parameters) on %s: %d train / %d test images, %d steps of %d (%d per epoch)",

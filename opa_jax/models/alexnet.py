@@ -133,6 +133,10 @@ def _read_layers(path: str, allow_pickle: bool) -> tuple[dict[str, tuple], np.nd
     """Reads {layer: (weights, biases)} and an optional BGR mean from .npz or pickled .npy."""
     if not os.path.isfile(path):
         raise InputError(f"AlexNet weights {path!r}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):
+        raise InputError(f"AlexNet weights {path!r}: not a .npy or .npz file")
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as e:

@@ -65,22 +65,31 @@ def build(name: str, **overrides) -> nn.Module:
     return arch.module(**fields)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(module: nn.Module, key, image_shape: tuple[int, int, int]):
+    return module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
 def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]):
-    """Variables (params and, with batch norm, batch_stats) for one image shape."""
-    images = jnp.zeros((1, *image_shape), jnp.float32)
-    return jax.jit(functools.partial(module.init, train=False))(key, images)
+    """Variables (params and, with batch norm, batch_stats) for one image shape.
+
+    Compiled once per (module, image shape): the random initialisers are slow to
+    compile on the CPU.
+    """
+    return _init(module, key, tuple(image_shape))
 
 
 def variable_shapes(module: nn.Module, image_shape: tuple[int, int, int]):
     """The variables' shapes and dtypes, without computing them."""
-    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    return jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), images)
+    return jax.eval_shape(_init, module, jax.random.key(0), tuple(image_shape))
 
 
+@functools.lru_cache(maxsize=64)
 def make_apply_fn(module: nn.Module):
     """`apply_fn(variables, images) -> logits` in inference mode (batch-norm running stats).
 
-    Jitted; it can also be called inside another jit (the attack's generation step).
+    Jitted, and one per module (modules are hashable), so equal models share
+    compilations; it can also be called inside another jit (the attack's step).
     """
 
     @jax.jit
