@@ -347,6 +347,7 @@ def write_summary(workdir, config, model, extra=None) -> dict:
         "targeted": bool(config.targeted),
         "method": config.method if config.method != "de" else f"de:{config.de.preset}",
         "class_names": list(model.class_names) if model.class_names else None,
+        "image_shape": list(model.image_shape),  # what the report crops resized images to
         **tally.summary(),
         **(extra or {}),
     }
