@@ -1,0 +1,500 @@
+"""Reports over attack workdirs: `report.md` with the paper's tables, and PNG figures.
+
+Each workdir is read from its `config.json` and every host's `results*.jsonl`
+(merged), so a report also covers a run that is still going or was killed.
+The measurements are `metrics.Tally`'s (Su et al. 2019, Sec. IV-C): success
+rate, confidence, number of target classes, class pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from opa_jax import metrics, results
+from opa_jax.errors import InputError
+
+# Relative data and model paths in a config are relative to where the attack ran,
+# usually the repository root.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LABELLED_CLASSES = 20  # more classes than this: plots show the ones that occur
+
+
+@dataclasses.dataclass
+class Run:
+    """One workdir's config, records and tally."""
+
+    workdir: str
+    name: str
+    config: dict
+    records: list[dict]
+    tally: metrics.Tally
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int] | None  # the model's input, when the summary says
+
+    @property
+    def model(self) -> str:
+        """A short model name: 'keras:.../lenet.h5' -> 'lenet'."""
+        kind, _, arg = self.config["model"].partition(":")
+        name = os.path.splitext(os.path.basename(arg.rstrip("/")))[0]
+        return f"{name} (random init)" if kind == "random" else name
+
+    @property
+    def mode(self) -> str:
+        return "targeted" if self.config["targeted"] else "non-targeted"
+
+    @property
+    def method(self) -> str:
+        if self.config["method"] == "fgsm":
+            return f"FGSM (eps {self.config['fgsm']['epsilon']:g})"
+        preset = self.config["de"]["preset"]
+        return "random search" if preset == "random" else f"DE ({preset})"
+
+    @property
+    def pixels(self) -> int | None:
+        return None if self.config["method"] == "fgsm" else int(self.config["pixels"])
+
+
+def _unique_names(workdirs: Sequence[str]) -> list[str]:
+    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    if len(set(names)) == len(names):
+        return names
+    return [os.path.normpath(w).strip(os.sep).replace(os.sep, "_") for w in workdirs]
+
+
+def _file_name(prefix: str, run: Run) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
+    return f"{prefix}_{safe}.png"
+
+
+def load_run(workdir: str, name: str | None = None) -> Run:
+    """Reads a workdir; every host's results are merged."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise InputError(f"workdir {workdir!r}: no config.json, so not an attack workdir")
+    with open(config_path) as f:
+        config = json.load(f)
+    names = sorted(n for n in os.listdir(workdir) if n.startswith("results") and
+                   n.endswith(".jsonl"))  # fmt: skip
+    records = [r for n in names for r in results.read(os.path.join(workdir, n))]
+    summary = {}
+    if os.path.isfile(os.path.join(workdir, "summary.json")):
+        with open(os.path.join(workdir, "summary.json")) as f:
+            summary = json.load(f)
+    if records:
+        num_classes = len(records[0]["clean_probs"])
+    elif summary.get("adv_label_counts"):
+        num_classes = len(summary["adv_label_counts"])
+    else:
+        num_classes = 0
+    class_names = tuple(summary.get("class_names") or ())
+    if len(class_names) != num_classes:
+        class_names = tuple(str(c) for c in range(num_classes))
+    image_shape = summary.get("image_shape")
+    return Run(
+        workdir=workdir,
+        name=name or os.path.basename(os.path.normpath(workdir)),
+        config=config,
+        records=records,
+        tally=metrics.Tally(num_classes).update(records),
+        class_names=class_names,
+        image_shape=tuple(image_shape) if image_shape else None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Tables.
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(runs: Sequence[Run]) -> str:
+    """One row per run, in the form of the paper's Table 2 (success rate over attacks:
+    images, or image-target pairs when targeted; confidence over successes)."""
+    header = ["run", "model", "pixels", "mode", "method", "images", "attacks", "success rate",
+              "confidence", "images with >= 1 success", "mean queries",
+              "mean queries (successes)"]  # fmt: skip
+    rows = []
+    for run in runs:
+        s = run.tally.summary()
+        reached = s["images"] - (s["num_target_classes"][0] if s["num_target_classes"] else 0)
+        rows.append([
+            run.name, run.model, "-" if run.pixels is None else str(run.pixels), run.mode,
+            run.method, str(s["images"]), str(s["attacks"]), _percent(s["success_rate"]),
+            _percent(s["confidence"]),
+            _percent(reached / s["images"]) if s["images"] else "-",
+            f"{s['mean_queries']:.0f}", f"{s['mean_queries_success']:.0f}",
+        ])  # fmt: skip
+    return _table(header, rows)
+
+
+def perturbation_size(run: Run, dataset=None) -> tuple[float | None, float | None]:
+    """Mean number of changed pixels and mean L-inf change (0-255) over the records.
+
+    FGSM records carry both. For DE the pixels written are known, and what they
+    replaced is read from the dataset when it is given.
+    """
+    if not run.records:
+        return None, None
+    if all("l0_pixels" in r for r in run.records):
+        return (
+            float(np.mean([r["l0_pixels"] for r in run.records])),
+            float(np.mean([r["linf"] for r in run.records])),
+        )
+    if dataset is None:
+        return float(run.pixels), None
+    position = {int(i): p for p, i in enumerate(dataset.indices)}
+    changed, linf = [], []
+    for record in run.records:
+        original = dataset.read([position[record["image"]]])[0].astype(np.int64)
+        adversarial = apply_perturbation(original, record["perturbation"])
+        diff = np.abs(adversarial - original).max(-1)
+        changed.append(int(np.sum(diff > 0)))
+        linf.append(int(diff.max()))
+    return float(np.mean(changed)), float(np.mean(linf))
+
+
+def comparison_table(runs: Sequence[Run], datasets: dict) -> str | None:
+    """DE vs random search vs FGSM, for each model and mode run with more than one method."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.model, run.mode), []).append(run)
+    rows = []
+    for (model, mode), group in groups.items():
+        if len({run.method for run in group}) < 2:
+            continue
+        for run in sorted(group, key=lambda r: (r.config["method"], r.method, r.pixels or 0)):
+            s = run.tally.summary()
+            changed, linf = perturbation_size(run, datasets.get(run.name))
+            rows.append([
+                model, mode, run.method, "-" if run.pixels is None else str(run.pixels),
+                str(s["attacks"]), _percent(s["success_rate"]), _percent(s["confidence"]),
+                f"{s['mean_queries']:.0f}",
+                "-" if changed is None else f"{changed:.1f}",
+                "-" if linf is None else f"{linf:.1f}",
+            ])  # fmt: skip
+    if not rows:
+        return None
+    header = ["model", "mode", "method", "pixels", "attacks", "success rate", "confidence",
+              "mean queries", "mean pixels changed", "mean L-inf (0-255)"]  # fmt: skip
+    return _table(header, rows)
+
+
+# ---------------------------------------------------------------------------
+# Images.
+
+
+def apply_perturbation(image: np.ndarray, perturbation) -> np.ndarray:
+    """Writes recorded pixels (x = row, y = column, r, g, b) into a copy of the image."""
+    adversarial = np.array(image, copy=True)
+    for x, y, *rgb in perturbation:
+        adversarial[int(x), int(y)] = np.asarray(rgb).astype(adversarial.dtype)
+    return adversarial
+
+
+def _existing_path(path: str, workdir: str) -> str | None:
+    for candidate in (path, os.path.join(_REPO_ROOT, path), os.path.join(workdir, path)):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def open_dataset(run: Run):
+    """The run's dataset, or None (with the reason) when it cannot be read here."""
+    from opa_jax import data
+
+    config = run.config
+    kind, _, arg = config["data"].partition(":")
+    spec = config["data"]
+    if kind == "folder":
+        found = _existing_path(arg, run.workdir)
+        if found is None:
+            return None, f"dataset folder {arg!r} not found"
+        spec = f"folder:{found}"
+    shape = run.image_shape
+    if config.get("resize", "none") != "none" and shape is None:
+        return None, "the images are resized, but the summary holds no model input shape"
+    try:
+        dataset = data.load_dataset(
+            spec, config["split"], shape if config.get("resize") != "none" else None,
+            config.get("resize", "none"), config.get("data_dir") or None,
+        )  # fmt: skip
+    except InputError as e:
+        return None, str(e)
+    return dataset, None
+
+
+def _short(name: str, length: int = 14) -> str:
+    return name if len(name) <= length else name[: length - 1] + "."
+
+
+def plot_examples(run: Run, dataset, path: str, max_examples: int = 6) -> bool:
+    """Original and attacked images of successful attacks, the changed pixels circled."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+
+    chosen, seen = [], set()
+    successes = sorted((r for r in run.records if r["success"] and r["perturbation"]),
+                       key=lambda r: (-r["adv_prob"], r["image"]))  # fmt: skip
+    for record in successes:
+        if record["image"] not in seen:
+            chosen.append(record)
+            seen.add(record["image"])
+        if len(chosen) == max_examples:
+            break
+    if not chosen:
+        return False
+    position = {int(i): p for p, i in enumerate(dataset.indices)}
+    names = run.class_names
+    fig, axes = plt.subplots(2, len(chosen), figsize=(2.0 * len(chosen), 5.2), squeeze=False)
+    for column, record in enumerate(chosen):
+        original = dataset.read([position[record["image"]]])[0]
+        adversarial = apply_perturbation(original, record["perturbation"])
+        true, adv = record["true_label"], record["adv_label"]
+        top, bottom = axes[0, column], axes[1, column]
+        top.imshow(original, interpolation="nearest")
+        top.set_title(f"image {record['image']}\n{_short(names[true])} "
+                      f"{100 * record['clean_probs'][true]:.0f}%", fontsize=9)  # fmt: skip
+        bottom.imshow(adversarial, interpolation="nearest")
+        bottom.set_xlabel(f"{_short(names[adv])} {100 * record['adv_prob']:.0f}%\n"
+                          f"({_short(names[true])} {100 * record['adv_probs'][true]:.0f}%)",
+                          fontsize=9)  # fmt: skip
+        radius = max(1.2, original.shape[0] / 24)
+        for x, y, *_ in record["perturbation"]:
+            bottom.add_patch(Circle((y, x), radius, fill=False, color="red", lw=1.5))
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("original", fontsize=10)
+    axes[1, 0].set_ylabel("attacked", fontsize=10)
+    if run.config["targeted"]:
+        axes[1, 0].set_ylabel("attacked (to target)", fontsize=10)
+    fig.suptitle(f"{run.name}: {run.model}, {run.pixels} px {run.mode}, {run.method}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Figures.
+
+
+def _shown_classes(counts: np.ndarray) -> np.ndarray:
+    """All classes, or (when there are many) those that occur, most frequent first."""
+    if len(counts) <= MAX_LABELLED_CLASSES:
+        return np.arange(len(counts))
+    order = np.argsort(-counts, kind="stable")
+    return np.sort(order[: min(MAX_LABELLED_CLASSES, max(1, int(np.sum(counts > 0))))])
+
+
+def plot_pair_heatmap(run: Run, path: str) -> None:
+    """Successful attacks by true class (rows) and adversarial class (columns)."""
+    import matplotlib.pyplot as plt
+
+    pairs = run.tally.pair_counts
+    shown = _shown_classes(pairs.sum(0) + pairs.sum(1))
+    pairs = pairs[np.ix_(shown, shown)]
+    labels = [_short(run.class_names[c]) for c in shown]
+    size = 1.6 + 0.45 * len(shown)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(pairs, cmap="Blues")
+    peak = max(int(pairs.max()), 1)
+    for i in range(len(shown)):
+        for j in range(len(shown)):
+            if pairs[i, j]:
+                ax.text(j, i, str(pairs[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if pairs[i, j] > 0.6 * peak else "black")  # fmt: skip
+    ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    ax.set_xlabel("adversarial class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{run.name}: successful attacks\n{run.model}, {run.mode}, {run.method}",
+                 fontsize=10)  # fmt: skip
+    from matplotlib.ticker import MaxNLocator
+
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, ticks=MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _annotate_bars(ax, bars, texts):
+    for bar, text in zip(bars, texts, strict=True):
+        if text:
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 1),
+                        textcoords="offset points")  # fmt: skip
+
+
+def plot_target_classes(runs: Sequence[Run], path: str) -> None:
+    """Share of images perturbed to exactly n target classes (the paper's Fig. 3)."""
+    import matplotlib.pyplot as plt
+
+    num_classes = max(r.tally.num_classes for r in runs)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(runs)
+    for k, run in enumerate(runs):
+        counts = run.tally.num_target_classes()
+        share = 100 * counts / max(counts.sum(), 1)
+        x = np.arange(len(counts)) + (k - (len(runs) - 1) / 2) * width
+        bars = ax.bar(x, share, width, label=f"{run.name} ({counts.sum()} images)")
+        _annotate_bars(ax, bars, [f"{v:.0f}" if v else "" for v in share])
+    ax.set_xticks(range(num_classes))
+    ax.set_xlabel("number of target classes reached")
+    ax.set_ylabel("% of images")
+    ax.set_title("Targeted attacks: to how many classes can an image be pushed?", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_success_by_pixels(runs: Sequence[Run], path: str) -> None:
+    """Success rate against the number of pixels, one bar group per pixel count."""
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, dict[int, float]] = {}
+    for run in runs:
+        label = f"{run.model}, {run.mode}, {run.method}"
+        if run.pixels in groups.get(label, {}):  # two such runs: tell them apart
+            label += f" [{run.name}]"
+        groups.setdefault(label, {})[run.pixels] = run.tally.summary()["success_rate"]
+    pixel_counts = sorted({p for g in groups.values() for p in g})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.5 * len(pixel_counts) * len(groups)), 4.2))
+    width = 0.8 / len(groups)
+    for k, (label, rates) in enumerate(sorted(groups.items())):
+        x = np.array([pixel_counts.index(p) for p in rates]) + (k - (len(groups) - 1) / 2) * width
+        values = [100 * rates[p] for p in rates]
+        bars = ax.bar(x, values, width, label=label)
+        _annotate_bars(ax, bars, [f"{v:.0f}%" for v in values])
+    ax.set_xticks(range(len(pixel_counts)), [f"{p} px" for p in pixel_counts])
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Success rate by number of pixels", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_adv_labels(runs: Sequence[Run], path: str) -> None:
+    """Which classes the successful attacks land in, as a share of each run's successes."""
+    import matplotlib.pyplot as plt
+
+    total = sum((r.tally.adv_label_counts for r in runs), np.zeros(runs[0].tally.num_classes))
+    shown = _shown_classes(total)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(shown) * max(1, len(runs) / 2)), 3.8))
+    width = 0.8 / len(runs)
+    for k, run in enumerate(runs):
+        counts = run.tally.adv_label_counts[shown]
+        share = 100 * counts / max(run.tally.successes, 1)
+        x = np.arange(len(shown)) + (k - (len(runs) - 1) / 2) * width
+        ax.bar(x, share, width, label=f"{run.name} ({run.tally.successes} successes)")
+    ax.set_xticks(range(len(shown)), [_short(runs[0].class_names[c]) for c in shown],
+                  rotation=45, ha="right", fontsize=8)  # fmt: skip
+    ax.set_ylabel("% of successful attacks")
+    ax.set_title("Adversarial class of successful attacks", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The report.
+
+
+def write_report(workdirs: Sequence[str], out: str) -> str:
+    """Writes `out/report.md` and its figures; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if not workdirs:
+        raise InputError("no workdirs given")
+    runs = [load_run(w, n) for w, n in zip(workdirs, _unique_names(workdirs), strict=True)]
+    os.makedirs(out, exist_ok=True)
+    datasets, notes = {}, []
+    for run in runs:
+        dataset, reason = open_dataset(run) if run.records else (None, "no results yet")
+        if dataset is None:
+            notes.append(f"- {run.name}: no example images ({reason}).")
+        elif run.class_names == tuple(str(c) for c in range(run.tally.num_classes)):
+            if len(dataset.class_names) == run.tally.num_classes:  # the model has no names
+                run.class_names = tuple(dataset.class_names)
+        datasets[run.name] = dataset
+    lines = ["# One-pixel attack report", ""]
+    lines += ["Success rate is over attacks: images, or (image, target class) pairs when "
+              "targeted. Confidence is the mean probability of the adversarial class over "
+              "successful attacks. Queries are model evaluations per attack.", ""]  # fmt: skip
+    lines += ["## Results", "", summary_table(runs), ""]
+    comparison = comparison_table(runs, datasets)
+    if comparison:
+        lines += ["## DE, random search and FGSM", "", comparison, ""]
+    lines += ["## Settings", ""]
+    for run in runs:
+        c = run.config
+        de = {k: v for k, v in c["de"].items() if v is not None}
+        detail = f"fgsm={c['fgsm']}" if c["method"] == "fgsm" else f"de={de}"
+        lines.append(
+            f"- **{run.name}**: model `{c['model']}`, data `{c['data']}` ({c['split']}), "
+            f"selection `{c['selection'] or 'all'}`, num_images {c['num_images'] or 'all'}, "
+            f"only_correct {c['only_correct']}, targets `{c['targets']}`, seed {c['seed']}, "
+            f"{detail}."
+        )
+    lines.append("")
+
+    def figure(title: str, file_name: str, caption: str = ""):
+        lines.extend([f"### {title}", "", f"![{title}]({file_name})", ""])
+        if caption:
+            lines.extend([caption, ""])
+
+    lines += ["## Figures", ""]
+    de_runs = [r for r in runs if r.pixels is not None and r.records]
+    if de_runs:
+        plot_success_by_pixels(de_runs, os.path.join(out, "success_by_pixels.png"))
+        figure("Success rate by number of pixels", "success_by_pixels.png")
+    targeted = [r for r in runs if r.config["targeted"] and r.records]
+    if targeted:
+        plot_target_classes(targeted, os.path.join(out, "target_classes.png"))
+        figure("Number of target classes", "target_classes.png",
+               "For each image, the number of target classes it was successfully pushed "
+               "to (Su et al. 2019, Fig. 3).")  # fmt: skip
+    with_successes = [r for r in runs if r.tally.successes]
+    by_classes: dict[tuple, list[Run]] = {}
+    for run in with_successes:
+        by_classes.setdefault(run.class_names, []).append(run)
+    for k, group in enumerate(by_classes.values()):
+        file_name = "adversarial_labels.png" if k == 0 else f"adversarial_labels_{k}.png"
+        plot_adv_labels(group, os.path.join(out, file_name))
+        figure("Adversarial classes", file_name)
+    for run in with_successes:
+        file_name = _file_name("pairs", run)
+        plot_pair_heatmap(run, os.path.join(out, file_name))
+        figure(f"Class pairs: {run.name}", file_name)
+    for run in runs:
+        dataset = datasets.get(run.name)
+        file_name = _file_name("examples", run)
+        if dataset is not None and plot_examples(run, dataset, os.path.join(out, file_name)):
+            figure(f"Examples: {run.name}", file_name,
+                   "Top: the original image, its true class and the model's confidence. "
+                   "Bottom: the attacked image (changed pixels circled), the adversarial "
+                   "class and its probability, and the true class's probability.")  # fmt: skip
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
