@@ -13,6 +13,7 @@ step)`, so nothing but the checkpointed state carries over between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -195,6 +196,42 @@ def eval_step(variables, images, labels, mask, *, module):
     return jnp.sum(correct), jnp.sum(mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """The config fields that define the optimiser and its schedule (hashable)."""
+
+    optimizer: str
+    learning_rate: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    warmup_epochs: float
+    one_cycle_pct_start: float
+
+    @classmethod
+    def from_config(cls, config) -> OptimizerSettings:
+        return cls(**{field.name: config[field.name] for field in dataclasses.fields(cls)})
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step_fn(module, settings: OptimizerSettings, total_steps: int,
+                       steps_per_epoch: int, **step_options):  # fmt: skip
+    """(jitted train step, optimiser, schedule); cached so that equal runs in one
+    process (resumptions, tests, notebooks) compile once."""
+    schedule = make_schedule(settings, total_steps, steps_per_epoch)
+    tx = make_optimizer(settings, schedule)
+    step_fn = jax.jit(
+        functools.partial(train_step, module=module, tx=tx, **step_options), donate_argnums=0
+    )
+    return step_fn, tx, schedule
+
+
+@functools.lru_cache(maxsize=8)
+def make_eval_fn(module):
+    return jax.jit(functools.partial(eval_step, module=module))
+
+
 def evaluate(eval_fn, variables, images, labels, batch_size: int) -> dict[str, float]:
     """Accuracy over a whole split; the last batch is padded so shapes stay static."""
     correct, count = 0, 0
@@ -343,8 +380,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"(batch_size={config.batch_size})"
         )
     total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
-    schedule = make_schedule(config, total_steps, steps_per_epoch)
-    tx = make_optimizer(config, schedule)
+    step_fn, tx, schedule = make_train_step_fn(
+        module,
+        OptimizerSettings.from_config(config),
+        total_steps,
+        steps_per_epoch,
+        seed=config.seed,
+        augment_padding=config.crop_padding if config.augment else 0,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )
+    eval_fn = make_eval_fn(eval_module)
 
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, default=str)
@@ -371,20 +417,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.batch_size,
         steps_per_epoch,
     )
-
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            module=module,
-            tx=tx,
-            seed=config.seed,
-            augment_padding=config.crop_padding if config.augment else 0,
-            label_smoothing=config.label_smoothing,
-            num_classes=num_classes,
-        ),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(functools.partial(eval_step, module=eval_module))
 
     step = int(state.step)
     pending = []  # metrics since the last log line, left on device until then

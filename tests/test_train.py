@@ -1,0 +1,200 @@
+"""Training: learning on a trivially learnable set, exact resumption, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from opa_jax import checkpoint, train
+from opa_jax.errors import InputError
+from opa_jax.models import load_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # for `configs`, as scripts/train.py does
+
+from configs import train_default  # noqa: E402
+
+
+def write_images(root, split, count, rng, start):
+    """Two classes told apart by brightness: dark pixels 0-100, bright 155-255."""
+    for i in range(count):
+        name = ("dark", "bright")[i % 2]
+        low = 0 if name == "dark" else 155
+        pixels = rng.integers(low, low + 101, (32, 32, 3), dtype=np.uint8)
+        os.makedirs(os.path.join(root, split, name), exist_ok=True)
+        # `<split>/<class>/<index>.png`, indices unique across classes.
+        Image.fromarray(pixels).save(os.path.join(root, split, name, f"{start + i}.png"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("brightness"))
+    rng = np.random.default_rng(0)
+    write_images(root, "train", 64, rng, 0)
+    write_images(root, "test", 32, rng, 1000)
+    return root
+
+
+def tiny_config(data_dir, **overrides):
+    config = train_default.get_config()
+    config.model = "nin"
+    config.model_overrides.width = 0.125
+    config.dataset = f"folder:{data_dir}"
+    config.exact_test_data = ""
+    config.batch_size = 16
+    config.eval_batch_size = 32
+    config.num_steps = 20  # 5 epochs of 4 steps
+    config.optimizer = "adamw"
+    config.learning_rate = 3e-3
+    config.weight_decay = 1e-4
+    config.warmup_epochs = 0.5
+    config.log_every = 4
+    config.checkpoint_every = 4
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    return workdir, train.train_and_evaluate(tiny_config(dataset), workdir)
+
+
+def test_training_learns_and_writes_a_loadable_model(dataset, uninterrupted):
+    workdir, result = uninterrupted
+    assert not result["stopped"] and result["step"] == 20
+    assert result["train_metrics"]["loss"] < 0.5  # from ln 2 = 0.69 at chance
+    test = result["accuracies"]["test"]
+    assert test["count"] == 32 and test["accuracy"] >= 0.9
+    # The written model reproduces the recorded accuracy through the attack's interface.
+    model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
+    images, labels, class_names = train.load_split(f"folder:{dataset}", "test", (32, 32, 3))
+    predictions = np.argmax(model.apply_fn(model.params, images.astype(np.float32)), -1)
+    assert np.mean(predictions == labels) == test["accuracy"]
+    assert model.class_names == class_names == ("bright", "dark")
+    assert model.meta["accuracies"]["test"]["accuracy"] == test["accuracy"]
+    assert model.meta["train_config"]["model_overrides"]["width"] == 0.125
+    assert model.meta["seed"] == 0 and model.meta["model_config"]["num_classes"] == 2
+
+
+def test_resume_after_stop_equals_uninterrupted_run(dataset, uninterrupted, tmp_path):
+    _, reference = uninterrupted
+    workdir = str(tmp_path / "resumed")
+    first = train.train_and_evaluate(tiny_config(dataset, stop_after_steps=10), workdir)
+    assert first["stopped"] and first["step"] == 10
+    assert not os.path.exists(os.path.join(workdir, "model"))
+    # The killed run's state differs from the final one; resuming reaches it exactly.
+    second = train.train_and_evaluate(tiny_config(dataset), workdir)
+    assert second["step"] == 20 and not second["stopped"]
+    leaves = jax.tree_util.tree_leaves_with_path(second["variables"])
+    expected = dict(jax.tree_util.tree_leaves_with_path(reference["variables"]))
+    halfway = dict(jax.tree_util.tree_leaves_with_path(first["variables"]))
+    assert len(leaves) == len(expected)
+    for path, value in leaves:
+        np.testing.assert_allclose(value, expected[path], rtol=1e-6, atol=1e-6)
+    assert any(not np.allclose(halfway[p], expected[p]) for p, _ in leaves)
+    assert second["accuracies"] == reference["accuracies"]
+
+
+def test_resuming_with_another_config_is_refused(dataset, uninterrupted):
+    workdir, _ = uninterrupted
+    with pytest.raises(InputError, match=r"different run.*model_overrides"):
+        train.train_and_evaluate(tiny_config(dataset, model_overrides={"width": 0.25}), workdir)
+
+
+def test_corrupt_training_checkpoint_is_refused(dataset, tmp_path):
+    path = tmp_path / "checkpoints" / train.TRAIN_STATE_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x85garbage")
+    with pytest.raises(InputError, match="corrupt"):
+        train.train_and_evaluate(tiny_config(dataset), str(tmp_path))
+
+
+def test_bad_dataset_specs_and_options(dataset, tmp_path):
+    cases = [
+        ({"dataset": "cifar10"}, "expected folder:PATH or tfds:NAME"),
+        ({"dataset": f"folder:{tmp_path}/nowhere"}, "does not exist"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"batch_size": 1000}, "fewer than one batch"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(InputError, match=message):
+            train.train_and_evaluate(tiny_config(dataset, **overrides), str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.model=resnet50", "unknown model architecture 'resnet50'; known: alexnet"),
+        ("--config.dataset=cifar10", "expected folder:PATH or tfds:NAME"),
+    ],
+)
+def test_script_exits_nonzero_with_the_message(tmp_path, flag, message):
+    workdir = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
+         f"--config={os.path.join(REPO, 'configs', 'train_nin.py')}", f"--workdir={workdir}",
+         "--config.exact_test_data=", flag],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert message in completed.stderr
+    assert not workdir.exists() or not any(workdir.iterdir())  # nothing written
+
+
+def test_schedules_warm_up_peak_and_decay():
+    settings = train.OptimizerSettings(
+        optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+        schedule="warmup_cosine", warmup_epochs=2.0, one_cycle_pct_start=0.25,
+    )  # fmt: skip
+    schedule = train.make_schedule(settings, total_steps=100, steps_per_epoch=10)
+    assert float(schedule(0)) == 0.0 and abs(float(schedule(20)) - 0.1) < 1e-7
+    assert float(schedule(60)) < 0.1 and float(schedule(100)) < 1e-6
+    cycle = train.make_schedule(
+        train.OptimizerSettings(**{**settings.__dict__, "schedule": "one_cycle"}), 100, 10
+    )
+    assert max(range(100), key=lambda s: float(cycle(s))) == 25
+    assert float(cycle(0)) < 0.01 and float(cycle(99)) < 1e-3
+
+
+def test_weight_decay_spares_biases_and_batch_norm():
+    settings = train.OptimizerSettings("sgd", 0.0, 0.0, False, 0.1, "constant", 0.0, 0.25)
+    tx = train.make_optimizer(settings, optax.constant_schedule(1.0))
+    params = {
+        "conv": {"kernel": np.ones((3, 3, 2, 2)), "bias": np.ones(2)},
+        "bn": {"scale": np.ones(2)},
+    }
+    grads = jax.tree_util.tree_map(np.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert np.allclose(updates["conv"]["kernel"], -0.1)
+    assert np.allclose(updates["conv"]["bias"], 0) and np.allclose(updates["bn"]["scale"], 0)
+
+
+def test_augmentation_is_a_padded_crop_maybe_flipped():
+    image = np.random.default_rng(0).uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+    seen = set()
+    for i in range(20):
+        out = np.asarray(train.augment_image(jax.random.key(i), image, 2))
+        matches = [
+            (top, left, flip)
+            for top in range(5)
+            for left in range(5)
+            for flip in (False, True)
+            if np.array_equal(out, padded[top : top + 8, left : left + 8][:, :: -1 if flip else 1])
+        ]
+        assert matches, i
+        seen.add(matches[0])
+    assert len(seen) > 5  # offsets and flips vary with the key
+
+
+def test_model_checkpoint_records_software_and_dtype(uninterrupted):
+    workdir, _ = uninterrupted
+    description = checkpoint.read_model_json(os.path.join(workdir, "model"))
+    assert description["weights_dtype"] == "float32"
+    assert set(description["software"]) >= {"jax", "flax", "optax", "numpy"}
