@@ -51,8 +51,14 @@ class Run:
     def method(self) -> str:
         if self.config["method"] == "fgsm":
             return f"FGSM (eps {self.config['fgsm']['epsilon']:g})"
-        preset = self.config["de"]["preset"]
-        return "random search" if preset == "random" else f"DE ({preset})"
+        from opa_jax import de
+
+        settings = self.config["de"]
+        preset = settings["preset"]
+        budget = {k: settings.get(k) or de.PRESETS.get(preset, {}).get(k)
+                  for k in ("popsize", "generations")}  # fmt: skip
+        size = f"{budget['popsize']}x{budget['generations']}"
+        return f"random search ({size})" if preset == "random" else f"DE ({preset}, {size})"
 
     @property
     def pixels(self) -> int | None:

@@ -155,9 +155,9 @@ def test_report_tables_and_figures(images_setup, tmp_path):
     text = open(path).read()
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "|" in line}
     # The DE run's two host files are merged: 8 attacks, 6 successes.
-    assert "| de_1px | unused | 1 | non-targeted | DE (paper) | 8 | 8 | 75.0% |" in rows["de_1px"]
+    assert "| de_1px | unused | 1 | non-targeted | DE (paper, 16x50) | 8 | 8 | 75.0% |" in rows["de_1px"]
     assert "| fgsm | unused | - | non-targeted | FGSM (eps 8) | 8 | 8 | 25.0% |" in rows["fgsm"]
-    assert "| targeted | unused | 1 | targeted | DE (paper) | 4 | 12 |" in rows["targeted"]
+    assert "| targeted | unused | 1 | targeted | DE (paper, 16x50) | 4 | 12 |" in rows["targeted"]
     # The comparison: DE changed 1 pixel in 7 records and none in one (same colour);
     # its L-inf is 255 - 100 = 155 where it changed something.
     assert "## DE, random search and FGSM" in text
@@ -186,7 +186,7 @@ def test_report_script_and_bad_workdir(images_setup, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "| run | unused | 1 | non-targeted | DE (paper) | 3 | 3 | 100.0% |" in text
+    assert "| run | unused | 1 | non-targeted | DE (paper, 16x50) | 3 | 3 | 100.0% |" in text
     assert "run: no example images (dataset folder" in text and "gone" in text
     with pytest.raises(InputError, match="no config.json"):
         report.write_report([str(tmp_path)], str(tmp_path / "out2"))
