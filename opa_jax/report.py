@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from opa_jax import metrics, results
+from opa_jax import data, de, metrics
+from opa_jax import run as run_lib
 from opa_jax.errors import InputError
 
 # Relative data and model paths in a config are relative to where the attack ran,
@@ -51,8 +52,6 @@ class Run:
     def method(self) -> str:
         if self.config["method"] == "fgsm":
             return f"FGSM (eps {self.config['fgsm']['epsilon']:g})"
-        from opa_jax import de
-
         settings = self.config["de"]
         preset = settings["preset"]
         budget = {k: settings.get(k) or de.PRESETS.get(preset, {}).get(k)
@@ -84,9 +83,7 @@ def load_run(workdir: str, name: str | None = None) -> Run:
         raise InputError(f"workdir {workdir!r}: no config.json, so not an attack workdir")
     with open(config_path) as f:
         config = json.load(f)
-    names = sorted(n for n in os.listdir(workdir) if n.startswith("results") and
-                   n.endswith(".jsonl"))  # fmt: skip
-    records = [r for n in names for r in results.read(os.path.join(workdir, n))]
+    records = run_lib.read_all_results(workdir)
     summary = {}
     if os.path.isfile(os.path.join(workdir, "summary.json")):
         with open(os.path.join(workdir, "summary.json")) as f:
@@ -219,8 +216,6 @@ def _existing_path(path: str, workdir: str) -> str | None:
 
 def open_dataset(run: Run):
     """The run's dataset, or None (with the reason) when it cannot be read here."""
-    from opa_jax import data
-
     config = run.config
     kind, _, arg = config["data"].partition(":")
     spec = config["data"]
