@@ -143,6 +143,24 @@ def summary_table(runs: Sequence[Run]) -> str:
     return _table(header, rows)
 
 
+def pixel_table(runs: Sequence[Run]) -> str | None:
+    """Success rate by pixel count, one row per model, mode and method (the paper's Table 3
+    form); None unless some row has more than one pixel count."""
+    groups: dict[tuple, dict[int, str]] = {}
+    for run in runs:
+        if run.pixels is not None and run.records:
+            s = run.tally.summary()
+            cell = f"{_percent(s['success_rate'])} ({s['attacks']})"
+            groups.setdefault((run.model, run.mode, run.method), {})[run.pixels] = cell
+    if not any(len(cells) > 1 for cells in groups.values()):
+        return None
+    pixel_counts = sorted({p for cells in groups.values() for p in cells})
+    header = ["model", "mode", "method"] + [f"{p} px" for p in pixel_counts]
+    rows = [[*key, *(cells.get(p, "-") for p in pixel_counts)]
+            for key, cells in sorted(groups.items())]  # fmt: skip
+    return _table(header, rows)
+
+
 def perturbation_size(run: Run, dataset=None) -> tuple[float | None, float | None]:
     """Mean number of changed pixels and mean L-inf change (0-255) over the records.
 
@@ -441,6 +459,10 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
               "targeted. Confidence is the mean probability of the adversarial class over "
               "successful attacks. Queries are model evaluations per attack.", ""]  # fmt: skip
     lines += ["## Results", "", summary_table(runs), ""]
+    by_pixels = pixel_table(runs)
+    if by_pixels:
+        lines += ["## Success rate by number of pixels", "",
+                  "Success rate (attacks) for each pixel count.", "", by_pixels, ""]  # fmt: skip
     comparison = comparison_table(runs, datasets)
     if comparison:
         lines += ["## DE, random search and FGSM", "", comparison, ""]

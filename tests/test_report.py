@@ -150,20 +150,36 @@ def test_report_tables_and_figures(images_setup, tmp_path):
     targeted_dir = write_workdir(
         tmp_path / "targeted", tiny_config(setup, targeted=True), targeted_records
     )
+    three_px_records = [
+        make_record(i, labels[i], success=True, perturbation=[(1, 1, 0, 0, 0)] * 3)
+        for i in range(4)
+    ]
+    three_px_dir = write_workdir(
+        tmp_path / "de_3px", tiny_config(setup, pixels=3), three_px_records
+    )
     out = tmp_path / "report"
-    path = report.write_report([str(de_dir), str(fgsm_dir), str(targeted_dir)], str(out))
+    workdirs = [de_dir, fgsm_dir, targeted_dir, three_px_dir]
+    path = report.write_report([str(w) for w in workdirs], str(out))
     text = open(path).read()
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "|" in line}
     # The DE run's two host files are merged: 8 attacks, 6 successes.
-    assert "| de_1px | unused | 1 | non-targeted | DE (paper, 16x50) | 8 | 8 | 75.0% |" in rows["de_1px"]
+    assert (
+        "| de_1px | unused | 1 | non-targeted | DE (paper, 16x50) | 8 | 8 | 75.0% |"
+        in rows["de_1px"]
+    )
     assert "| fgsm | unused | - | non-targeted | FGSM (eps 8) | 8 | 8 | 25.0% |" in rows["fgsm"]
     assert "| targeted | unused | 1 | targeted | DE (paper, 16x50) | 4 | 12 |" in rows["targeted"]
+    # Success by pixel count: the 1 and 3 pixel runs of one model, mode and method.
+    assert "| unused | non-targeted | DE (paper, 16x50) | 75.0% (8) | 100.0% (4) |" in text
+    assert "| unused | targeted | DE (paper, 16x50) | 33.3% (12) | - |" in text
     # The comparison: DE changed 1 pixel in 7 records and none in one (same colour);
     # its L-inf is 255 - 100 = 155 where it changed something.
     assert "## DE, random search and FGSM" in text
-    comparison = [line for line in text.splitlines() if line.startswith("| unused | non-t")]
+    comparison = text[text.index("## DE, random search and FGSM") :].splitlines()
+    comparison = [line for line in comparison if line.startswith("| unused | non-t")]
     assert comparison[0].endswith(f"| {7 / 8:.1f} | {155 * 7 / 8:.1f} |")  # DE
-    assert comparison[1].endswith("| 60.0 | 8.0 |")  # FGSM
+    assert comparison[1].endswith("| 1.0 | 100.0 |")  # DE, 3 px written to one place
+    assert comparison[2].endswith("| 60.0 | 8.0 |")  # FGSM
     figures = ["success_by_pixels.png", "target_classes.png", "adversarial_labels.png",
                "pairs_de_1px.png", "pairs_fgsm.png", "pairs_targeted.png",
                "examples_de_1px.png", "examples_targeted.png"]  # fmt: skip
