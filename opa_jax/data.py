@@ -4,8 +4,9 @@ A dataset is chosen by a spec string:
 
 - `folder:PATH`: `PATH/<split>/<class_name>/<index>.<ext>` (the layout of
   `cifar10-test-exact` and the extracted `cifar10-jpeg.tar.gz`). Class indices
-  follow sorted class-folder names; an all-digit file stem is the dataset
-  index, otherwise files are numbered in sorted order. A flat folder holding
+  follow sorted class-folder names. When every file stem is a distinct number
+  it is the dataset index; otherwise (e.g. `0000.jpg` in every class) files
+  are numbered in (class, name) order. A flat folder holding
   `imagenet_class_index.json` and files named `<wnid>_*.JPEG` is read as
   ImageNet (labels from the wnid).
 - `tfds:NAME` (e.g. `tfds:cifar10`, `tfds:imagenet2012`): read through
@@ -146,12 +147,11 @@ def load_folder(root: str, split: str, image_shape=None, resize: str = "none") -
             f"dataset folder {split_dir!r}: no images found (expected "
             f"<class_name>/<index>.<ext> with ext in {IMAGE_EXTENSIONS})"
         )
-    if all(e[0] is not None for e in entries):
+    numbered = [e[0] for e in entries]
+    if None not in numbered and len(set(numbered)) == len(numbered):
         entries.sort(key=lambda e: e[0])
         indices = [e[0] for e in entries]
-        if len(set(indices)) != len(indices):
-            raise InputError(f"dataset folder {split_dir!r}: duplicate image indices")
-    else:
+    else:  # names are not dataset-wide indices (e.g. 0000.jpg in every class): number them
         entries.sort(key=lambda e: (e[3], e[1]))
         indices = list(range(len(entries)))
     paths = [e[2] for e in entries]
