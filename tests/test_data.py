@@ -1,0 +1,96 @@
+"""Datasets: folder layouts, index selection, resizing and clear errors."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from opa_jax import data
+from opa_jax.errors import InputError
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_folder(root, names_by_class, size=(32, 32), split="test"):
+    rng = np.random.default_rng(0)
+    for class_name, names in names_by_class.items():
+        class_dir = root / split / class_name
+        class_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(class_dir / name)
+    return root
+
+
+def test_numbered_files_are_dataset_indices(tmp_path):
+    write_folder(tmp_path, {"cat": ["00003.png", "00000.png"], "dog": ["00001.png"]})
+    dataset = data.load_dataset(f"folder:{tmp_path}")
+    np.testing.assert_array_equal(dataset.indices, [0, 1, 3])
+    np.testing.assert_array_equal(dataset.labels, [0, 1, 0])
+    assert dataset.class_names == ("cat", "dog")
+    images = dataset.read([2, 0])
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    expected = np.asarray(Image.open(tmp_path / "test" / "cat" / "00003.png"))
+    np.testing.assert_array_equal(images[0], expected)
+
+
+def test_per_class_numbering_is_renumbered(tmp_path):
+    write_folder(tmp_path, {"a": ["0000.jpg", "0001.jpg"], "b": ["0000.jpg"]}, split="train")
+    dataset = data.load_dataset(f"folder:{tmp_path}", split="train")
+    np.testing.assert_array_equal(dataset.indices, [0, 1, 2])
+    np.testing.assert_array_equal(dataset.labels, [0, 0, 1])
+
+
+def test_selection_by_range_and_list(tmp_path):
+    write_folder(tmp_path, {"a": [f"{i:05d}.png" for i in range(0, 10, 2)]})
+    dataset = data.load_dataset(f"folder:{tmp_path}")
+    np.testing.assert_array_equal(dataset.indices[data.select(dataset, "2:7")], [2, 4, 6])
+    np.testing.assert_array_equal(dataset.indices[data.select(dataset, "8,0")], [8, 0])
+    assert len(data.select(dataset, "")) == 5
+    with pytest.raises(InputError, match="not in"):
+        data.select(dataset, "3")
+    with pytest.raises(InputError, match="selection"):
+        data.select(dataset, "x-y")
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        data.load_dataset(f"folder:{tmp_path / 'missing'}")
+    with pytest.raises(InputError, match="unknown kind"):
+        data.load_dataset("hub:cifar10")
+    with pytest.raises(InputError, match="expected folder:PATH"):
+        data.load_dataset("cifar10")
+    (tmp_path / "empty" / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(InputError, match="no images"):
+        data.load_dataset(f"folder:{tmp_path / 'empty'}")
+    with pytest.raises(InputError, match="split folder 'train'"):
+        data.load_dataset(f"folder:{tmp_path / 'empty'}", split="train")
+    write_folder(tmp_path / "big", {"a": ["00000.png"]}, size=(40, 40))
+    dataset = data.load_dataset(f"folder:{tmp_path / 'big'}", image_shape=(32, 32, 3))
+    with pytest.raises(InputError, match="40x40.*32x32"):
+        dataset.read([0])
+    (tmp_path / "bad" / "test" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "test" / "a" / "00000.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="cannot be decoded"):
+        data.load_dataset(f"folder:{tmp_path / 'bad'}").read([0])
+
+
+def test_imagenet_flat_folder_resize_and_centre_crop(tmp_path):
+    index = {"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}
+    (tmp_path / "imagenet_class_index.json").write_text(json.dumps(index))
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "n01443537_goldfish.JPEG")
+    dataset = data.load_dataset(f"folder:{tmp_path}", image_shape=(227, 227, 3),
+                                resize="center_crop")  # fmt: skip
+    np.testing.assert_array_equal(dataset.labels, [1])
+    assert dataset.class_names == ("tench", "goldfish")
+    assert dataset.read([0]).shape == (1, 227, 227, 3)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (real-data test)")
+def test_exact_cifar10_test_images():
+    dataset = data.load_dataset(f"folder:{SHARED / 'cifar10-test-exact'}")
+    assert len(dataset) == 1017
+    np.testing.assert_array_equal(dataset.indices, np.arange(1017))
+    np.testing.assert_array_equal(dataset.labels[:5], [3, 8, 8, 0, 6])  # the official order
