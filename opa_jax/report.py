@@ -415,7 +415,8 @@ def plot_adv_labels(runs: Sequence[Run], path: str) -> None:
 
     total = sum((r.tally.adv_label_counts for r in runs), np.zeros(runs[0].tally.num_classes))
     shown = _shown_classes(total)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(shown) * max(1, len(runs) / 2)), 3.8))
+    width_inches = max(6.0, 0.55 * len(shown) * max(1, len(runs) / 2)) + 2.5  # legend
+    fig, ax = plt.subplots(figsize=(width_inches, 3.8))
     width = 0.8 / len(runs)
     for k, run in enumerate(runs):
         counts = run.tally.adv_label_counts[shown]
@@ -426,7 +427,7 @@ def plot_adv_labels(runs: Sequence[Run], path: str) -> None:
                   rotation=45, ha="right", fontsize=8)  # fmt: skip
     ax.set_ylabel("% of successful attacks")
     ax.set_title("Adversarial class of successful attacks", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
