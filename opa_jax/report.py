@@ -259,6 +259,21 @@ def _short(name: str, length: int = 14) -> str:
     return name if len(name) <= length else name[: length - 1] + "."
 
 
+def _save(fig, path: str) -> None:
+    """Saves a figure as a small PNG: 256 adaptive colours are plenty for charts and
+    32x32 images, and about a third of the size."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format="png")
+    plt.close(fig)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def plot_examples(run: Run, dataset, path: str, max_examples: int = 6) -> bool:
     """Original and attacked images of successful attacks, the changed pixels circled."""
     import matplotlib.pyplot as plt
@@ -302,8 +317,7 @@ def plot_examples(run: Run, dataset, path: str, max_examples: int = 6) -> bool:
         axes[1, 0].set_ylabel("attacked (to target)", fontsize=10)
     fig.suptitle(f"{run.name}: {run.model}, {run.pixels} px {run.mode}, {run.method}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -346,8 +360,7 @@ def plot_pair_heatmap(run: Run, path: str) -> None:
 
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, ticks=MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _annotate_bars(ax, bars, texts):
@@ -377,8 +390,7 @@ def plot_target_classes(runs: Sequence[Run], path: str) -> None:
     ax.set_title("Targeted attacks: to how many classes can an image be pushed?", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_success_by_pixels(runs: Sequence[Run], path: str) -> None:
@@ -392,21 +404,27 @@ def plot_success_by_pixels(runs: Sequence[Run], path: str) -> None:
             label += f" [{run.name}]"
         groups.setdefault(label, {})[run.pixels] = run.tally.summary()["success_rate"]
     pixel_counts = sorted({p for g in groups.values() for p in g})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.5 * len(pixel_counts) * len(groups)), 4.2))
-    width = 0.8 / len(groups)
-    for k, (label, rates) in enumerate(sorted(groups.items())):
-        x = np.array([pixel_counts.index(p) for p in rates]) + (k - (len(groups) - 1) / 2) * width
-        values = [100 * rates[p] for p in rates]
-        bars = ax.bar(x, values, width, label=label)
-        _annotate_bars(ax, bars, [f"{v:.0f}%" for v in values])
+    labels = sorted(groups)
+    colours = {label: f"C{k % 10}" for k, label in enumerate(labels)}
+    widest = max(sum(p in groups[label] for label in labels) for p in pixel_counts)
+    width = 0.8 / widest
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.6 * len(pixel_counts) * widest), 4.2))
+    for x, p in enumerate(pixel_counts):  # the bars at a pixel count, centred on its tick
+        present = [label for label in labels if p in groups[label]]
+        for k, label in enumerate(present):
+            value = 100 * groups[label][p]
+            bars = ax.bar(x + (k - (len(present) - 1) / 2) * width, value, width,
+                          color=colours[label])  # fmt: skip
+            _annotate_bars(ax, bars, [f"{value:.0f}%"])
+    for label in labels:
+        ax.bar([0], [0], 0, color=colours[label], label=label)  # one legend entry each
     ax.set_xticks(range(len(pixel_counts)), [f"{p} px" for p in pixel_counts])
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(0, 105)
     ax.set_title("Success rate by number of pixels", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_adv_labels(runs: Sequence[Run], path: str) -> None:
@@ -429,8 +447,7 @@ def plot_adv_labels(runs: Sequence[Run], path: str) -> None:
     ax.set_title("Adversarial class of successful attacks", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -504,18 +521,26 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
         file_name = "adversarial_labels.png" if k == 0 else f"adversarial_labels_{k}.png"
         plot_adv_labels(group, os.path.join(out, file_name))
         figure("Adversarial classes", file_name)
+    if with_successes:
+        lines += ["## Class pairs", "", "Successful attacks by true class (rows) and "
+                  "adversarial class (columns).", ""]  # fmt: skip
     for run in with_successes:
         file_name = _file_name("pairs", run)
         plot_pair_heatmap(run, os.path.join(out, file_name))
-        figure(f"Class pairs: {run.name}", file_name)
+        figure(run.name, file_name)
+    examples = []
     for run in runs:
         dataset = datasets.get(run.name)
         file_name = _file_name("examples", run)
         if dataset is not None and plot_examples(run, dataset, os.path.join(out, file_name)):
-            figure(f"Examples: {run.name}", file_name,
-                   "Top: the original image, its true class and the model's confidence. "
-                   "Bottom: the attacked image (changed pixels circled), the adversarial "
-                   "class and its probability, and the true class's probability.")  # fmt: skip
+            examples.append((run.name, file_name))
+    if examples:
+        lines += ["## Examples", "", "Top: the original image, its true class and the model's "
+                  "confidence. Bottom: the attacked image (changed pixels circled), the "
+                  "adversarial class and its probability, and the true class's probability "
+                  "(in brackets). The most confident successes, one per image.", ""]  # fmt: skip
+    for name, file_name in examples:
+        figure(name, file_name)
     if notes:
         lines += ["## Notes", "", *notes, ""]
     path = os.path.join(out, "report.md")
