@@ -1,6 +1,6 @@
 """Runs (or resumes) a one-pixel attack from a config.
 
-    python scripts/attack.py --config=configs/lenet_1px.py --workdir=runs/lenet_1px \
+    python scripts/attack.py --config=configs/lenet.py --workdir=runs/lenet_1px \
         --config.num_images=100 --config.de.preset=scipy
 """
 
@@ -41,6 +41,18 @@ def main(argv):
         )
 
 
+def parse_flags(argv):
+    """absl's parser, with a bad config field or config string reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).replace("\\n", " ").strip("'\"")
+        if "Traceback" in message:  # config_flags embeds the config file's traceback
+            message = message.strip().splitlines()[-1]
+        print(f"error: bad flag or config override: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
