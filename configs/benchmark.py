@@ -1,0 +1,70 @@
+"""Throughput benchmark: the imported Keras ResNet on the exact CIFAR-10 test images.
+
+    python scripts/benchmark.py --config=configs/benchmark.py --workdir=runs/benchmark
+
+Sized for a 2-core CPU (about 10 minutes): 2 slots, 2 generations, 3
+repetitions. On an accelerator raise `slots` (or 0 for `run.auto_slots`),
+`num_images` and `de.generations`. Every field can be overridden with
+`--config.x=y`; lists as `--config.scaling.slots='(1, 2, 4)'`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = "keras:../shared/data/keras/resnet.h5"
+    # Real images for the early-stop figure, the bf16 check and the baseline, when the
+    # dataset fits the model; otherwise (or with '') random images labelled by the model.
+    config.data = "folder:../shared/data/cifar10-test-exact"
+    config.split = "test"
+    config.seed = 0
+    config.pixels = 1
+    config.de = default.get_config().de  # the paper's DE (preset, popsize 400) ...
+    config.de.popsize = 400
+    config.de.generations = 2  # ... with few generations here; the paper runs 100
+    config.precision = "float32"
+    config.slots = 2  # in-flight images per device; 0 = run.auto_slots
+    config.num_images = 4  # per engine run, early stop off: two waves of slots
+    config.repetitions = 3  # timed, after one warm-up run; ceiling/engine/baseline interleaved
+    config.forward_loop_calls = 3  # also time the forward pass this many times in a jitted loop
+    config.breakdown = True  # time the DE step, the perturbed images and host work alone
+    config.baseline = ml_collections.ConfigDict()
+    config.baseline.enabled = True  # SciPy differential_evolution, one image at a time
+    config.baseline.num_images = 1
+    config.early_stop = ml_collections.ConfigDict()
+    config.early_stop.enabled = True  # the configured stop rule (paper: p(true) < 0.05)
+    config.early_stop.num_images = 6
+    config.early_stop.generations = 0  # 0 = de.generations
+    config.early_stop.repetitions = 1
+    config.bf16 = ml_collections.ConfigDict()
+    config.bf16.enabled = True
+    config.bf16.engine_repetitions = 0  # > 0: also time the engine in bf16 (costs 2 runs each)
+    config.memory = ml_collections.ConfigDict()
+    config.memory.enabled = True
+    config.memory.slots = (1, 4)  # loop memory at these slot counts (and at `slots`)
+    config.scaling = ml_collections.ConfigDict()
+    config.scaling.enabled = True
+    config.scaling.generations = 1
+    config.scaling.repetitions = 1
+    config.scaling.forward_loop_calls = 2
+    config.scaling.slots = (1, 2, 4)
+    config.scaling.popsize = (100, 200, 400)
+    config.scaling.pixels = (1, 3, 5)
+    # Image size: each model at `image_popsize` x `image_slots`, `image_generations`.
+    config.scaling.image_models = (
+        "keras:../shared/data/keras/lenet.h5",
+        "random:nin",
+        "random:alexnet",
+    )
+    config.scaling.image_slots = 1
+    config.scaling.image_popsize = 100
+    config.scaling.image_generations = 1
+    # Bare forward passes at these batch sizes, interleaved in rounds (slots x popsize).
+    config.scaling.forward_batches = ()
+    config.scaling.forward_rounds = 3
+    config.scaling.devices = (1, 2)  # forced host devices, one subprocess each
+    config.scaling.device_slots = 1  # per device
+    return config

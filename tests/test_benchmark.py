@@ -1,0 +1,91 @@
+"""The throughput benchmark on a toy model: a tiny full run and its invariants."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from configs import benchmark as benchmark_config
+from opa_jax import benchmark
+from opa_jax.models import LoadedModel
+
+POPSIZE, GENERATIONS, SLOTS, IMAGES = 10, 2, 2, 2  # one wave: scaling reuses the loop
+
+
+def toy_logits(params, images):
+    """Class 1 iff pixel (5, 7) has red > 200, else class 0."""
+    del params
+    red = images[:, 5, 7, 0]
+    return jnp.stack([jnp.zeros_like(red), 0.2 * (red - 200.0)], axis=-1)
+
+
+def tiny_config():
+    config = benchmark_config.get_config()
+    config.data = ""  # random images, labelled by the model
+    config.de.popsize = POPSIZE  # SciPy's population: 2 per gene x 5 genes = 10 as well
+    config.de.generations = GENERATIONS
+    config.slots = SLOTS
+    config.num_images = IMAGES
+    config.repetitions = 1
+    config.forward_loop_calls = 2
+    config.early_stop.num_images = 2
+    config.memory.slots = ()  # only at `slots`
+    config.scaling.slots = (SLOTS,)
+    config.scaling.popsize = (POPSIZE,)
+    config.scaling.pixels = (1,)
+    config.scaling.generations = GENERATIONS  # the main run's loop: compiled once
+    config.scaling.image_models = ()
+    config.scaling.devices = ()
+    return config
+
+
+def test_tiny_benchmark_reports_consistent_figures(tmp_path):
+    model = LoadedModel("toy", toy_logits, {}, (8, 8, 3), 2)
+    report = benchmark.benchmark(tiny_config(), str(tmp_path), model=model, log=lambda _: None)
+
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    for field in ("machine", "forward_ceiling", "engine", "efficiency", "scipy_baseline",
+                  "breakdown", "early_stop", "bf16", "memory", "scaling"):  # fmt: skip
+        assert field in saved, field
+    assert saved["machine"]["backend"] == "cpu" and saved["machine"]["cpu_cores"] >= 1
+
+    for name in ("efficiency", "efficiency_in_loop"):
+        efficiency = report[name]["median"]
+        assert math.isfinite(efficiency) and efficiency > 0, name
+    assert report["forward_ceiling"]["batch"] == SLOTS * POPSIZE
+
+    # Early stop off, whole waves of slots: every image costs init + generations, no idle slot.
+    run = report["engine"]["runs"][0]
+    assert run["images"] == IMAGES
+    assert run["evaluations"] == run["active_evaluations"] == IMAGES * POPSIZE * (GENERATIONS + 1)
+    assert report["breakdown"]["idle_slots"] == 0.0
+    # The baseline attacks at equal settings: the same queries per image.
+    baseline = report["scipy_baseline"]
+    assert baseline["queries_per_image"] == baseline["engine_queries_per_image"]
+    assert baseline["speedup_images_per_s"]["median"] > 0
+
+    # The parts of the step are timed and are a fraction of the engine's wall time.
+    for part in ("de_step", "perturb", "host"):
+        assert 0 <= report["breakdown"][part] < 1, part
+    # bf16 and float32 agree on the toy model's clean labels.
+    assert report["bf16"]["clean_argmax_agreement"] == 1.0
+    assert report["memory"]["loop"][0]["per_slot_bytes"] > 0
+    # The base setting recurs on every scaling axis and is measured once.
+    assert report["scaling"]["slots"][0] is report["scaling"]["pixels"][0]
+    assert report["scaling"]["slots"][0]["engine_qps"]["median"] > 0
+    assert "| efficiency = engine / one-call ceiling |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_spread_and_digest():
+    s = benchmark.spread([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
+    results = benchmark.attack.Results(
+        work_ids=np.array([1, 0]), success=np.array([True, False]),
+        perturbation=np.zeros((2, 1, 5)), adv_probs=np.zeros((2, 2)),
+        generations=np.array([1, 2]), queries=np.array([20, 30]),
+    )  # fmt: skip
+    reordered = benchmark.attack.Results(*[np.asarray(x)[::-1] for x in (
+        results.work_ids, results.success, results.perturbation, results.adv_probs,
+        results.generations, results.queries)])  # fmt: skip
+    assert benchmark.digest(results) == benchmark.digest(reordered)
