@@ -92,23 +92,31 @@ def _run_info(config) -> dict:
 def auto_slots(model, popsize: int) -> int:
     """In-flight images per device: enough images per model call to fill the device.
 
-    On accelerators, sized from free memory (activation bytes per image are
-    estimated from a forward pass's cost analysis); on the CPU a flat batch of
-    about 4096 images is already past the throughput knee.
+    On the CPU, throughput is flat past a batch of about 400 images
+    (docs/benchmarks.md), so about 1024 images per call suffice. On
+    accelerators, slots are sized from free memory. Each slot costs the
+    forward pass's scratch memory at batch `popsize`, taken from XLA's memory
+    analysis, plus its perturbed batch; half the free memory is used.
     """
     device = jax.local_devices()[0]
     if device.platform == "cpu":
-        return max(1, 4096 // popsize)
+        return max(1, 1024 // popsize)
     try:
         stats = device.memory_stats() or {}
         free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
     except Exception:  # noqa: BLE001 - memory_stats is optional per backend
         free = 0
     h, w, c = model.image_shape
-    per_image = popsize * h * w * c * 4 * 64  # input plus a generous activation allowance
+    batch_bytes = popsize * h * w * c * 4
+    try:
+        images = jax.ShapeDtypeStruct((popsize, h, w, c), np.float32)
+        analysis = jax.jit(model.apply_fn).lower(model.params, images).compile().memory_analysis()
+        per_slot = analysis.temp_size_in_bytes + 2 * batch_bytes
+    except Exception:  # noqa: BLE001 - memory analysis is optional per backend
+        per_slot = 64 * batch_bytes
     if free <= 0:
         return max(1, 65536 // popsize)
-    return int(max(1, min(256, 0.5 * free // per_image)))
+    return int(max(1, min(256, 0.5 * free // max(per_slot, 1))))
 
 
 def wrap_precision(model, precision: str):
