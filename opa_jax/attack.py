@@ -108,7 +108,7 @@ class Attacker:
         state = jax.device_put(state, sharding)
         pending = [np.arange(d, len(items), num_devices) for d in range(num_devices)]
         cursor = np.zeros(num_devices, np.int64)
-        max_iterations = 8  # grows once a call's duration is known
+        max_iterations = 1  # the first call times one generation; later calls are sized from it
         while True:
             queue = engine.empty_queue(chunk_size * num_devices, image_shape)
             lengths = np.zeros((num_devices,), np.int32)
