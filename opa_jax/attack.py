@@ -246,10 +246,6 @@ def predict_probs(model, images, batch_size: int = 1024) -> np.ndarray:
     return probs
 
 
-_FORWARD_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _jitted_probs(apply_fn):
-    if apply_fn not in _FORWARD_CACHE:
-        _FORWARD_CACHE[apply_fn] = jax.jit(lambda p, x: jax.nn.softmax(apply_fn(p, x), axis=-1))
-    return _FORWARD_CACHE[apply_fn]
+    return jax.jit(lambda p, x: jax.nn.softmax(apply_fn(p, x), axis=-1))

@@ -220,7 +220,7 @@ def read_all_results(workdir: str) -> list[dict]:
     return [r for name in names for r in results.read(os.path.join(workdir, name))]
 
 
-def _record(config, model, dataset, items, clean, res: attack_lib.Results, i: int) -> dict:
+def _record(config, items, clean, res: attack_lib.Results, i: int) -> dict:
     w = int(res.work_ids[i])
     p = int(items.positions[w])
     target = int(items.target_labels[w])
@@ -284,7 +284,8 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
         json.dump(_run_info(config) | {"de": dconf.__dict__ if dconf else None}, f, indent=2)
     path = results_path(workdir)
     results.repair(path)
-    done = {(r["image"], r["target_label"]) for r in results.read(path)}
+    previous = results.read(path)
+    done = {(r["image"], r["target_label"]) for r in previous}
     keep = np.asarray(
         [(int(i), None if t < 0 else int(t)) not in done
          for i, t in zip(items.indices, items.target_labels, strict=True)], bool,
@@ -300,7 +301,7 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
     )  # fmt: skip
     key = jax.random.key(config.seed)
     started = time.time()
-    finished, successes = total - len(todo), sum(1 for r in results.read(path) if r["success"])
+    finished, successes = total - len(todo), sum(r["success"] for r in previous)
     new_done = 0
     progress = attack_lib.Progress()
     with results.Writer(path) as writer:
@@ -315,8 +316,7 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
             )
         for res in batches:
             records = [
-                _record(config, model, dataset, todo, the_plan["clean"], res, i)
-                for i in range(len(res.work_ids))
+                _record(config, todo, the_plan["clean"], res, i) for i in range(len(res.work_ids))
             ]
             writer.write(records)
             writer.flush()  # each device call is sized to last about flush_seconds

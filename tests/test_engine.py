@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opa_jax import attack, de, engine
+from opa_jax import attack, de
 from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel
 
@@ -229,8 +229,3 @@ def test_engine_queue_capacity_holds_every_finisher():
         assert len(result.work_ids) == 9
         np.testing.assert_array_equal(np.sort(result.work_ids), np.arange(9))
         np.testing.assert_array_equal(result.queries, SMALL.popsize * (result.generations + 1))
-
-
-def test_empty_queue_state_is_idle():
-    state = engine.init_state(3, (8, 8, 3), 3, SMALL)
-    assert (np.asarray(state.work_ids) == -1).all()

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from opa_jax.models.nin import CIFAR10_MEAN, CIFAR10_STD, conv_bn_relu, scaled
+from opa_jax.models.nin import CIFAR10_MEAN, CIFAR10_STD, conv_bn_relu, normalize, scaled
 
 
 class AllConv(nn.Module):
@@ -35,8 +35,7 @@ class AllConv(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         # images: [N, H, W, 3] float RGB 0-255
-        x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-        x = x.astype(self.dtype)
+        x = normalize(images, self.mean, self.std, self.dtype)
         block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
         w = lambda f: scaled(self.width, f)
 

@@ -40,6 +40,11 @@ def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, stride=
     return nn.relu(x)
 
 
+def normalize(images, mean, std, dtype):
+    """Per-channel standardisation of RGB pixels 0-255, cast to the compute dtype."""
+    return ((images - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+
+
 def scaled(width: float, features: int) -> int:
     """A hidden layer's width under the width multiplier (at least 1 unit)."""
     return max(1, round(features * width))
@@ -68,8 +73,7 @@ class NiN(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         # images: [N, H, W, 3] float RGB 0-255
-        x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-        x = x.astype(self.dtype)
+        x = normalize(images, self.mean, self.std, self.dtype)
         block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
         w = lambda f: scaled(self.width, f)
 

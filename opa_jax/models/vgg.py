@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from opa_jax.models.nin import CIFAR10_MEAN, CIFAR10_STD, conv_bn_relu, scaled
+from opa_jax.models.nin import CIFAR10_MEAN, CIFAR10_STD, conv_bn_relu, normalize, scaled
 
 STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -33,8 +33,7 @@ class VGG16(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         # images: [N, H, W, 3] float RGB 0-255
-        x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-        x = x.astype(self.dtype)
+        x = normalize(images, self.mean, self.std, self.dtype)
         block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
         for stage, widths in enumerate(STAGES, start=1):
             for i, features in enumerate(widths, start=1):
