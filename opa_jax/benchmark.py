@@ -526,7 +526,7 @@ def memory(model, config: de.DEConfig, slot_counts, chunk: int, measured_peak=No
     `per_slot` is (temporaries + arguments) / slots at each count; `marginal`
     is the growth per extra slot between the smallest and largest count,
     which leaves out the fixed cost (parameters, code). `auto_slots_estimate`
-    is what `run.auto_slots` assumes on accelerators.
+    is `run.slot_bytes`, what `run.auto_slots` assumes on accelerators.
     """
     rows = []
     for slots in slot_counts:
@@ -542,8 +542,7 @@ def memory(model, config: de.DEConfig, slot_counts, chunk: int, measured_peak=No
             last["slots"] - first["slots"]
         )
     out["forward_temp_bytes_per_popsize_batch"] = forward_memory(model, config.popsize)
-    h, w, c = model.image_shape
-    out["auto_slots_estimate_bytes_per_slot"] = config.popsize * h * w * c * 4 * 64
+    out["auto_slots_estimate_bytes_per_slot"] = run_lib.slot_bytes(model, config.popsize)
     if measured_peak is not None:
         out["device_peak_bytes"] = measured_peak
     return out

@@ -27,6 +27,9 @@ from opa_jax.models import load_model
 
 # Fields that change how a run executes, never its results.
 EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds", "distributed")
+# Fields that set how much of the run is done: a workdir can be resumed with a
+# larger value (the run is extended by the next eligible images), never a smaller.
+EXTENT_FIELDS = ("num_images",)
 RESULTS_FILE = "results.jsonl"
 
 
@@ -40,6 +43,11 @@ def _identity(config) -> dict:
     for field in EXECUTION_FIELDS:
         identity.pop(field, None)
     return identity
+
+
+def _extends(previous: int, new: int) -> bool:
+    """Whether num_images `new` covers at least the images of `previous` (0 means all)."""
+    return new == 0 or (previous != 0 and new >= previous)
 
 
 def _check_workdir(workdir: str, config) -> None:
@@ -56,17 +64,27 @@ def _check_workdir(workdir: str, config) -> None:
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        if previous != identity:
-            changed = sorted(
-                k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k)
-            )
+        changed = sorted(
+            k for k in set(previous) | set(identity)
+            if k not in EXTENT_FIELDS and previous.get(k) != identity.get(k)
+        )  # fmt: skip
+        if changed:
             raise InputError(
                 f"workdir {workdir!r} holds a run with a different config (fields differ: "
                 f"{changed}); use a new --workdir, or rerun with the original config to resume"
             )
-    else:
-        with open(path, "w") as f:
-            json.dump(identity, f, indent=2, sort_keys=True)
+        for field in EXTENT_FIELDS:
+            before, now = previous.get(field, 0), identity.get(field, 0)
+            if not _extends(before, now):
+                raise InputError(
+                    f"workdir {workdir!r} holds a run with {field}={before}; it can be resumed "
+                    f"or extended ({field} >= {before}, or 0 for all), not shrunk to {now}; "
+                    "use a new --workdir for a smaller run"
+                )
+        if previous == identity:
+            return
+    with open(path, "w") as f:
+        json.dump(identity, f, indent=2, sort_keys=True)
 
 
 def _run_info(config) -> dict:
@@ -89,14 +107,30 @@ def _run_info(config) -> dict:
     }
 
 
+def slot_bytes(model, popsize: int) -> int:
+    """Device memory one in-flight image costs: the forward's scratch at batch
+    `popsize` (XLA's memory analysis) plus its perturbed batch, twice.
+
+    Measured on the CPU, the whole loop's memory per slot matches this to
+    within 3% (docs/benchmarks.md). Without an analysis it falls back to 64
+    perturbed batches.
+    """
+    h, w, c = model.image_shape
+    batch_bytes = popsize * h * w * c * 4
+    try:
+        images = jax.ShapeDtypeStruct((popsize, h, w, c), np.float32)
+        analysis = jax.jit(model.apply_fn).lower(model.params, images).compile().memory_analysis()
+        return int(analysis.temp_size_in_bytes + 2 * batch_bytes)
+    except Exception:  # noqa: BLE001 - memory analysis is optional per backend
+        return 64 * batch_bytes
+
+
 def auto_slots(model, popsize: int) -> int:
     """In-flight images per device: enough images per model call to fill the device.
 
     On the CPU, throughput is flat past a batch of about 400 images
     (docs/benchmarks.md), so about 1024 images per call suffice. On
-    accelerators, slots are sized from free memory. Each slot costs the
-    forward pass's scratch memory at batch `popsize`, taken from XLA's memory
-    analysis, plus its perturbed batch; half the free memory is used.
+    accelerators, half the free memory is filled with slots of `slot_bytes`.
     """
     device = jax.local_devices()[0]
     if device.platform == "cpu":
@@ -106,17 +140,9 @@ def auto_slots(model, popsize: int) -> int:
         free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
     except Exception:  # noqa: BLE001 - memory_stats is optional per backend
         free = 0
-    h, w, c = model.image_shape
-    batch_bytes = popsize * h * w * c * 4
-    try:
-        images = jax.ShapeDtypeStruct((popsize, h, w, c), np.float32)
-        analysis = jax.jit(model.apply_fn).lower(model.params, images).compile().memory_analysis()
-        per_slot = analysis.temp_size_in_bytes + 2 * batch_bytes
-    except Exception:  # noqa: BLE001 - memory analysis is optional per backend
-        per_slot = 64 * batch_bytes
     if free <= 0:
         return max(1, 65536 // popsize)
-    return int(max(1, min(256, 0.5 * free // max(per_slot, 1))))
+    return int(max(1, min(256, 0.5 * free // max(slot_bytes(model, popsize), 1))))
 
 
 def wrap_precision(model, precision: str):

@@ -311,6 +311,30 @@ def test_finished_workdir_refuses_another_config(tiny, reference):
     assert (reference / "results.jsonl").read_bytes() == before
 
 
+def test_a_run_extends_to_more_images_but_never_shrinks(tiny, reference, tmp_path):
+    """num_images may grow on resume: the extended run equals one run of the full size."""
+    workdir = tmp_path / "extended"
+    env = script_env(tiny["cache"])
+    small = [f for f in tiny["flags"] if not f.startswith("--config.num_images=")]
+    first = run_script(attack_command(small + ["--config.num_images=4"], workdir), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((workdir / "config.json").read_text())["num_images"] == 4
+    extended = run_script(attack_command(tiny["flags"], workdir), env)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert f"{tiny['items']} work items ({4 * 9} already done)" in extended.stderr
+    records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (reference / "results.jsonl").read_text().splitlines()]
+    assert_same_records(records, want)
+    assert json.loads((workdir / "summary.json").read_text())["attacks"] == tiny["items"]
+    assert json.loads((workdir / "config.json").read_text())["num_images"] == NUM_IMAGES
+    # Shrinking is refused, and the results are left as they were.
+    before = (workdir / "results.jsonl").read_bytes()
+    shrunk = run_script(attack_command(small + ["--config.num_images=4"], workdir), env)
+    assert shrunk.returncode != 0
+    assert "not shrunk to 4" in shrunk.stderr
+    assert (workdir / "results.jsonl").read_bytes() == before
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path):
     workdir = tmp_path / "never_written"
     dry = run_script(attack_command(tiny["flags"], workdir, dry_run=True),
