@@ -67,4 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.scaling.forward_rounds = 3
     config.scaling.devices = (1, 2)  # forced host devices, one subprocess each
     config.scaling.device_slots = 1  # per device
+    # XLA_FLAGS settings compared, one process per (round, setting); "" = defaults.
+    # On CPUs, XNNPACK or oneDNN convolutions can beat XLA's own (docs/benchmarks.md).
+    config.xla_flags = ml_collections.ConfigDict()
+    config.xla_flags.enabled = False
+    config.xla_flags.flag_sets = ("", "--xla_cpu_use_xnnpack=true", "--xla_cpu_use_onednn=true")
+    config.xla_flags.rounds = 2
+    config.xla_flags.slots = 0  # 0 = `slots`
+    config.xla_flags.generations = 1
+    config.xla_flags.forward_loop_calls = 2
     return config

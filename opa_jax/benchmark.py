@@ -651,6 +651,81 @@ def _device_child(job: dict) -> dict:
     }
 
 
+def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: int,
+                        rounds: int, loop_calls: int) -> list[dict]:  # fmt: skip
+    """Forward ceiling and engine queries/s under several `XLA_FLAGS` settings.
+
+    Each (round, flag set) runs in its own process, since XLA reads its flags
+    once per process. Rounds interleave the flag sets, so a slow stretch of a
+    shared machine hits all of them; `speedup` is per round, against the
+    first flag set. `max_prob_diff` compares the clean-image probabilities
+    with the first flag set's, and `digest` the attack results.
+    """
+    runs = {flags: [] for flags in flag_sets}
+    for _ in range(rounds):
+        for flags in flag_sets:
+            job = {
+                "kind": "flags", "model": spec, "data": config.data, "split": config.split,
+                "seed": config.seed, "pixels": config.pixels, "de": dict(config.de),
+                "slots": slots, "generations": generations, "loop_calls": loop_calls,
+            }  # fmt: skip
+            env = dict(os.environ)
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+            out = subprocess.run(
+                [sys.executable, "-m", "opa_jax.benchmark", json.dumps(job)],
+                env=env, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode != 0 or not lines:
+                runs[flags].append({"error": out.stderr[-2000:]})
+            else:
+                runs[flags].append(json.loads(lines[-1]))
+    first = flag_sets[0]
+    rows = []
+    for flags in flag_sets:
+        good = [r for r in runs[flags] if "error" not in r]
+        if not good:
+            rows.append({"flags": flags, "error": runs[flags][0]["error"]})
+            continue
+        pairs = [(r, b) for r, b in zip(runs[flags], runs[first], strict=True)
+                 if "error" not in r and "error" not in b]  # fmt: skip
+        base_probs = np.asarray(pairs[0][1]["clean_probs"]) if pairs else None
+        rows.append({
+            "flags": flags,
+            "forward_qps": spread([r["forward_qps"] for r in good]),
+            "engine_qps": spread([r["engine_qps"] for r in good]),
+            "forward_speedup": spread([r["forward_qps"] / b["forward_qps"] for r, b in pairs]),
+            "engine_speedup": spread([r["engine_qps"] / b["engine_qps"] for r, b in pairs]),
+            "max_prob_diff": (float(np.max(np.abs(np.asarray(good[0]["clean_probs"]) - base_probs)))
+                              if base_probs is not None else None),
+            "digest": good[0]["digest"],
+            "batch": good[0]["batch"],
+        })  # fmt: skip
+    return rows
+
+
+def _flags_child(job: dict) -> dict:
+    """One flag-set point (run in a subprocess with its own XLA_FLAGS)."""
+    model = load_model(job["model"])
+    config = ml_collections.ConfigDict(
+        {k: job[k] for k in ("data", "split", "seed", "pixels", "de")}
+    )
+    dconf = de_config(config, generations=job["generations"], stop="none")
+    workload = load_workload(model, config, job["slots"])
+    forward = Forward(model, job["slots"] * dconf.popsize, loop_calls=job["loop_calls"])
+    run_engine(model, dconf, job["slots"], workload)  # compile and warm up
+    engine_run = run_engine(model, dconf, job["slots"], workload)
+    forward_qps = forward.time_loop()["queries_per_s"]
+    clean = attack.predict_probs(model, workload.images)
+    return {
+        "batch": forward.batch,
+        "forward_qps": forward_qps,
+        "engine_qps": engine_run["queries_per_s"],
+        "digest": engine_run["digest"],
+        "clean_probs": np.asarray(clean).tolist(),
+    }
+
+
 # ---------------------------------------------------------------------------
 # The whole benchmark.
 
@@ -916,6 +991,15 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
             section_done("devices")
         report["scaling"] = scaling
 
+    xf = config.get("xla_flags")
+    if xf is not None and xf.enabled:
+        log("XLA flags: forward and engine under each flag set, one process each")
+        report["xla_flags"] = xla_flag_comparison(
+            config.model, config, list(xf.flag_sets), xf.slots or slots, xf.generations,
+            xf.rounds, xf.forward_loop_calls,
+        )  # fmt: skip
+        section_done("xla_flags")
+
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["section_seconds"] = sections
     report["wall_seconds"] = time.perf_counter() - t0
@@ -935,6 +1019,25 @@ def _fmt(s, digits=1) -> str:
             return "-"
         return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
     return f"{s:.{digits}f}"
+
+
+def xla_flags_table(rows) -> list[str]:
+    """The Markdown table of `xla_flag_comparison`."""
+    lines = ["| XLA_FLAGS (one process per round and setting) | batch | forward q/s, in loop | "
+             "engine q/s | forward speed-up | engine speed-up | max prob diff | results |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        name = f"`{row['flags']}`" if row["flags"] else "(default)"
+        if "error" in row:
+            lines.append(f"| {name} | - | failed | - | - | - | - | - |")
+            continue
+        diff = "-" if row["max_prob_diff"] is None else f"{row['max_prob_diff']:.1e}"
+        lines.append(
+            f"| {name} | {row['batch']} | {_fmt(row['forward_qps'])} | "
+            f"{_fmt(row['engine_qps'])} | {_fmt(row['forward_speedup'], 2)} | "
+            f"{_fmt(row['engine_speedup'], 2)} | {diff} | {row['digest']} |"
+        )
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -1083,6 +1186,8 @@ def markdown(report: dict) -> str:
                 f"{row['digest']}) | {row['images']} images | - | - | {_fmt(row['engine_qps'])} "
                 "| - | - |"
             )
+    if report.get("xla_flags"):
+        lines += ["", *xla_flags_table(report["xla_flags"])]
     parts = ", ".join(f"{k} {v:.0f}" for k, v in report.get("section_seconds", {}).items())
     lines.append(f"\nTotal benchmark wall time {report['wall_seconds']:.0f} s ({parts}).\n")
     return "\n".join(lines)
@@ -1100,5 +1205,7 @@ def write_report(report: dict, workdir: str, out: str = "") -> None:
         f.write(text + "\n")
 
 
-if __name__ == "__main__":  # a device-count point, in its own process (see device_scaling)
-    print(json.dumps(_device_child(json.loads(sys.argv[1]))))
+if __name__ == "__main__":  # one point in its own process (device_scaling, xla_flag_comparison)
+    _job = json.loads(sys.argv[1])
+    _child = _flags_child if _job.get("kind") == "flags" else _device_child
+    print(json.dumps(_child(_job)))

@@ -89,3 +89,26 @@ def test_spread_and_digest():
         results.work_ids, results.success, results.perturbation, results.adv_probs,
         results.generations, results.queries)])  # fmt: skip
     assert benchmark.digest(results) == benchmark.digest(reordered)
+
+
+def test_xla_flag_comparison_runs_each_setting_in_its_own_process(tmp_path):
+    from test_run import write_tiny_keras
+
+    path = tmp_path / "tiny.h5"
+    write_tiny_keras(path)
+    config = tiny_config()
+    flag_sets = ("", "--xla_cpu_use_xnnpack=true")
+    rows = benchmark.xla_flag_comparison(
+        f"keras:{path}", config, flag_sets, slots=1, generations=1, rounds=1, loop_calls=2
+    )
+    assert [row["flags"] for row in rows] == list(flag_sets)
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["batch"] == POPSIZE
+        assert row["forward_qps"]["median"] > 0 and row["engine_qps"]["median"] > 0
+    # The first setting is the reference: speed-up 1, identical probabilities.
+    assert rows[0]["forward_speedup"]["median"] == 1.0 and rows[0]["max_prob_diff"] == 0.0
+    assert rows[1]["max_prob_diff"] < 1e-5  # another convolution library, the same model
+    table = benchmark.xla_flags_table(rows)
+    assert table[2].startswith("| (default) | 10 |")
+    assert table[3].startswith("| `--xla_cpu_use_xnnpack=true` | 10 |")
