@@ -613,29 +613,40 @@ def device_scaling(spec: str, config, device_counts, slots: int, generations: in
             "generations": generations, "repetitions": repetitions,
             "images": slots * max(device_counts),  # the same images for every count
         }  # fmt: skip
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = (
-            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
-        ).strip()
-        out = subprocess.run(
-            [sys.executable, "-m", "opa_jax.benchmark", json.dumps(job)],
-            env=env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode != 0 or not lines:
-            rows.append({"devices": count, "error": out.stderr[-2000:]})
-        else:
-            rows.append(json.loads(lines[-1]))
+        row = _run_child(job, f"--xla_force_host_platform_device_count={count}")
+        rows.append({"devices": count, **row} if "error" in row else row)
     return rows
 
 
-def _device_child(job: dict) -> dict:
-    """One device-count point (run in a subprocess with forced host devices)."""
+def _run_child(job: dict, xla_flags: str) -> dict:
+    """Runs `job` in `python -m opa_jax.benchmark` with `xla_flags` added to XLA_FLAGS.
+
+    Returns the child's JSON line, or {"error": the end of its stderr}.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    out = subprocess.run(
+        [sys.executable, "-m", "opa_jax.benchmark", json.dumps(job)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
+def _child_setup(job: dict):
+    """The model, config and DE settings (early stop off) of a child job."""
     model = load_model(job["model"])
     config = ml_collections.ConfigDict(
         {k: job[k] for k in ("data", "split", "seed", "pixels", "de")}
     )
-    dconf = de_config(config, generations=job["generations"], stop="none")
+    return model, config, de_config(config, generations=job["generations"], stop="none")
+
+
+def _device_child(job: dict) -> dict:
+    """One device-count point (run in a subprocess with forced host devices)."""
+    model, config, dconf = _child_setup(job)
     devices = jax.local_devices()
     num_images = job["images"]
     workload = load_workload(model, config, num_images)
@@ -669,17 +680,7 @@ def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: i
                 "seed": config.seed, "pixels": config.pixels, "de": dict(config.de),
                 "slots": slots, "generations": generations, "loop_calls": loop_calls,
             }  # fmt: skip
-            env = dict(os.environ)
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-            out = subprocess.run(
-                [sys.executable, "-m", "opa_jax.benchmark", json.dumps(job)],
-                env=env, capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if out.returncode != 0 or not lines:
-                runs[flags].append({"error": out.stderr[-2000:]})
-            else:
-                runs[flags].append(json.loads(lines[-1]))
+            runs[flags].append(_run_child(job, flags))
     first = flag_sets[0]
     rows = []
     for flags in flag_sets:
@@ -689,15 +690,15 @@ def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: i
             continue
         pairs = [(r, b) for r, b in zip(runs[flags], runs[first], strict=True)
                  if "error" not in r and "error" not in b]  # fmt: skip
-        base_probs = np.asarray(pairs[0][1]["clean_probs"]) if pairs else None
         rows.append({
             "flags": flags,
             "forward_qps": spread([r["forward_qps"] for r in good]),
             "engine_qps": spread([r["engine_qps"] for r in good]),
             "forward_speedup": spread([r["forward_qps"] / b["forward_qps"] for r, b in pairs]),
             "engine_speedup": spread([r["engine_qps"] / b["engine_qps"] for r, b in pairs]),
-            "max_prob_diff": (float(np.max(np.abs(np.asarray(good[0]["clean_probs"]) - base_probs)))
-                              if base_probs is not None else None),
+            "max_prob_diff": float(max(
+                np.max(np.abs(np.subtract(r["clean_probs"], b["clean_probs"]))) for r, b in pairs
+            )) if pairs else None,
             "digest": good[0]["digest"],
             "batch": good[0]["batch"],
         })  # fmt: skip
@@ -706,11 +707,7 @@ def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: i
 
 def _flags_child(job: dict) -> dict:
     """One flag-set point (run in a subprocess with its own XLA_FLAGS)."""
-    model = load_model(job["model"])
-    config = ml_collections.ConfigDict(
-        {k: job[k] for k in ("data", "split", "seed", "pixels", "de")}
-    )
-    dconf = de_config(config, generations=job["generations"], stop="none")
+    model, config, dconf = _child_setup(job)
     workload = load_workload(model, config, job["slots"])
     forward = Forward(model, job["slots"] * dconf.popsize, loop_calls=job["loop_calls"])
     run_engine(model, dconf, job["slots"], workload)  # compile and warm up

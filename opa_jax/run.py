@@ -27,9 +27,6 @@ from opa_jax.models import load_model
 
 # Fields that change how a run executes, never its results.
 EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds", "distributed")
-# Fields that set how much of the run is done: a workdir can be resumed with a
-# larger value (the run is extended by the next eligible images), never a smaller.
-EXTENT_FIELDS = ("num_images",)
 RESULTS_FILE = "results.jsonl"
 
 
@@ -43,11 +40,6 @@ def _identity(config) -> dict:
     for field in EXECUTION_FIELDS:
         identity.pop(field, None)
     return identity
-
-
-def _extends(previous: int, new: int) -> bool:
-    """Whether num_images `new` covers at least the images of `previous` (0 means all)."""
-    return new == 0 or (previous != 0 and new >= previous)
 
 
 def _check_workdir(workdir: str, config) -> None:
@@ -64,23 +56,23 @@ def _check_workdir(workdir: str, config) -> None:
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
+        # num_images may grow (the run is extended by the next eligible images), never shrink.
         changed = sorted(
             k for k in set(previous) | set(identity)
-            if k not in EXTENT_FIELDS and previous.get(k) != identity.get(k)
+            if k != "num_images" and previous.get(k) != identity.get(k)
         )  # fmt: skip
         if changed:
             raise InputError(
                 f"workdir {workdir!r} holds a run with a different config (fields differ: "
                 f"{changed}); use a new --workdir, or rerun with the original config to resume"
             )
-        for field in EXTENT_FIELDS:
-            before, now = previous.get(field, 0), identity.get(field, 0)
-            if not _extends(before, now):
-                raise InputError(
-                    f"workdir {workdir!r} holds a run with {field}={before}; it can be resumed "
-                    f"or extended ({field} >= {before}, or 0 for all), not shrunk to {now}; "
-                    "use a new --workdir for a smaller run"
-                )
+        before, now = previous.get("num_images", 0), identity.get("num_images", 0)
+        if not (now == 0 or 0 < before <= now):  # 0 means all eligible images
+            raise InputError(
+                f"workdir {workdir!r} holds a run with num_images={before}; it can be resumed "
+                f"or extended (num_images >= {before}, or 0 for all), not shrunk to {now}; "
+                "use a new --workdir for a smaller run"
+            )
         if previous == identity:
             return
     with open(path, "w") as f:

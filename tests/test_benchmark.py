@@ -5,6 +5,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import benchmark as benchmark_config
 from opa_jax import benchmark
@@ -91,15 +92,30 @@ def test_spread_and_digest():
     assert benchmark.digest(results) == benchmark.digest(reordered)
 
 
-def test_xla_flag_comparison_runs_each_setting_in_its_own_process(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_keras_spec(tmp_path_factory):
     from test_run import write_tiny_keras
 
-    path = tmp_path / "tiny.h5"
+    path = tmp_path_factory.mktemp("keras") / "tiny.h5"
     write_tiny_keras(path)
+    return f"keras:{path}"
+
+
+def test_device_scaling_gives_identical_results_on_one_and_two_devices(tiny_keras_spec):
+    rows = benchmark.device_scaling(
+        tiny_keras_spec, tiny_config(), (1, 2), slots=1, generations=1, repetitions=1
+    )
+    assert [row.get("error") for row in rows] == [None, None]
+    assert [row["devices"] for row in rows] == [1, 2]  # the forced host devices took effect
+    assert rows[0]["digest"] == rows[1]["digest"]
+    assert all(row["engine_qps"]["median"] > 0 for row in rows)
+
+
+def test_xla_flag_comparison_runs_each_setting_in_its_own_process(tiny_keras_spec):
     config = tiny_config()
     flag_sets = ("", "--xla_cpu_use_xnnpack=true")
     rows = benchmark.xla_flag_comparison(
-        f"keras:{path}", config, flag_sets, slots=1, generations=1, rounds=1, loop_calls=2
+        tiny_keras_spec, config, flag_sets, slots=1, generations=1, rounds=1, loop_calls=2
     )
     assert [row["flags"] for row in rows] == list(flag_sets)
     for row in rows:
