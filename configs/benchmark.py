@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.de.generations = 2  # ... with few generations here; the paper runs 100
     config.precision = "float32"
     config.slots = 2  # in-flight images per device; 0 = run.auto_slots
+    # CPU hosts: XLA devices the cores are split into, as in attack runs (0 = one per core,
+    # up to 8); the forward ceiling and the engine both run on all of them.
+    config.cpu_devices = 0
     config.num_images = 4  # per engine run, early stop off: two waves of slots
     config.repetitions = 3  # timed, after one warm-up run; ceiling/engine/baseline interleaved
     config.forward_loop_calls = 3  # also time the forward pass this many times in a jitted loop

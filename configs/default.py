@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.slots = 0  # in-flight images per device; 0 = choose from memory
     config.chunk_size = 0  # work items per device loop call; 0 = 4 x slots
     config.flush_seconds = 30.0  # results reach disk at least this often
+    # CPU hosts: split the cores into this many XLA devices, each attacking its own
+    # images (0 = one per core, up to 8; docs/benchmarks.md). Accelerators ignore it.
+    config.cpu_devices = 0
     # Multi-host: call jax.distributed.initialize() (coordinator from the environment,
     # e.g. on Cloud TPU or SLURM); each host then attacks its own share of the items.
     config.distributed = False

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from opa_jax import attack, de, engine
@@ -175,34 +175,44 @@ def load_workload(model: LoadedModel, config, count: int) -> Workload:
 
 
 class Forward:
-    """The bare jitted forward pass at one batch size, on fixed random images.
+    """The bare jitted forward pass at one batch size per device, on fixed random images.
 
     `time()` times one call. `time_loop()` times `loop_calls` forward passes
     inside one jitted loop, as the engine's loop calls the model: on the CPU
     a call's temporaries are allocated (and page-faulted) afresh on every
     call, while a loop reuses them, so the loop is the tighter ceiling there.
+    Like the engine, it runs on every local device at once (`batch` images
+    each), so that `queries` per call is `batch` x the device count.
     """
 
-    def __init__(self, model: LoadedModel, batch: int, seed: int = 0, loop_calls: int = 0):
+    def __init__(self, model: LoadedModel, batch: int, seed: int = 0, loop_calls: int = 0,
+                 devices=None):  # fmt: skip
         self.model = model
         self.batch = batch
         self.loop_calls = loop_calls
-        self.fn = jax.jit(model.apply_fn)
-        self.params = jax.device_put(model.params)
+        self.devices = list(devices or jax.local_devices())
+        self.queries = batch * len(self.devices)
+        mesh = Mesh(np.asarray(self.devices), ("data",))
+        sharded = NamedSharding(mesh, P("data"))
+        self.params = jax.device_put(model.params, NamedSharding(mesh, P()))
         self.images = jax.device_put(
-            random_images(batch, model.image_shape, seed).astype(np.float32)
-        )  # [batch, H, W, 3]
+            random_images(self.queries, model.image_shape, seed).astype(np.float32), sharded
+        )  # [devices * batch, H, W, 3]
 
-        @jax.jit
+        def per_device(fn):
+            return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data")),
+                                         out_specs=P("data"), check_vma=False))  # fmt: skip
+
         def loop(params, images):
             def body(i, carry):
                 images, total = carry
                 images = images.at[i % batch, 0, 0, 0].add(1.0)  # a new input every pass
                 return images, total + jnp.sum(model.apply_fn(params, images))
 
-            return jax.lax.fori_loop(0, loop_calls, body, (images, 0.0))[1]
+            return jax.lax.fori_loop(0, loop_calls, body, (images, 0.0))[1][None]
 
-        self.loop = loop
+        self.fn = per_device(model.apply_fn)
+        self.loop = per_device(loop)
         jax.block_until_ready(self.fn(self.params, self.images))  # compile and warm up
         if loop_calls:  # compile only: its timed calls reuse their temporaries anyway
             self.loop.lower(self.params, self.images).compile()
@@ -211,7 +221,7 @@ class Forward:
         started, cpu = time.perf_counter(), _cpu_seconds()
         jax.block_until_ready(fn(self.params, self.images))
         wall = time.perf_counter() - started
-        return {"seconds": wall, "queries_per_s": calls * self.batch / wall,
+        return {"seconds": wall, "queries_per_s": calls * self.queries / wall,
                 "cpu_seconds": _cpu_seconds() - cpu}  # fmt: skip
 
     def time(self) -> dict:
@@ -493,7 +503,7 @@ def loop_memory(model, config: de.DEConfig, slots: int, chunk: int) -> dict:
     The arguments are placed as `Attacker.run` places them, so the lowering is
     the one a run compiles (and is found in the compilation cache after one).
     """
-    attacker = attack.Attacker(model, config, False, slots)
+    attacker = attack.Attacker(model, config, False, slots, jax.local_devices()[:1])  # per device
     sharding = NamedSharding(attacker.mesh, P("data"))
     state = engine.init_state(slots, model.image_shape, model.num_classes, config, 1)
     queue = engine.empty_queue(chunk, model.image_shape)
@@ -757,7 +767,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
     workload = load_workload(model, config, max(config.num_images, config.early_stop.num_images))
     report["images"] = workload.source
     main = workload.take(config.num_images)
-    chunk = len(main.images)
+    num_devices = len(jax.local_devices())
+    chunk = -(-len(main.images) // num_devices)  # run_engine's default: the whole workload
     forward = Forward(model, slots * throughput.popsize, config.seed, config.forward_loop_calls)
     bf16 = config.bf16.enabled and config.precision == "float32"
     if bf16:
@@ -788,12 +799,12 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
 
     bracket = around(ceilings)
     bracket_loop = around(loops) if forward.loop_calls else None
-    bracket_cpu = [2.0 * forward.batch / (a["cpu_seconds"] + b["cpu_seconds"])
+    bracket_cpu = [2.0 * forward.queries / (a["cpu_seconds"] + b["cpu_seconds"])
                    for a, b in zip(ceilings[:-1], ceilings[1:], strict=True)]  # fmt: skip
     report["forward_ceiling"] = {
         "batch": forward.batch,
         "queries_per_s": spread([c["queries_per_s"] for c in ceilings]),
-        "queries_per_cpu_s": spread([forward.batch / c["cpu_seconds"] for c in ceilings]),
+        "queries_per_cpu_s": spread([forward.queries / c["cpu_seconds"] for c in ceilings]),
     }
     if bracket_loop:
         report["forward_ceiling"]["in_loop_calls"] = forward.loop_calls
@@ -869,7 +880,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
     if config.early_stop.enabled:
         stop_config = de_config(config, generations=config.early_stop.generations or None)
         early = workload.take(config.early_stop.num_images)
-        run_engine(model, stop_config, slots, early.take(1), config.seed, chunk=len(early.images))
+        run_engine(model, stop_config, slots, early.take(1), config.seed,
+                   chunk=-(-len(early.images) // num_devices))  # fmt: skip
         runs = [run_engine(model, stop_config, slots, early, config.seed)
                 for _ in range(config.early_stop.repetitions)]  # fmt: skip
         report["early_stop"] = {
@@ -945,7 +957,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
             dconf = dataclasses.replace(
                 throughput, popsize=popsize, num_pixels=pixels, generations=sc.generations
             )
-            row = throughput_point(model, dconf, slots, workload.take(slots), sc.repetitions,
+            images = workload.take(slots * num_devices)  # a full wave of slots on every device
+            row = throughput_point(model, dconf, slots, images, sc.repetitions,
                                    sc.forward_loop_calls)  # fmt: skip
             log(f"scaling slots={slots} popsize={popsize} pixels={pixels}: "
                 f"engine {row['engine_qps']['median']:.1f} q/s, "
@@ -966,9 +979,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
             other = run_lib.wrap_precision(load_model(spec), config.precision)
             dconf = dataclasses.replace(throughput, popsize=sc.image_popsize,
                                         generations=sc.image_generations)  # fmt: skip
-            load = Workload(random_images(sc.image_slots, other.image_shape, config.seed),
-                            np.zeros(sc.image_slots, np.int32), np.arange(sc.image_slots),
-                            "random")  # fmt: skip
+            count = sc.image_slots * num_devices  # a full wave of slots on every device
+            load = Workload(random_images(count, other.image_shape, config.seed),
+                            np.zeros(count, np.int32), np.arange(count), "random")  # fmt: skip
             row = throughput_point(other, dconf, sc.image_slots, load, sc.repetitions,
                                    sc.forward_loop_calls)  # fmt: skip
             log(f"scaling {spec}: engine {row['engine_qps']['median']:.1f} q/s")

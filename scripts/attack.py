@@ -28,6 +28,7 @@ def main(argv):
     if _WORKDIR.value is None and not _DRY_RUN.value:
         raise app.UsageError("--workdir is required")
     try:
+        run.set_cpu_devices(_CONFIG.value.get("cpu_devices", 0))  # before JAX starts
         summary = run.attack(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
     except InputError as e:
         logging.error("%s", e)

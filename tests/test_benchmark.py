@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +129,39 @@ def test_xla_flag_comparison_runs_each_setting_in_its_own_process(tiny_keras_spe
     table = benchmark.xla_flags_table(rows)
     assert table[2].startswith("| (default) | 10 |")
     assert table[3].startswith("| `--xla_cpu_use_xnnpack=true` | 10 |")
+
+
+def test_benchmark_script_runs_forward_and_engine_on_every_cpu_device(tiny_keras_spec, tmp_path):
+    """With cpu_devices=2 the ceiling, like the engine, runs on both devices, and
+    the per-device figures (batch, loop memory) stay per device."""
+    from test_run import REPO, run_script, script_env
+
+    overrides = {
+        "model": tiny_keras_spec, "data": "", "cpu_devices": 2, "slots": SLOTS,
+        "num_images": 2 * SLOTS, "de.popsize": POPSIZE, "de.generations": GENERATIONS,
+        "repetitions": 1, "forward_loop_calls": 2, "breakdown": False,
+        "baseline.enabled": False, "early_stop.enabled": False, "bf16.enabled": False,
+        "memory.slots": "(1,)", "scaling.slots": f"({SLOTS},)", "scaling.popsize": f"({POPSIZE},)",
+        "scaling.pixels": "(1,)", "scaling.generations": GENERATIONS, "scaling.image_models": "()",
+        "scaling.devices": "()",
+    }  # fmt: skip
+    command = [sys.executable, str(REPO / "scripts" / "benchmark.py"),
+               f"--config={REPO / 'configs' / 'benchmark.py'}", f"--workdir={tmp_path}"]
+    command += [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = script_env(tmp_path / "cache")
+    del env["XLA_FLAGS"]
+    done = run_script(command, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert len(report["machine"]["devices"]) == 2
+    assert report["forward_ceiling"]["batch"] == SLOTS * POPSIZE  # per device
+    run = report["engine"]["runs"][0]
+    # Both devices filled: every image's queries are active, none idle.
+    assert run["images"] == 2 * SLOTS
+    assert run["evaluations"] == run["active_evaluations"] == 2 * SLOTS * POPSIZE * (
+        GENERATIONS + 1
+    )
+    assert math.isfinite(report["efficiency"]["median"]) and report["efficiency"]["median"] > 0
+    assert report["memory"]["loop"][0]["per_slot_bytes"] > 0
+    point = report["scaling"]["slots"][0]
+    assert point["engine_qps"]["median"] > 0 and point["efficiency"]["median"] > 0

@@ -347,6 +347,29 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path):
     assert not workdir.exists()
 
 
+def test_cpu_devices_split_the_host_and_auto_respects_xla_flags(tiny, tmp_path):
+    """cpu_devices=N gives N CPU devices; 0 gives one per core (at most 8) unless
+    XLA_FLAGS already forces a count; a negative count is refused."""
+    without_flag = script_env(tiny["cache"])
+    del without_flag["XLA_FLAGS"]
+    cores = min(len(os.sched_getaffinity(0)), run.MAX_AUTO_CPU_DEVICES)
+    cases = [
+        (["--config.cpu_devices=3"], script_env(tiny["cache"], devices=1), 3),  # overrides
+        ([], script_env(tiny["cache"], devices=5), 5),  # auto: the forced count stands
+        ([], without_flag, cores),
+    ]
+    for extra, env, want in cases:
+        dry = run_script(attack_command(tiny["flags"] + extra, dry_run=True), env)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        plan = json.loads(dry.stdout)
+        assert len(plan["devices"]) == want, (extra, want)
+        assert plan["work_items"] == tiny["items"]
+    bad = run_script(attack_command(tiny["flags"] + ["--config.cpu_devices=-1"], tmp_path / "w"),
+                     without_flag)  # fmt: skip
+    assert bad.returncode == 2 and "cpu_devices=-1: expected >= 0" in bad.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_multi_host_shares_merge_to_the_single_host_run(tiny, reference, tmp_path):
     """Two processes (faked: process_index 0 and 1 of 2) split the items and write
     results.host000/001.jsonl; their merge equals the single-host run."""
