@@ -145,8 +145,12 @@ def test_benchmark_script_runs_forward_and_engine_on_every_cpu_device(tiny_keras
         "scaling.pixels": "(1,)", "scaling.generations": GENERATIONS, "scaling.image_models": "()",
         "scaling.devices": "()",
     }  # fmt: skip
-    command = [sys.executable, str(REPO / "scripts" / "benchmark.py"),
-               f"--config={REPO / 'configs' / 'benchmark.py'}", f"--workdir={tmp_path}"]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "benchmark.py"),
+        f"--config={REPO / 'configs' / 'benchmark.py'}",
+        f"--workdir={tmp_path}",
+    ]
     command += [f"--config.{k}={v}" for k, v in overrides.items()]
     env = script_env(tmp_path / "cache")
     del env["XLA_FLAGS"]
@@ -158,8 +162,8 @@ def test_benchmark_script_runs_forward_and_engine_on_every_cpu_device(tiny_keras
     run = report["engine"]["runs"][0]
     # Both devices filled: every image's queries are active, none idle.
     assert run["images"] == 2 * SLOTS
-    assert run["evaluations"] == run["active_evaluations"] == 2 * SLOTS * POPSIZE * (
-        GENERATIONS + 1
+    assert (
+        run["evaluations"] == run["active_evaluations"] == 2 * SLOTS * POPSIZE * (GENERATIONS + 1)
     )
     assert math.isfinite(report["efficiency"]["median"]) and report["efficiency"]["median"] > 0
     assert report["memory"]["loop"][0]["per_slot_bytes"] > 0
