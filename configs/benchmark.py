@@ -2,9 +2,10 @@
 
     python scripts/benchmark.py --config=configs/benchmark.py --workdir=runs/benchmark
 
-Sized for a 2-core CPU (about 10 minutes): 2 slots, 2 generations, 3
-repetitions. On an accelerator raise `slots` (or 0 for `run.auto_slots`),
-`num_images` and `de.generations`. Every field can be overridden with
+Sized for a 2-core CPU (about 10 minutes): one XLA device per core with 1
+slot each (`run.auto_slots`), 2 generations, 3 repetitions. On an
+accelerator `slots=0` fills half the free memory; raise `num_images` (about
+twice the slots) and `de.generations`. Every field can be overridden with
 `--config.x=y`; lists as `--config.scaling.slots='(1, 2, 4)'`.
 """
 
@@ -26,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.de.popsize = 400
     config.de.generations = 2  # ... with few generations here; the paper runs 100
     config.precision = "float32"
-    config.slots = 2  # in-flight images per device; 0 = run.auto_slots
+    config.slots = 0  # in-flight images per device; 0 = run.auto_slots (1 on a CPU)
     # CPU hosts: XLA devices the cores are split into, as in attack runs (0 = one per core,
     # up to 8); the forward ceiling and the engine both run on all of them.
     config.cpu_devices = 0
@@ -45,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.bf16 = ml_collections.ConfigDict()
     config.bf16.enabled = True
     config.bf16.engine_repetitions = 0  # > 0: also time the engine in bf16 (costs 2 runs each)
+    # One engine run under jax.profiler (<workdir>/profile, for TensorBoard/XProf or Perfetto),
+    # summarised as device self time per XLA operation.
+    config.profile = ml_collections.ConfigDict()
+    config.profile.enabled = False
+    config.profile.top = 12  # operations listed
     config.memory = ml_collections.ConfigDict()
     config.memory.enabled = True
     config.memory.slots = (1, 4)  # loop memory at these slot counts (and at `slots`)

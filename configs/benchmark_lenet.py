@@ -20,7 +20,7 @@ def get_config():
     config.memory.slots = (1, 10)
     config.scaling.generations = 2
     config.scaling.repetitions = 3
-    config.scaling.slots = (1, 2, 4, 10)  # 10: run.auto_slots on a CPU at popsize 400
+    config.scaling.slots = (1, 2, 4, 10)
     config.scaling.image_models = ()
     config.scaling.forward_batches = (400, 800, 1600, 4000)  # 1, 2, 4, 10 slots at popsize 400
     config.scaling.forward_rounds = 5

@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opa_jax import attack, de, engine
+from opa_jax import attack, de, engine, profiling
 from opa_jax import data as data_lib
 from opa_jax import run as run_lib
 from opa_jax.models import LoadedModel, load_model
@@ -875,6 +875,23 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
         report["breakdown"]["ceiling"] = "in_loop" if bracket_loop else "one_call"
         section_done("breakdown")
 
+    # A profile of one engine run: device self time per XLA operation.
+    prof = config.get("profile")
+    if prof is not None and prof.enabled:
+        logdir = os.path.join(workdir, "profile")
+        profiled, trace_file, wall = profiling.trace(
+            lambda: run_engine(model, throughput, slots, main, config.seed), logdir
+        )
+        table = profiling.op_table(trace_file, prof.top)
+        report["profile"] = {
+            **table,
+            "wall_seconds": wall,
+            "engine_queries_per_s": profiled["queries_per_s"],
+            # On a CPU: the cores busy on average; on an accelerator, the streams.
+            "mean_operations_running": table["device_seconds"] / wall,
+        }
+        section_done("profile")
+
     # Early stopping on (the configured stop rule), on real images where available.
     stop_config = None
     if config.early_stop.enabled:
@@ -1115,6 +1132,21 @@ def markdown(report: dict) -> str:
             "|---|---|",
             *[f"| {name} | {value:.5f} |" for name, value in s.items()],
         ]
+    if "profile" in report:
+        p = report["profile"]
+        lines += [
+            "",
+            f"Profile of one engine run ({p['wall_seconds']:.2f} s, "
+            f"{p['engine_queries_per_s']:.1f} queries/s): device self time "
+            f"{p['device_seconds']:.2f} s on {p['timelines']} timelines, "
+            f"{p['mean_operations_running']:.2f} operations running on average. "
+            f"Trace: `{p['trace_file']}`.",
+            "",
+            "| operation | self seconds | share | count |",
+            "|---|---|---|---|",
+            *[f"| `{op['name']}` | {op['seconds']:.4f} | {op['share']:.3f} | {op['count']} |"
+              for op in p["ops"]],
+        ]  # fmt: skip
     if "bf16" in report:
         b = report["bf16"]
         lines += [

@@ -154,13 +154,15 @@ def slot_bytes(model, popsize: int) -> int:
 def auto_slots(model, popsize: int) -> int:
     """In-flight images per device: enough images per model call to fill the device.
 
-    On the CPU, throughput is flat past a batch of about 400 images
-    (docs/benchmarks.md), so about 1024 images per call suffice. On
-    accelerators, half the free memory is filled with slots of `slot_bytes`.
+    On the CPU, each core is its own device (`set_cpu_devices`), and a batch
+    of about 400 images per device is fastest: at 2 devices on 2 cores,
+    ResNet ran at 620 queries/s with 1 slot of 400, 490 with 2 and 460 with 4
+    (docs/benchmarks.md). On accelerators, half the free memory is filled
+    with slots of `slot_bytes`.
     """
     device = jax.local_devices()[0]
     if device.platform == "cpu":
-        return max(1, 1024 // popsize)
+        return max(1, 400 // popsize)
     try:
         stats = device.memory_stats() or {}
         free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)

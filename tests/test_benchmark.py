@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
-from opa_jax import benchmark
+from opa_jax import benchmark, profiling
 from opa_jax.models import LoadedModel
 
 POPSIZE, GENERATIONS, SLOTS, IMAGES = 10, 2, 2, 2  # one wave: scaling reuses the loop
@@ -39,6 +39,7 @@ def tiny_config():
     config.scaling.generations = GENERATIONS  # the main run's loop: compiled once
     config.scaling.image_models = ()
     config.scaling.devices = ()
+    config.profile.enabled = True
     return config
 
 
@@ -76,7 +77,16 @@ def test_tiny_benchmark_reports_consistent_figures(tmp_path):
     # The base setting recurs on every scaling axis and is measured once.
     assert report["scaling"]["slots"][0] is report["scaling"]["pixels"][0]
     assert report["scaling"]["slots"][0]["engine_qps"]["median"] > 0
-    assert "| efficiency = engine / one-call ceiling |" in (tmp_path / "benchmark.md").read_text()
+    # The profile: the toy model's operations on the device, self times within the trace.
+    profile = report["profile"]
+    assert (tmp_path / "profile").is_dir() and profile["trace_file"].endswith(".json.gz")
+    assert profile["timelines"] >= 1 and 0 < profile["device_seconds"]
+    shares = [op["share"] for op in profile["ops"]]
+    assert 0 < len(shares) <= report["config"]["profile"]["top"]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "| efficiency = engine / one-call ceiling |" in text
+    assert "| operation | self seconds | share | count |" in text
 
 
 def test_spread_and_digest():
@@ -169,3 +179,14 @@ def test_benchmark_script_runs_forward_and_engine_on_every_cpu_device(tiny_keras
     assert report["memory"]["loop"][0]["per_slot_bytes"] > 0
     point = report["scaling"]["slots"][0]
     assert point["engine_qps"]["median"] > 0 and point["efficiency"]["median"] > 0
+
+
+def test_self_times_do_not_count_nested_operations_twice():
+    spans = [  # a while loop [0, 100) us holding a convolution and a fusion; a copy after it
+        {"ts": 0, "dur": 100, "name": "while"},
+        {"ts": 10, "dur": 50, "name": "conv"},
+        {"ts": 60, "dur": 30, "name": "fusion"},
+        {"ts": 100, "dur": 5, "name": "copy"},
+    ]
+    got = profiling.self_times(spans)
+    assert got == pytest.approx({"while": 20e-6, "conv": 50e-6, "fusion": 30e-6, "copy": 5e-6})

@@ -370,6 +370,11 @@ def test_cpu_devices_split_the_host_and_auto_respects_xla_flags(tiny, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_auto_slots_on_a_cpu_give_a_batch_of_about_400_per_device(tiny):
+    model = load_model(tiny["model"])
+    assert [run.auto_slots(model, p) for p in (400, 1000, 200, 100, 16)] == [1, 1, 2, 4, 25]
+
+
 def test_multi_host_shares_merge_to_the_single_host_run(tiny, reference, tmp_path):
     """Two processes (faked: process_index 0 and 1 of 2) split the items and write
     results.host000/001.jsonl; their merge equals the single-host run."""
