@@ -91,11 +91,11 @@ for stage in "$@"; do
           --config.scaling.generations=5 --config.scaling.repetitions=2 \
           --config.scaling.image_slots=8 --config.scaling.image_popsize=400 \
           --config.scaling.forward_batches='(400, 3200, 12800, 51200)' \
-          --config.scaling.devices='()'
+          --config.scaling.devices='()' --config.profile.enabled=True
       timed bench_nin "$PY" scripts/benchmark.py --config=configs/benchmark_nin.py \
           --workdir=runs/gpu/benchmark_nin --config.slots=32 --config.num_images=64 \
           --config.de.generations=10 --config.repetitions=3 --config.baseline.num_images=2 \
-          --config.memory.slots='(8, 32)'
+          --config.memory.slots='(8, 32)' --config.profile.enabled=True
       ;;
     resnet200)
       timed resnet_scipy "$PY" scripts/attack.py \
