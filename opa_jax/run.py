@@ -109,9 +109,10 @@ def set_cpu_devices(count: int) -> int | None:
 
     Each device runs its own attack loop on its own images, as GPUs do, so
     the cores work on several images' models at once. One device leaves
-    cores idle: XLA's CPU convolutions at a batch of 400 keep about 1.5 of 2
-    cores busy, and two devices attack ResNet and LeNet 1.3-1.8x faster on
-    2 cores (docs/benchmarks.md). Results do not depend on the count.
+    cores idle: in a profile, XLA ran NiN's convolutions on one thread per
+    device, and ResNet's operations covered 60% of one device's wall time.
+    On 2 cores, two devices attack NiN, ResNet and LeNet 1.3-1.9x faster
+    (docs/benchmarks.md). Results do not depend on the count.
 
     `count=0` (auto) is one device per usable core, at most
     `MAX_AUTO_CPU_DEVICES`, unless XLA_FLAGS already sets
