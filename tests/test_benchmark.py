@@ -1,5 +1,6 @@
 """The throughput benchmark on a toy model: a tiny full run and its invariants."""
 
+import gzip
 import json
 import math
 import sys
@@ -190,3 +191,28 @@ def test_self_times_do_not_count_nested_operations_twice():
     ]
     got = profiling.self_times(spans)
     assert got == pytest.approx({"while": 20e-6, "conv": 50e-6, "fusion": 30e-6, "copy": 5e-6})
+
+
+def test_op_table_reads_the_xla_ops_line_of_an_accelerator_trace(tmp_path):
+    """A GPU-style trace: the module and the stream repeat the operations; only
+    the `XLA Ops` line is counted, and host (python) events are ignored."""
+    meta = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, "tid": tid, "name": kind,
+                                         "args": {"name": name}}  # fmt: skip
+    span = lambda tid, ts, dur, name, pid=1: {"ph": "X", "pid": pid, "tid": tid, "ts": ts,
+                                              "dur": dur, "name": name}  # fmt: skip
+    events = [
+        meta(1, 0, "process_name", "/device:GPU:0"), meta(2, 0, "process_name", "/host:CPU"),
+        meta(1, 1, "thread_name", "XLA Modules"), meta(1, 2, "thread_name", "XLA Ops"),
+        meta(1, 3, "thread_name", "Stream #7(Compute)"), meta(2, 9, "thread_name", "python"),
+        span(1, 0, 100, "jit_run_queue(123)"),
+        span(2, 0, 60, "convolution.4"), span(2, 60, 20, "fusion.2"), span(2, 80, 20, "fusion.7"),
+        span(3, 0, 60, "sm90_xmma_fprop_kernel"), span(9, 0, 500, "run_engine", pid=2),
+    ]  # fmt: skip
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    table = profiling.op_table(str(path))
+    assert table["timelines"] == 1
+    assert [(op["name"], op["count"]) for op in table["ops"]] == [("convolution", 1), ("fusion", 2)]
+    assert table["device_seconds"] == pytest.approx(100e-6)
+    assert [op["share"] for op in table["ops"]] == pytest.approx([0.6, 0.4])
