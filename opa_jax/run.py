@@ -152,18 +152,37 @@ def slot_bytes(model, popsize: int) -> int:
         return 64 * batch_bytes
 
 
+def host_available_bytes() -> int:
+    """The host memory available to new allocations (Linux `MemAvailable`), or 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def auto_slots(model, popsize: int) -> int:
     """In-flight images per device: enough images per model call to fill the device.
 
     On the CPU, each core is its own device (`set_cpu_devices`), and a batch
     of about 400 images per device is fastest: at 2 devices on 2 cores,
     ResNet ran at 620 queries/s with 1 slot of 400, 490 with 2 and 460 with 4
-    (docs/benchmarks.md). On accelerators, half the free memory is filled
-    with slots of `slot_bytes`.
+    (docs/benchmarks.md); with more than one slot per device (small
+    populations), the slots of all devices fit in half the available host
+    memory. On accelerators, half the free memory is filled with slots of
+    `slot_bytes`.
     """
     device = jax.local_devices()[0]
     if device.platform == "cpu":
-        return max(1, 400 // popsize)
+        slots = max(1, 400 // popsize)
+        available = host_available_bytes()
+        if slots > 1 and available:  # the devices share the host's memory: half of it at most
+            budget = 0.5 * available / len(jax.local_devices())
+            slots = int(max(1, min(slots, budget // max(slot_bytes(model, popsize), 1))))
+        return slots
     try:
         stats = device.memory_stats() or {}
         free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)

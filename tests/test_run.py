@@ -370,9 +370,15 @@ def test_cpu_devices_split_the_host_and_auto_respects_xla_flags(tiny, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_auto_slots_on_a_cpu_give_a_batch_of_about_400_per_device(tiny):
+def test_auto_slots_on_a_cpu_give_a_batch_of_about_400_per_device(tiny, monkeypatch):
     model = load_model(tiny["model"])
     assert [run.auto_slots(model, p) for p in (400, 1000, 200, 100, 16)] == [1, 1, 2, 4, 25]
+    # Little host memory: the slots shrink to fit half of it (never below 1).
+    per_slot = run.slot_bytes(model, 16)
+    monkeypatch.setattr(run, "host_available_bytes", lambda: 2 * 3 * per_slot + 1)
+    assert run.auto_slots(model, 16) == 3 and run.auto_slots(model, 400) == 1
+    monkeypatch.setattr(run, "host_available_bytes", lambda: 1)
+    assert run.auto_slots(model, 16) == 1
 
 
 def test_multi_host_shares_merge_to_the_single_host_run(tiny, reference, tmp_path):
