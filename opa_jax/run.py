@@ -111,7 +111,7 @@ def set_cpu_devices(count: int) -> int | None:
     the cores work on several images' models at once. One device leaves
     cores idle: in a profile, XLA ran NiN's convolutions on one thread per
     device, and ResNet's operations covered 60% of one device's wall time.
-    On 2 cores, two devices attack NiN, ResNet and LeNet 1.3-1.9x faster
+    On 2 cores, two devices attack NiN, ResNet and LeNet 1.1-1.9x faster
     (docs/benchmarks.md). Results do not depend on the count.
 
     `count=0` (auto) is one device per usable core, at most
