@@ -185,14 +185,13 @@ class Forward:
     each), so that `queries` per call is `batch` x the device count.
     """
 
-    def __init__(self, model: LoadedModel, batch: int, seed: int = 0, loop_calls: int = 0,
-                 devices=None):  # fmt: skip
+    def __init__(self, model: LoadedModel, batch: int, seed: int = 0, loop_calls: int = 0):
         self.model = model
         self.batch = batch
         self.loop_calls = loop_calls
-        self.devices = list(devices or jax.local_devices())
-        self.queries = batch * len(self.devices)
-        mesh = Mesh(np.asarray(self.devices), ("data",))
+        devices = jax.local_devices()
+        self.queries = batch * len(devices)
+        mesh = Mesh(np.asarray(devices), ("data",))
         sharded = NamedSharding(mesh, P("data"))
         self.params = jax.device_put(model.params, NamedSharding(mesh, P()))
         self.images = jax.device_put(
@@ -240,6 +239,11 @@ def digest(results: attack.Results) -> str:
     return h.hexdigest()[:16]
 
 
+def whole_chunk(num_images: int, num_devices: int) -> int:
+    """Queue items per device that hold `num_images` in one device call: `run_engine`'s default."""
+    return max(1, -(-num_images // num_devices))
+
+
 def run_engine(model, config: de.DEConfig, slots: int, workload: Workload, seed: int = 0,
                devices=None, chunk: int | None = None) -> dict:  # fmt: skip
     """One timed attack of the whole workload through `attack.Attacker`.
@@ -264,7 +268,7 @@ def run_engine(model, config: de.DEConfig, slots: int, workload: Workload, seed:
     attacker._run_queue = timed_run_queue
     progress = attack.Progress()
     num_devices = len(attacker.devices)
-    chunk = chunk or max(1, -(-len(workload.images) // num_devices))
+    chunk = chunk or whole_chunk(len(workload.images), num_devices)
     started, cpu = time.perf_counter(), _cpu_seconds()
     chunks = list(attacker.run(jax.random.key(seed), workload.items(),
                                lambda p: workload.images[p], chunk, progress))  # fmt: skip
@@ -768,7 +772,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
     report["images"] = workload.source
     main = workload.take(config.num_images)
     num_devices = len(jax.local_devices())
-    chunk = -(-len(main.images) // num_devices)  # run_engine's default: the whole workload
+    chunk = whole_chunk(len(main.images), num_devices)
     forward = Forward(model, slots * throughput.popsize, config.seed, config.forward_loop_calls)
     bf16 = config.bf16.enabled and config.precision == "float32"
     if bf16:
@@ -803,6 +807,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
                    for a, b in zip(ceilings[:-1], ceilings[1:], strict=True)]  # fmt: skip
     report["forward_ceiling"] = {
         "batch": forward.batch,
+        "queries_per_call": forward.queries,
         "queries_per_s": spread([c["queries_per_s"] for c in ceilings]),
         "queries_per_cpu_s": spread([forward.queries / c["cpu_seconds"] for c in ceilings]),
     }
@@ -898,7 +903,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
         stop_config = de_config(config, generations=config.early_stop.generations or None)
         early = workload.take(config.early_stop.num_images)
         run_engine(model, stop_config, slots, early.take(1), config.seed,
-                   chunk=-(-len(early.images) // num_devices))  # fmt: skip
+                   chunk=whole_chunk(len(early.images), num_devices))  # fmt: skip
         runs = [run_engine(model, stop_config, slots, early, config.seed)
                 for _ in range(config.early_stop.repetitions)]  # fmt: skip
         report["early_stop"] = {

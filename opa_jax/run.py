@@ -104,7 +104,7 @@ MAX_AUTO_CPU_DEVICES = 8
 _FORCE_FLAG = "--xla_force_host_platform_device_count"
 
 
-def set_cpu_devices(count: int) -> int | None:
+def set_cpu_devices(count: int) -> None:
     """Splits the host CPU into `count` XLA devices; call it before JAX starts.
 
     Each device runs its own attack loop on its own images, as GPUs do, so
@@ -118,20 +118,17 @@ def set_cpu_devices(count: int) -> int | None:
     `MAX_AUTO_CPU_DEVICES`, unless XLA_FLAGS already sets
     `--xla_force_host_platform_device_count` (then that count stands). It
     only concerns the CPU backend: accelerators keep their own devices.
-    Returns the count set, or None when nothing was changed.
     """
     if count < 0:
         raise InputError(f"cpu_devices={count}: expected >= 0 (0 = one per core)")
     if count == 0:
         if _FORCE_FLAG in os.environ.get("XLA_FLAGS", ""):
-            return None
+            return
         count = max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_CPU_DEVICES))
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # JAX already started in this process: the count stays
         logging.warning("cpu_devices=%d not applied: JAX's backends are already running", count)
-        return None
-    return count
 
 
 def slot_bytes(model, popsize: int) -> int:

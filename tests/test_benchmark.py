@@ -58,6 +58,7 @@ def test_tiny_benchmark_reports_consistent_figures(tmp_path):
         efficiency = report[name]["median"]
         assert math.isfinite(efficiency) and efficiency > 0, name
     assert report["forward_ceiling"]["batch"] == SLOTS * POPSIZE
+    assert report["forward_ceiling"]["queries_per_call"] == SLOTS * POPSIZE  # one device
 
     # Early stop off, whole waves of slots: every image costs init + generations, no idle slot.
     run = report["engine"]["runs"][0]
@@ -85,6 +86,9 @@ def test_tiny_benchmark_reports_consistent_figures(tmp_path):
     shares = [op["share"] for op in profile["ops"]]
     assert 0 < len(shares) <= report["config"]["profile"]["top"]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    # XLA's operations only: no host-side Python spans, no threads waiting for others.
+    names = [op["name"] for op in profile["ops"]]
+    assert not [n for n in names if n.startswith("$") or "wait" in n.lower()], names
     text = (tmp_path / "benchmark.md").read_text()
     assert "| efficiency = engine / one-call ceiling |" in text
     assert "| operation | self seconds | share | count |" in text
@@ -170,6 +174,7 @@ def test_benchmark_script_runs_forward_and_engine_on_every_cpu_device(tiny_keras
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert len(report["machine"]["devices"]) == 2
     assert report["forward_ceiling"]["batch"] == SLOTS * POPSIZE  # per device
+    assert report["forward_ceiling"]["queries_per_call"] == 2 * SLOTS * POPSIZE  # both devices
     run = report["engine"]["runs"][0]
     # Both devices filled: every image's queries are active, none idle.
     assert run["images"] == 2 * SLOTS
