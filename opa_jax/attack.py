@@ -239,13 +239,22 @@ def predict_probs(model, images, batch_size: int = 1024) -> np.ndarray:
     out = []
     for start in range(0, len(images), batch_size):
         batch = jnp.asarray(images[start : start + batch_size], jnp.float32)
-        out.append(np.asarray(forward(model.params, batch)))
-    probs = np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
-    if not np.all(np.isfinite(probs)):
-        raise InputError(f"model {model.name} returned NaN or infinite outputs on clean images")
-    return probs
+        probs, finite = forward(model.params, batch)
+        if not finite:
+            raise InputError(
+                f"model {model.name} returned NaN or infinite logits on clean images "
+                f"{start}-{start + len(batch) - 1}; check the weights and the input normalisation"
+            )
+        out.append(np.asarray(probs))
+    return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_probs(apply_fn):
-    return jax.jit(lambda p, x: jax.nn.softmax(apply_fn(p, x), axis=-1))
+    """(softmax probabilities, whether every logit is finite), checked before the softmax."""
+
+    def forward(params, images):
+        logits = apply_fn(params, images).astype(jnp.float32)
+        return jax.nn.softmax(logits, axis=-1), jnp.all(jnp.isfinite(logits))
+
+    return jax.jit(forward)

@@ -34,17 +34,19 @@ def fgsm_image(apply_fn, params, image, label, direction, epsilon):
     of `label` (non-targeted: the true class), -1 descends it (targeted: the target).
 
     Returns the adversarial image (clipped to [0, 255], rounded to integers, so it is a
-    real image) and the model's probabilities on it.
+    real image), the model's probabilities on it, and whether every logit (clean and
+    adversarial) was finite.
     """
 
     def loss(x):
-        logits = apply_fn(params, x[None])[0]
-        return -jax.nn.log_softmax(logits)[label]
+        logits = apply_fn(params, x[None])[0].astype(jnp.float32)
+        return -jax.nn.log_softmax(logits)[label], jnp.all(jnp.isfinite(logits))
 
-    gradient = jax.grad(loss)(image)  # [H, W, 3]
+    gradient, clean_finite = jax.grad(loss, has_aux=True)(image)  # [H, W, 3]
     adversarial = jnp.round(jnp.clip(image + direction * epsilon * jnp.sign(gradient), 0, 255))
-    probs = jax.nn.softmax(apply_fn(params, adversarial[None])[0])
-    return adversarial, probs
+    logits = apply_fn(params, adversarial[None])[0].astype(jnp.float32)
+    finite = clean_finite & jnp.all(jnp.isfinite(logits))
+    return adversarial, jax.nn.softmax(logits), finite
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,13 +58,13 @@ def _compiled_fgsm(apply_fn):
         labels = jnp.where(targeted, target_labels, true_labels)
         direction = jnp.where(targeted, -1.0, 1.0)
         one = functools.partial(fgsm_image, apply_fn, params, epsilon=epsilon)
-        adversarial, probs = jax.vmap(one)(images, labels, direction)  # [B, H, W, 3], [B, C]
+        adversarial, probs, finite = jax.vmap(one)(images, labels, direction)  # [B, H, W, 3], [B, C]
         adv_label = probs.argmax(-1)
         success = jnp.where(targeted, adv_label == target_labels, adv_label != true_labels)
         change = jnp.abs(adversarial - images)  # [B, H, W, 3]
         l0_pixels = jnp.sum(jnp.any(change > 0, axis=-1), axis=(1, 2))
         linf = jnp.max(change, axis=(1, 2, 3))
-        return success, probs, l0_pixels, linf
+        return success, probs, l0_pixels, linf, finite
 
     return jax.jit(batch)
 
@@ -93,7 +95,7 @@ def fgsm_results(
         def padded(x, pad=pad):
             return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
 
-        success, probs, l0_pixels, linf = jax.device_get(
+        success, probs, l0_pixels, linf, finite = jax.device_get(
             step(
                 model.params,
                 padded(np.asarray(images, np.uint8)),
@@ -103,6 +105,11 @@ def fgsm_results(
             )
         )
         n = len(rows)
+        if not np.all(finite[:n]):
+            raise InputError(
+                f"model {model.name} returned NaN or infinite logits during FGSM (items "
+                f"{rows[~finite[:n]].tolist()[:10]}); check the weights and the input normalisation"
+            )
         yield FGSMResults(
             work_ids=rows,
             success=success[:n],

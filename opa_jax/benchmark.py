@@ -320,7 +320,7 @@ def scipy_attack(forward_probs, params, image: np.ndarray, true_label: int, conf
         batch = np.repeat(image[None], n, axis=0)  # [n, H, W, 3]
         rows, cols = applied[..., 0].astype(np.intp), applied[..., 1].astype(np.intp)
         batch[np.arange(n)[:, None], rows, cols] = applied[..., 2:]
-        probs = np.asarray(forward_probs(params, batch))
+        probs = np.asarray(forward_probs(params, batch)[0])  # (probs, all finite)
         return probs[:, true_label]
 
     started = time.perf_counter()

@@ -10,8 +10,10 @@ A dataset is chosen by a spec string:
   `imagenet_class_index.json` and files named `<wnid>_*.JPEG` is read as
   ImageNet (labels from the wnid).
 - `tfds:NAME` (e.g. `tfds:cifar10`, `tfds:imagenet2012`): read through
-  `tfds.data_source`, which needs no TensorFlow. `imagenet2012` needs its
-  manual-download files in `data_dir/downloads/manual`.
+  `builder.as_data_source` (ArrayRecord), which needs no TensorFlow. Preparing
+  a dataset that is not yet under `data_dir` (download, then encode) does need
+  TensorFlow; `imagenet2012` also needs its manual-download files in
+  `data_dir/downloads/manual`.
 
 Images are decoded only when a batch is asked for, so memory stays flat in
 the number of images.
@@ -165,31 +167,79 @@ def load_folder(root: str, split: str, image_shape=None, resize: str = "none") -
     )
 
 
+def _tfds_prepare(tfds, builder, name: str) -> None:
+    """Downloads and prepares a tfds dataset as ArrayRecord (random access), or says why not."""
+    where = os.fspath(builder.data_dir_root)
+    try:
+        import tensorflow  # noqa: F401  (tfds encodes images with it while preparing)
+    except ImportError as e:
+        raise InputError(
+            f"dataset tfds:{name} is not prepared under data_dir {where!r}, and preparing it "
+            "needs TensorFlow (`pip install tensorflow`) and a network for the download. Either "
+            f"install TensorFlow here, or run `tfds build {name} --file_format=array_record "
+            f"--data_dir=DIR` on a machine that has both and copy DIR/{name} into {where!r} "
+            "(reading a prepared dataset needs no TensorFlow)"
+        ) from e
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    hint = (
+        f" It needs its manual-download files in {os.path.join(where, 'downloads', 'manual')}."
+        if manual
+        else " Is there a network? A machine without one needs a prepared copy in data_dir."
+    )
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except Exception as e:
+        raise InputError(
+            f"dataset tfds:{name}: download and preparation under {where!r} failed ({e}).{hint}"
+        ) from e
+
+
 def load_tfds(name: str, split: str, image_shape=None, resize="none", data_dir=None) -> Dataset:
+    """A tfds dataset through `as_data_source` (ArrayRecord, random access, no TensorFlow).
+
+    Labels are read without decoding any image; images are decoded (with PIL) only
+    when a batch is asked for. A dataset not yet prepared is prepared first, which
+    tfds does only with TensorFlow installed and a network (or manual files).
+    """
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:  # pragma: no cover - tfds is a dependency
-        raise InputError(f"dataset tfds:{name}: tensorflow-datasets is not installed") from e
+    except ImportError as e:
+        raise InputError(
+            f"dataset tfds:{name}: the module {e.name!r} is missing; install the project's "
+            "dependencies (pip install -e .) or `pip install tensorflow-datasets importlib_resources`"
+        ) from e
     try:
         builder = tfds.builder(name, data_dir=data_dir)
+    except ModuleNotFoundError as e:
+        raise InputError(f"dataset tfds:{name}: tfds needs the missing module {e.name!r}") from e
     except Exception as e:
         raise InputError(f"dataset tfds:{name}: unknown tfds dataset ({e})") from e
+    if not builder.is_prepared():
+        _tfds_prepare(tfds, builder, name)
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise InputError(
+            f"dataset tfds:{name} under {os.fspath(builder.data_dir)!r} is prepared as "
+            f"{builder.info.file_format.value}, which has no random access; prepare it again "
+            f"with `tfds build {name} --file_format=array_record`"
+        )
     try:
-        if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-            builder.download_and_prepare()
-        source = tfds.data_source(name, split=split, data_dir=data_dir)
+        source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     except Exception as e:
-        manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-        where = os.path.join(builder._data_dir_root, "downloads", "manual")
-        hint = f" Put the manual-download files in {where}." if manual else ""
-        raise InputError(f"dataset tfds:{name} split {split!r} is not available: {e}.{hint}") from e
+        raise InputError(f"dataset tfds:{name} split {split!r} is not available: {e}") from e
+    image_feature = builder.info.features["image"]
     class_names = tuple(builder.info.features["label"].names)
     labels = np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int32)
+
+    def decode(encoded) -> np.ndarray:
+        # Mocked sources (tfds.testing) hand out arrays; prepared ones hand out bytes.
+        if isinstance(encoded, bytes | np.bytes_):
+            return np.asarray(image_feature.decode_example_np(bytes(encoded)), np.uint8)
+        return np.asarray(encoded, np.uint8)
 
     def read(positions):
         images = []
         for p in positions:
-            image = np.asarray(source[p]["image"], np.uint8)
+            image = decode(source[p]["image"])
             if image_shape is not None and image.shape[:2] != tuple(image_shape[:2]):
                 if resize == "none":
                     raise InputError(

@@ -137,8 +137,11 @@ def _generation(state: EngineState, key, apply_fn, params, config, targeted, low
     )(state.images, candidates)  # [S, popsize, H, W, 3]
     flat = perturbed.reshape((num_slots * config.popsize, *perturbed.shape[2:]))
     logits = apply_fn(params, flat).astype(jnp.float32)  # [S * popsize, C]
-    probs = jax.nn.softmax(logits, axis=-1).reshape(num_slots, config.popsize, -1)
-    nan_seen = state.nan_seen | jnp.any(active[:, None, None] & ~jnp.isfinite(probs))
+    logits = logits.reshape(num_slots, config.popsize, -1)
+    # Checked on the logits, not the probabilities: XLA may simplify a softmax of a
+    # constant NaN row to a uniform one, so only the model's own output is a sure sign.
+    nan_seen = state.nan_seen | jnp.any(active[:, None, None] & ~jnp.isfinite(logits))
+    probs = jax.nn.softmax(logits, axis=-1)  # [S, popsize, C]
     new_de = jax.vmap(de.update, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
         state.de_state, state.fresh, candidates, probs,
         state.true_labels, state.target_labels, config, targeted,

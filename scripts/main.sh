@@ -5,10 +5,7 @@
 # e.g. scripts/main.sh --config.num_images=50
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+bash scripts/install.sh
 WORKDIR="${WORKDIR:-runs/lenet_1px}"
 .venv/bin/python scripts/attack.py --config=configs/lenet.py --workdir="$WORKDIR" "$@"
 if [ -f scripts/report.py ]; then

@@ -99,3 +99,25 @@ def test_bad_epsilon_and_image_shape_are_named():
     wrong = np.zeros((2, 8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="expects"):
         run_fgsm(wrong, [0, 0], [-1, -1], 4.0)
+
+
+def test_nan_logits_in_fgsm_are_a_clear_error():
+    """NaN made at run time: a NaN weight, and a log that only the stepped image makes NaN."""
+    images = np.full((2, *SHAPE), 100, np.uint8)
+    weights = WEIGHTS.copy()
+    weights[1, 1, 1] = np.nan
+    nan_weight = LoadedModel("nan_weight", linear_logits, {"w": jnp.asarray(weights)}, SHAPE, 3)
+
+    def log_of_bright(params, images):  # finite at 100, NaN once FGSM lifts a pixel past 200
+        headroom = jnp.log(200.0 - images.max(axis=(1, 2, 3)))
+        return linear_logits(params, images).at[:, 0].set(headroom)
+
+    bright = LoadedModel("bright", log_of_bright, {"w": jnp.asarray(WEIGHTS)}, SHAPE, 3)
+    assert np.all(np.isfinite(attack.predict_probs(bright, images)))
+    for model in (nan_weight, bright):
+        with pytest.raises(InputError, match=f"model {model.name} returned NaN .* during FGSM"):
+            list(
+                baselines.fgsm_results(
+                    model, items([0, 0], [-1, -1]), lambda p: images[p], 150.0, batch_size=4
+                )
+            )

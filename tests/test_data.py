@@ -1,10 +1,12 @@
 """Datasets: folder layouts, index selection, resizing and clear errors."""
 
+import importlib.util
 import json
 import pathlib
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from opa_jax import data
@@ -94,3 +96,54 @@ def test_exact_cifar10_test_images():
     assert len(dataset) == 1017
     np.testing.assert_array_equal(dataset.indices, np.arange(1017))
     np.testing.assert_array_equal(dataset.labels[:5], [3, 8, 8, 0, 6])  # the official order
+
+
+class TfdsTinyImages(tfds.core.GeneratorBasedBuilder):
+    """A real tfds builder: 6 distinct 32x32 images, label = image value mod 3, prepared
+    as ArrayRecord on disk with PIL (no TensorFlow, no network)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(32, 32, 3)),
+                "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+        for value in range(6):
+            image = Image.fromarray(np.full((32, 32, 3), 40 * value, np.uint8))
+            yield value, {"image": image, "label": value % 3}
+
+
+def test_tfds_path_reads_a_prepared_dataset_without_tensorflow(tmp_path):
+    TfdsTinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    dataset = data.load_dataset("tfds:tfds_tiny_images", "test", (32, 32, 3), data_dir=str(tmp_path))
+    assert len(dataset) == 6 and dataset.class_names == ("a", "b", "c")
+    images = dataset.read(range(6))
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+    values = images[:, 0, 0, 0].astype(int)
+    assert sorted(values) == [0, 40, 80, 120, 160, 200]  # every image once, decoded exactly
+    np.testing.assert_array_equal(dataset.labels, (values // 40) % 3)  # labels read undecoded
+    assert np.all(images == images[:, :1, :1, :1])
+    small = data.load_dataset("tfds:tfds_tiny_images", "test", (16, 16, 3), data_dir=str(tmp_path))
+    with pytest.raises(InputError, match="model expects"):
+        small.read([0])
+
+
+def test_tfds_errors_say_what_is_missing(tmp_path):
+    with pytest.raises(InputError, match="unknown tfds dataset"):
+        data.load_dataset("tfds:no_such_dataset_xyz", "test", data_dir=str(tmp_path))
+    if importlib.util.find_spec("tensorflow") is None:
+        # Not prepared, and preparing needs TensorFlow: said at once, with no download tried.
+        with pytest.raises(InputError, match="not prepared under data_dir .* needs TensorFlow"):
+            data.load_dataset("tfds:cifar10", "test", data_dir=str(tmp_path))
+    TfdsTinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    with pytest.raises(InputError, match="split 'validation' is not available"):
+        data.load_dataset("tfds:tfds_tiny_images", "validation", data_dir=str(tmp_path))

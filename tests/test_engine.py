@@ -198,15 +198,44 @@ def test_refilled_slots_keep_evaluations_on_active_images():
     assert share > 0.9, share
 
 
-def test_nan_outputs_are_a_clear_error():
-    def nan_after_perturbation(params, images):
-        bad = images[:, 0, 0, 0] > 10_000  # never true: all-NaN only via the sum below
-        return jnp.where(bad[:, None], 0.0, jnp.full((images.shape[0], 3), jnp.nan))
+def nan_weight_model():
+    """Logits from a weight that is NaN at run time (a parameter, so XLA cannot fold it)."""
 
-    with pytest.raises(InputError, match="NaN"):
+    def logits(params, images):
+        return images.mean(axis=(1, 2)) @ params["w"]  # [N, 3] @ [3, 3]
+
+    weight = np.eye(3, dtype=np.float32)
+    weight[1, 2] = np.nan
+    return LoadedModel("nan_weight", logits, {"w": weight}, (8, 8, 3), 3)
+
+
+def log_of_bright_red(params, images):
+    """Finite on the grey images; NaN for a candidate that sets any red above 200."""
+    del params
+    headroom = 200.0 - images[..., 0].max(axis=(1, 2))  # [N], < 0 once red > 200
+    logit = jnp.log(headroom)
+    return jnp.stack([logit, jnp.zeros_like(logit), jnp.zeros_like(logit)], axis=-1)
+
+
+def test_nan_logits_during_the_attack_are_a_clear_error():
+    model = toy_model(log_of_bright_red)
+    clean = attack.predict_probs(model, grey_images(2))  # the clean images are fine
+    assert np.all(np.isfinite(clean))
+    with pytest.raises(InputError, match="model toy returned NaN"):
         attack.attack_arrays(
-            jax.random.key(0), toy_model(nan_after_perturbation), grey_images(2), np.zeros(2),
-            SMALL, num_slots=2, chunk_size=2,
+            jax.random.key(0), model, grey_images(2), np.zeros(2), SMALL,
+            num_slots=2, chunk_size=2,
+        )  # fmt: skip
+
+
+def test_nan_weight_is_a_clear_error_in_every_pass():
+    model = nan_weight_model()
+    with pytest.raises(InputError, match="model nan_weight returned NaN .* on clean images"):
+        attack.predict_probs(model, grey_images(2))
+    with pytest.raises(InputError, match="model nan_weight returned NaN"):
+        attack.attack_arrays(
+            jax.random.key(0), model, grey_images(2), np.zeros(2), SMALL,
+            num_slots=2, chunk_size=2,
         )  # fmt: skip
 
 

@@ -496,7 +496,8 @@ def test_fgsm_run_records_the_dense_perturbation(tiny, tmp_path):
     record = records[0]
     position = int(np.flatnonzero(dataset.indices == record["image"])[0])
     image = dataset.read([position])[0].astype(np.float32)
-    _, probs = baselines.fgsm_image(
+    _, probs, finite = baselines.fgsm_image(
         model.apply_fn, model.params, image, record["true_label"], 1.0, 6.0
     )
+    assert finite
     np.testing.assert_allclose(probs, record["adv_probs"], atol=1e-5)
