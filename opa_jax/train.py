@@ -30,9 +30,9 @@ import optax
 from absl import logging
 from flax import serialization
 
-from opa_jax import checkpoint, data
+from opa_jax import data
 from opa_jax.errors import InputError
-from opa_jax.models import zoo
+from opa_jax.models import base, checkpoint, zoo
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("sgd", "adamw")
@@ -305,7 +305,7 @@ def read_train_state(workdir: str, config) -> dict | None:
 
 def restore_train_state(saved: dict, target: TrainState, what: str) -> TrainState:
     """`target` with the values of a saved state dict; InputError when they do not fit."""
-    checkpoint.check_variables(saved["params"], target.params, what)
+    base.check_variables(saved["params"], target.params, what)
     try:
         state = serialization.from_state_dict(target, saved)
     except Exception as e:
@@ -395,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, default=str)
 
-    variables = zoo.init_variables(eval_module, jax.random.key(config.seed), image_shape)
+    variables = base.init_variables(eval_module, jax.random.key(config.seed), image_shape)
     params = variables["params"]
     state = TrainState(
         step=jnp.asarray(0, jnp.int32),
@@ -409,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info(
         "%s (%d parameters) on %s: %d train / %d test images, %d steps of %d (%d per epoch)",
         config.model,
-        zoo.count_params(variables),
+        base.count_params(variables),
         config.dataset,
         num_train,
         len(test_labels),

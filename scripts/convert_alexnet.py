@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from opa_jax.errors import InputError  # noqa: E402
-from opa_jax.models import alexnet  # noqa: E402
+from opa_jax.errors import exit_on_input_error  # noqa: E402
+from opa_jax.models import alexnet_weights  # noqa: E402
 
 _SRC = flags.DEFINE_string("src", None, "The pickled bvlc_alexnet.npy.")
 _DST = flags.DEFINE_string("dst", None, "The .npz to write.")
@@ -24,11 +24,8 @@ flags.mark_flags_as_required(["src", "dst"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        alexnet.convert_alexnet_npy(_SRC.value, _DST.value)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_input_error():
+        alexnet_weights.convert_alexnet_npy(_SRC.value, _DST.value)
     print(f"wrote {_DST.value}")
 
 

@@ -11,17 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from opa_jax import report  # noqa: E402
-from opa_jax.errors import InputError  # noqa: E402
+from opa_jax.errors import exit_on_input_error  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Folder for report.md and the figures.", required=True)
 
 
 def main(argv):
-    try:
+    with exit_on_input_error():
         path = report.write_report(argv[1:], _OUT.value)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"report written to {path}")
 
 

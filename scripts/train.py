@@ -13,7 +13,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from opa_jax import train  # noqa: E402
-from opa_jax.errors import InputError  # noqa: E402
+from opa_jax.errors import exit_on_input_error  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/train_default.py", "Training config file.", lock_config=True
@@ -26,11 +26,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    try:
+    with exit_on_input_error():
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

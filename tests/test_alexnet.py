@@ -16,7 +16,7 @@ import pytest
 
 from opa_jax.errors import InputError
 from opa_jax.models import load_model
-from opa_jax.models.alexnet import ALEXNET_SHAPES, load_alexnet
+from opa_jax.models.alexnet_weights import ALEXNET_SHAPES, load_alexnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN_BGR = np.array([104.0, 117.0, 123.0])

@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opa_jax import checkpoint
 from opa_jax.errors import InputError
-from opa_jax.models import load_model, zoo
+from opa_jax.models import base, checkpoint, load_model, zoo
 
 CONFIG = {"width": 0.125, "num_classes": 10}
 
@@ -18,7 +17,7 @@ CONFIG = {"width": 0.125, "num_classes": 10}
 def random_variables(module, seed=0):
     """Variables without compiling `init`; batch statistics far from their initial 0/1."""
     rng = np.random.default_rng(seed)
-    shapes = zoo.variable_shapes(module, (32, 32, 3))
+    shapes = base.variable_shapes(module, (32, 32, 3))
 
     def draw(leaf):
         if len(leaf.shape) == 1:
@@ -34,7 +33,7 @@ def nin():
     module = zoo.build("nin", **CONFIG)
     variables = random_variables(module)
     images = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
-    return module, variables, images, zoo.make_apply_fn(module)(variables, images)
+    return module, variables, images, base.make_apply_fn(module)(variables, images)
 
 
 def save(path, variables, name="nin", **kwargs):
@@ -58,7 +57,7 @@ def test_round_trip_gives_identical_outputs_and_description(nin, tmp_path):
     description = json.loads((tmp_path / "model" / "model.json").read_text())
     assert description["model"] == "nin" and description["model_config"] == CONFIG
     assert description["accuracies"]["test"]["accuracy"] == 0.5 and description["seed"] == 3
-    assert description["num_params"] == zoo.count_params(variables)
+    assert description["num_params"] == base.count_params(variables)
     assert description["software"]["jax"] == jax.__version__
     assert model.meta["dataset"] == "folder:somewhere"
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from opa_jax.errors import InputError
-from opa_jax.models import load_model, zoo
-from opa_jax.models.alexnet import ceil_mode_padding
+from opa_jax.models import base, load_model, zoo
+from opa_jax.models.layers import ceil_mode_padding
 
 
 def conv(kernel, fan_in, features, bias=False):
@@ -68,8 +68,8 @@ def test_parameter_counts_match_the_paper_architectures(name):
     (params, bn_params), documented = EXPECTED[name]
     assert params == documented  # the figure in docs/models.md
     arch = zoo.ARCHITECTURES[name]
-    shapes = zoo.variable_shapes(zoo.build(name), arch.image_shape)
-    assert zoo.count_params(shapes) == params
+    shapes = base.variable_shapes(zoo.build(name), arch.image_shape)
+    assert base.count_params(shapes) == params
     stats = jax.tree_util.tree_leaves(shapes.get("batch_stats", {}))
     assert (
         sum(x.size for x in stats) == bn_params
@@ -77,11 +77,11 @@ def test_parameter_counts_match_the_paper_architectures(name):
 
 
 def test_batch_norm_off_restores_conv_biases():
-    shapes = zoo.variable_shapes(zoo.build("nin", batch_norm=False), (32, 32, 3))
+    shapes = base.variable_shapes(zoo.build("nin", batch_norm=False), (32, 32, 3))
     assert "batch_stats" not in shapes
     params = shapes["params"]
     assert params["conv1"]["bias"].shape == (192,)
-    assert zoo.count_params(shapes) == 966_986  # the Caffe cifar10 NiN
+    assert base.count_params(shapes) == 966_986  # the Caffe cifar10 NiN
 
 
 def random_variables(shapes, seed=0):
@@ -102,8 +102,8 @@ def random_variables(shapes, seed=0):
 def test_cifar_models_map_images_to_logits_per_image(name):
     # A narrow version keeps the test fast; widths do not change the layer structure.
     module = zoo.build(name, width=0.125, num_classes=7)
-    variables = random_variables(zoo.variable_shapes(module, (32, 32, 3)))
-    apply_fn = zoo.make_apply_fn(module)
+    variables = random_variables(base.variable_shapes(module, (32, 32, 3)))
+    apply_fn = base.make_apply_fn(module)
     images = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3), minval=0, maxval=255)
     logits = apply_fn(variables, images)
     assert logits.shape == (4, 7) and logits.dtype == jnp.float32
@@ -117,7 +117,7 @@ def test_cifar_models_map_images_to_logits_per_image(name):
 
 def test_random_model_is_seed_zero_and_jittable_inside_another_jit():
     model = load_model("random:nin")
-    expected = zoo.init_variables(zoo.build("nin"), jax.random.key(0), (32, 32, 3))
+    expected = base.init_variables(zoo.build("nin"), jax.random.key(0), (32, 32, 3))
     leaves = jax.tree_util.tree_leaves(model.params)
     for a, b in zip(leaves, jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)

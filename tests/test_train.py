@@ -10,9 +10,9 @@ import optax
 import pytest
 from PIL import Image
 
-from opa_jax import checkpoint, train
+from opa_jax import train
 from opa_jax.errors import InputError
-from opa_jax.models import load_model
+from opa_jax.models import checkpoint, load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # for `configs`, as scripts/train.py does

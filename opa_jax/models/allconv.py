@@ -11,7 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from opa_jax.models.nin import CIFAR10_MEAN, CIFAR10_STD, conv_bn_relu, normalize, scaled
+from opa_jax.models.base import CIFAR10_MEAN, CIFAR10_STD
+from opa_jax.models.layers import conv_bn_relu, normalize, scaled
 
 
 class AllConv(nn.Module):

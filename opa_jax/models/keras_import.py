@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import graphlib
 import json
 import operator
 import os
@@ -29,14 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from opa_jax.errors import InputError
-from opa_jax.models import CIFAR10_CLASSES, LoadedModel
+from opa_jax.models.base import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, LoadedModel
 
-# Per-channel RGB statistics of the CIFAR-10 training set, as used by the
-# one-pixel-attack-keras models (Hyperparticle) before their first layer.
-DEFAULT_NORMALIZATION = {
-    "mean": (125.307, 122.95, 113.865),
-    "std": (62.9932, 62.0887, 66.7048),
-}
+# The one-pixel-attack-keras models (Hyperparticle) standardise their input with the
+# CIFAR-10 training set's statistics before their first layer.
+DEFAULT_NORMALIZATION = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
 
 _ACTIVATIONS = {
     "linear": lambda x: x,
@@ -417,20 +415,14 @@ def _parse_functional(body: dict, path: str) -> tuple[KerasLayer, ...]:
         if name not in needed:
             needed.add(name)
             stack.extend((source, name) for source in by_name[name].inputs)
-    # ... in topological order (Kahn's algorithm, ties in config order).
-    order, done = [], set()
-    remaining = [name for name in by_name if name in needed]
-    while remaining:
-        blocked = []
-        for name in remaining:
-            if done.issuperset(by_name[name].inputs):
-                order.append(by_name[name])
-                done.add(name)
-            else:
-                blocked.append(name)
-        if len(blocked) == len(remaining):
-            raise InputError(f"keras model {path!r}: the graph has a cycle through {blocked}")
-        remaining = blocked
+    # ... in topological order.
+    graph = {name: by_name[name].inputs for name in by_name if name in needed}
+    try:
+        order = [by_name[name] for name in graphlib.TopologicalSorter(graph).static_order()]
+    except graphlib.CycleError as err:
+        raise InputError(
+            f"keras model {path!r}: the graph has a cycle through {err.args[1]}"
+        ) from err
     roots = [layer.name for layer in order if not layer.inputs]
     if roots != [input_name] or order[0].class_name != "InputLayer":
         raise InputError(

@@ -11,43 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from opa_jax.models.alexnet import ceil_mode_padding
-
-CIFAR10_MEAN = (125.307, 122.95, 113.865)  # per-channel pixel mean of the CIFAR-10 train set
-CIFAR10_STD = (62.9932, 62.0887, 66.7048)
-
-
-def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, stride=1, padding=None):
-    """Conv (no bias when followed by batch norm), optional batch norm, ReLU."""
-    padding = kernel // 2 if padding is None else padding
-    x = nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=padding,
-        use_bias=not batch_norm,
-        dtype=dtype,
-        name=name,
-    )(x)
-    if batch_norm:
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=dtype,
-            name=f"{name}_bn",
-        )(x)
-    return nn.relu(x)
-
-
-def normalize(images, mean, std, dtype):
-    """Per-channel standardisation of RGB pixels 0-255, cast to the compute dtype."""
-    return ((images - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
-
-
-def scaled(width: float, features: int) -> int:
-    """A hidden layer's width under the width multiplier (at least 1 unit)."""
-    return max(1, round(features * width))
+from opa_jax.models.base import CIFAR10_MEAN, CIFAR10_STD
+from opa_jax.models.layers import ceil_mode_padding, conv_bn_relu, normalize, scaled
 
 
 class NiN(nn.Module):

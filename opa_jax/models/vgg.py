@@ -13,7 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from opa_jax.models.nin import CIFAR10_MEAN, CIFAR10_STD, conv_bn_relu, normalize, scaled
+from opa_jax.models.base import CIFAR10_MEAN, CIFAR10_STD
+from opa_jax.models.layers import conv_bn_relu, normalize, scaled
 
 STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 

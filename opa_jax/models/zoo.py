@@ -1,4 +1,4 @@
-"""The paper's model zoo (Su, Vargas & Sakurai, Sec. 4), by name.
+"""The paper's model zoo (Su, Vargas & Sakurai, Sec. 4): the registry by name.
 
 `ARCHITECTURES` maps a name to its Flax module class and defaults; `build`
 makes a module with field overrides; `random_model` gives a seed-0 random
@@ -9,16 +9,14 @@ tests only: it is not a trained model).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from opa_jax.errors import InputError
-from opa_jax.models import CIFAR10_CLASSES, LoadedModel
 from opa_jax.models.alexnet import AlexNet
 from opa_jax.models.allconv import AllConv
+from opa_jax.models.base import CIFAR10_CLASSES, LoadedModel, init_variables, make_apply_fn
 from opa_jax.models.nin import NiN
 from opa_jax.models.vgg import VGG16
 
@@ -63,46 +61,6 @@ def build(name: str, **overrides) -> nn.Module:
         raise InputError(f"model {name!r}: unknown option(s) {unknown}; known: {', '.join(known)}")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return arch.module(**fields)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init(module: nn.Module, key, image_shape: tuple[int, int, int]):
-    return module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-
-
-def init_variables(module: nn.Module, key, image_shape: tuple[int, int, int]):
-    """Variables (params and, with batch norm, batch_stats) for one image shape.
-
-    Compiled once per (module, image shape): the random initialisers are slow to
-    compile on the CPU.
-    """
-    return _init(module, key, tuple(image_shape))
-
-
-def variable_shapes(module: nn.Module, image_shape: tuple[int, int, int]):
-    """The variables' shapes and dtypes, without computing them."""
-    return jax.eval_shape(_init, module, jax.random.key(0), tuple(image_shape))
-
-
-@functools.lru_cache(maxsize=64)
-def make_apply_fn(module: nn.Module):
-    """`apply_fn(variables, images) -> logits` in inference mode (batch-norm running stats).
-
-    Jitted, and one per module (modules are hashable), so equal models share
-    compilations; it can also be called inside another jit (the attack's step).
-    """
-
-    @jax.jit
-    def apply_fn(variables, images):
-        # images: [N, H, W, 3] float RGB 0-255 -> logits [N, num_classes] float32
-        return module.apply(variables, jnp.asarray(images, jnp.float32), train=False)
-
-    return apply_fn
-
-
-def count_params(variables) -> int:
-    """Number of trainable parameters (the `params` collection)."""
-    return sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
 
 
 def random_model(name: str) -> LoadedModel:

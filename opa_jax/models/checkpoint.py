@@ -17,35 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization, traverse_util
+from flax import serialization
 
+from opa_jax import files, provenance
 from opa_jax.errors import InputError
+from opa_jax.models import zoo
+from opa_jax.models.base import LoadedModel, check_variables, make_apply_fn, variable_shapes
 
 MODEL_JSON = "model.json"
 VARIABLES_FILE = "variables.msgpack"
 FORMAT = "opa_jax.model_checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
-
-
-def software_versions() -> dict[str, str]:
-    import flax
-    import optax
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-    }
 
 
 def _to_storage(variables, weights_dtype: str):
@@ -57,13 +46,6 @@ def _to_storage(variables, weights_dtype: str):
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     return jax.tree_util.tree_map(cast, serialization.to_state_dict(variables))
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def save_model_checkpoint(
@@ -81,8 +63,6 @@ def save_model_checkpoint(
     `image_shape` describe the model; other keys (dataset, accuracies,
     train_config, seed, ...) are recorded as given.
     """
-    from opa_jax.models import zoo
-
     if weights_dtype not in WEIGHTS_DTYPES:
         raise InputError(
             f"weights_dtype={weights_dtype!r}: expected one of {', '.join(WEIGHTS_DTYPES)}"
@@ -107,13 +87,12 @@ def save_model_checkpoint(
         "weights_dtype": weights_dtype,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "software": software_versions(),
+        "software": provenance.software_versions(),
         **meta,
     }
-    os.makedirs(path, exist_ok=True)
-    _write_atomic(os.path.join(path, VARIABLES_FILE), data)
+    files.write_atomic(os.path.join(path, VARIABLES_FILE), data)
     text = json.dumps(description, indent=2, default=_json_default) + "\n"
-    _write_atomic(os.path.join(path, MODEL_JSON), text.encode())
+    files.write_atomic(os.path.join(path, MODEL_JSON), text)
 
 
 def _json_default(obj):
@@ -144,34 +123,8 @@ def read_model_json(path: str) -> dict[str, Any]:
     return description
 
 
-def check_variables(variables, expected, what: str) -> None:
-    """InputError unless `variables` has exactly the leaves and shapes of `expected`."""
-    got = traverse_util.flatten_dict(variables, sep="/")
-    want = traverse_util.flatten_dict(serialization.to_state_dict(expected), sep="/")
-    missing = sorted(set(want) - set(got))
-    unexpected = sorted(set(got) - set(want))
-    mismatched = [
-        f"{k} {tuple(np.shape(got[k]))} (expected {tuple(want[k].shape)})"
-        for k in sorted(set(got) & set(want))
-        if tuple(np.shape(got[k])) != tuple(want[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", mismatched),
-        ):
-            if items:
-                more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-                parts.append(f"{label}: {', '.join(items[:5])}{more}")
-        raise InputError(f"{what}: the weights do not fit the architecture; {'; '.join(parts)}")
-
-
-def load_model_checkpoint(path: str):
+def load_model_checkpoint(path: str) -> LoadedModel:
     """Loads a model checkpoint directory as a `LoadedModel` (float32, inference mode)."""
-    from opa_jax.models import LoadedModel, zoo
-
     description = read_model_json(path)
     name = description.get("model")
     try:
@@ -197,7 +150,7 @@ def load_model_checkpoint(path: str):
     if not isinstance(state, dict):
         raise InputError(f"model checkpoint {path!r}: the weights file holds no variables")
     image_shape = tuple(description.get("image_shape") or zoo.get_architecture(name).image_shape)
-    expected = zoo.variable_shapes(module, image_shape)
+    expected = variable_shapes(module, image_shape)
     check_variables(state, expected, f"model checkpoint {path!r} (architecture {name!r})")
     variables = jax.tree_util.tree_map(
         lambda x, ref: jnp.asarray(x, ref.dtype), state, serialization.to_state_dict(expected)
@@ -205,7 +158,7 @@ def load_model_checkpoint(path: str):
     class_names = description.get("class_names")
     return LoadedModel(
         name=f"ckpt:{path}",
-        apply_fn=zoo.make_apply_fn(module),
+        apply_fn=make_apply_fn(module),
         params=variables,
         image_shape=image_shape,
         num_classes=int(description.get("num_classes", zoo.get_architecture(name).num_classes)),
