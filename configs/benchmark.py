@@ -3,7 +3,7 @@
     python scripts/benchmark.py --config=configs/benchmark.py --workdir=runs/benchmark
 
 Sized for a 2-core CPU (about 10 minutes): one XLA device per core with 1
-slot each (`run.auto_slots`), 2 generations, 3 repetitions. On an
+slot each (`devices.auto_slots`), 2 generations, 3 repetitions. On an
 accelerator `slots=0` fills half the free memory; raise `num_images` (about
 twice the slots) and `de.generations`. Every field can be overridden with
 `--config.x=y`; lists as `--config.scaling.slots='(1, 2, 4)'`.
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.de.popsize = 400
     config.de.generations = 2  # ... with few generations here; the paper runs 100
     config.precision = "float32"
-    config.slots = 0  # in-flight images per device; 0 = run.auto_slots (1 on a CPU)
+    config.slots = 0  # in-flight images per device; 0 = devices.auto_slots (1 on a CPU)
     # CPU hosts: XLA devices the cores are split into, as in attack runs (0 = one per core,
     # up to 8); the forward ceiling and the engine both run on all of them.
     config.cpu_devices = 0

@@ -33,6 +33,13 @@ class WorkItems:
     def __len__(self):
         return len(self.positions)
 
+    def select(self, rows) -> WorkItems:
+        """The items at `rows` (an index array, boolean mask or slice)."""
+        return WorkItems(
+            self.positions[rows], self.indices[rows], self.true_labels[rows],
+            self.target_labels[rows],
+        )  # fmt: skip
+
 
 @dataclasses.dataclass
 class Results:
@@ -53,12 +60,26 @@ class Results:
     def adv_prob(self):
         return self.adv_probs.max(-1)
 
+    @classmethod
+    def concatenate(cls, chunks: Sequence[Results]) -> Results:
+        """The rows of several chunks as one, in the chunks' order."""
+        return cls(*[np.concatenate([getattr(c, f.name) for c in chunks])
+                     for f in dataclasses.fields(cls)])  # fmt: skip
+
+    def sorted_by_work_id(self) -> Results:
+        order = np.argsort(self.work_ids)
+        return type(self)(*[getattr(self, f.name)[order] for f in dataclasses.fields(self)])
+
 
 @dataclasses.dataclass
-class Progress:
+class LoopCounters:
+    """What `Attacker.run` has spent so far, updated after every device call."""
+
     evaluations: float = 0.0  # model evaluations spent by the loop
     active_evaluations: float = 0.0  # of those, on unfinished images
-    iterations: int = 0
+    iterations: int = 0  # loop iterations (generations)
+    device_calls: int = 0
+    device_seconds: float = 0.0  # wall time of the device calls, until their outputs were ready
 
 
 class Attacker:
@@ -88,7 +109,7 @@ class Attacker:
         items: WorkItems,
         read_images: Callable[[Sequence[int]], np.ndarray],
         chunk_size: int,
-        progress: Progress | None = None,
+        counters: LoopCounters | None = None,
         call_seconds: float = 30.0,
     ) -> Iterator[Results]:
         """Yields results as the device returns them, at least every `call_seconds`.
@@ -101,11 +122,7 @@ class Attacker:
         image_shape = tuple(self.model.image_shape)
         num_devices = len(self.devices)
         sharding = NamedSharding(self.mesh, P("data"))
-        state = engine.init_state(
-            self.num_slots * num_devices, image_shape, self.model.num_classes, self.config,
-            num_devices,
-        )  # fmt: skip
-        state = jax.device_put(state, sharding)
+        state = self._initial_state()
         pending = [np.arange(d, len(items), num_devices) for d in range(num_devices)]
         cursor = np.zeros(num_devices, np.int64)
         max_iterations = 1  # the first call times one generation; later calls are sized from it
@@ -134,15 +151,18 @@ class Attacker:
             queue = jax.device_put(queue.replace(length=lengths), sharding)
             started = time.perf_counter()
             iterations_before = int(np.max(jax.device_get(state.iterations)))
-            state, finished, taken = self._run_queue(
-                key, state, queue, np.asarray(final), self._params, np.int32(max_iterations)
+            state, finished, taken = jax.block_until_ready(
+                self._run_queue(
+                    key, state, queue, np.asarray(final), self._params, np.int32(max_iterations)
+                )
             )
-            finished, taken, counters = jax.device_get(
+            device_seconds = time.perf_counter() - started
+            finished, taken, device_counters = jax.device_get(
                 (finished, taken, (state.evaluations, state.active_evaluations, state.iterations,
                                    state.nan_seen, state.work_ids))
             )  # fmt: skip
             elapsed = time.perf_counter() - started
-            evaluations, active_evaluations, iterations, nan_seen, work_ids = counters
+            evaluations, active_evaluations, iterations, nan_seen, work_ids = device_counters
             if np.any(nan_seen):
                 raise InputError(
                     f"model {self.model.name} returned NaN or infinite outputs during the attack; "
@@ -153,10 +173,12 @@ class Attacker:
             if ran >= max_iterations and elapsed > 0:  # the cap ended the call: resize it
                 per_iteration = elapsed / ran
                 max_iterations = int(np.clip(0.8 * call_seconds / per_iteration, 1, 1 << 20))
-            if progress is not None:
-                progress.evaluations = float(np.sum(evaluations))
-                progress.active_evaluations = float(np.sum(active_evaluations))
-                progress.iterations = int(np.max(iterations))
+            if counters is not None:
+                counters.evaluations = float(np.sum(evaluations))
+                counters.active_evaluations = float(np.sum(active_evaluations))
+                counters.iterations = int(np.max(iterations))
+                counters.device_calls += 1
+                counters.device_seconds += device_seconds
             capacity = finished.work_ids.shape[0] // num_devices
             rows = np.concatenate(
                 [np.arange(d * capacity, d * capacity + c) for d, c in enumerate(finished.count)]
@@ -174,6 +196,27 @@ class Attacker:
             drained = all(c >= len(p) for p, c in zip(pending, cursor, strict=True))
             if drained and np.all(work_ids < 0):
                 return
+
+    def _initial_state(self) -> engine.EngineState:
+        """Idle slots on every device, placed as `run` and `lower` place them."""
+        num_devices = len(self.devices)
+        state = engine.init_state(
+            self.num_slots * num_devices, tuple(self.model.image_shape), self.model.num_classes,
+            self.config, num_devices,
+        )  # fmt: skip
+        return jax.device_put(state, NamedSharding(self.mesh, P("data")))
+
+    def lower(self, chunk_size: int) -> jax.stages.Lowered:
+        """The device loop lowered for `chunk_size` queue items per device, with its
+        arguments placed as `run` places them (for XLA's memory analysis)."""
+        num_devices = len(self.devices)
+        queue = engine.empty_queue(chunk_size * num_devices, tuple(self.model.image_shape))
+        queue = queue.replace(length=np.zeros((num_devices,), np.int32))
+        return self._run_queue.lower(
+            jax.random.key(0), self._initial_state(),
+            jax.device_put(queue, NamedSharding(self.mesh, P("data"))),
+            np.asarray(True), self._params, np.int32(1),
+        )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)
@@ -227,15 +270,12 @@ def attack_arrays(
     targeted = target_labels is not None
     attacker = Attacker(model, config, targeted, num_slots, devices)
     chunks = list(attacker.run(key, items, lambda p: images[p], chunk_size or max(n, 1)))
-    merged = Results(*[np.concatenate([getattr(c, f.name) for c in chunks])
-                       for f in dataclasses.fields(Results)])  # fmt: skip
-    order = np.argsort(merged.work_ids)
-    return Results(*[getattr(merged, f.name)[order] for f in dataclasses.fields(Results)])
+    return Results.concatenate(chunks).sorted_by_work_id()
 
 
 def predict_probs(model, images, batch_size: int = 1024) -> np.ndarray:
     """Clean softmax probabilities, [N, C], in batches through a jitted forward pass."""
-    forward = _jitted_probs(model.apply_fn)
+    forward = jitted_probs(model.apply_fn)
     out = []
     for start in range(0, len(images), batch_size):
         batch = jnp.asarray(images[start : start + batch_size], jnp.float32)
@@ -250,8 +290,9 @@ def predict_probs(model, images, batch_size: int = 1024) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_probs(apply_fn):
-    """(softmax probabilities, whether every logit is finite), checked before the softmax."""
+def jitted_probs(apply_fn):
+    """`(softmax probabilities, whether every logit is finite)`, jitted once per model;
+    the check is on the logits, before the softmax."""
 
     def forward(params, images):
         logits = apply_fn(params, images).astype(jnp.float32)

@@ -22,6 +22,7 @@ the number of images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -42,10 +43,14 @@ class Dataset:
     indices: np.ndarray  # [N] int64, the dataset index of each position
     class_names: tuple[str, ...]
     read_fn: Callable[[Sequence[int]], np.ndarray]  # positions -> uint8 [n, H, W, 3]
-    sources: Sequence[str] | None = None  # file path per position, when from files
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @functools.cached_property
+    def position_of(self) -> dict[int, int]:
+        """Dataset index -> position."""
+        return {int(i): p for p, i in enumerate(self.indices)}
 
     def read(self, positions: Sequence[int]) -> np.ndarray:
         return self.read_fn(list(positions))
@@ -117,7 +122,6 @@ def _load_imagenet_flat(root, image_shape, resize) -> Dataset:
         indices=np.arange(len(paths), dtype=np.int64),
         class_names=class_names,
         read_fn=_files_reader(paths, image_shape, resize),
-        sources=paths,
     )
 
 
@@ -163,7 +167,6 @@ def load_folder(root: str, split: str, image_shape=None, resize: str = "none") -
         indices=np.asarray(indices, np.int64),
         class_names=class_names,
         read_fn=_files_reader(paths, image_shape, resize),
-        sources=paths,
     )
 
 
@@ -296,8 +299,7 @@ def select(dataset: Dataset, selection: str) -> np.ndarray:
         raise InputError(
             f"selection {selection!r}: expected 'A:B' (index range) or a comma list of indices"
         ) from e
-    position_of = {int(i): p for p, i in enumerate(dataset.indices)}
-    missing = [i for i in wanted if i not in position_of]
+    missing = [i for i in wanted if i not in dataset.position_of]
     if missing:
         raise InputError(f"selection: image indices {missing[:10]} are not in {dataset.name}")
-    return np.asarray([position_of[i] for i in wanted], np.int64)
+    return np.asarray([dataset.position_of[i] for i in wanted], np.int64)

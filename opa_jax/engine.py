@@ -7,8 +7,8 @@ A slot whose image stops records its result in an output buffer and takes the
 next waiting image from the queue at the start of the next iteration, so the
 model spends nearly every evaluation on unfinished images.
 
-Each image's random stream is `fold_in(fold_in(key, dataset_index), target + 1)`,
-so its result does not depend on the slot count, the batch or the device count.
+Each image's random stream is `image_key(key, dataset_index, target)`, so its
+result does not depend on the slot count, the batch or the device count.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ class Finished:
     count: jax.Array  # []
 
 
+def image_key(key, index, target):
+    """The random stream of one work item: its dataset index and target (-1: none)."""
+    return jax.random.fold_in(jax.random.fold_in(key, index), target + 1)
+
+
 def init_state(
     num_slots: int, image_shape, num_classes: int, config: de.DEConfig, num_devices: int = 1
 ) -> EngineState:
@@ -125,9 +130,7 @@ def _generation(state: EngineState, key, apply_fn, params, config, targeted, low
     """One generation for every slot: propose, one flat model call, update."""
     num_slots = state.work_ids.shape[0]
     active = state.work_ids >= 0
-    image_keys = jax.vmap(
-        lambda index, target: jax.random.fold_in(jax.random.fold_in(key, index), target + 1)
-    )(state.indices, state.target_labels)
+    image_keys = jax.vmap(image_key, in_axes=(None, 0, 0))(key, state.indices, state.target_labels)
     candidates = jax.vmap(de.propose, in_axes=(0, 0, 0, None, None, None))(
         image_keys, state.de_state, state.fresh, config, low, high
     )  # [S, popsize, genes]

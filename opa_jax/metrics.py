@@ -1,9 +1,11 @@
 """The paper's measurements as mergeable tallies (counts and sums; rates at the end).
 
-A `Tally` is built from result records (the lines of `results.jsonl`) and
-merges across chunks, devices, hosts and resumed runs by addition, so a
-report over several workdirs or hosts is the sum of theirs (Su et al. 2019,
-Sec. IV-C: success rate, confidence, number of target classes, class pairs).
+A `Tally` is built from result records (the lines of `results.jsonl`): the
+paper's measurements (Su et al. 2019, Sec. IV-C: success rate, confidence,
+number of target classes, class pairs) kept as counts and sums. Two tallies
+combine by addition (`merge`) into the tally of all their records, so partial
+tallies (of chunks, hosts or runs) need not keep their records. The summary
+and the report tally every host's records of a workdir at once.
 """
 
 from __future__ import annotations

@@ -16,18 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from opa_jax import data, de, metrics
-from opa_jax import run as run_lib
+from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 
-# Relative data and model paths in a config are relative to where the attack ran,
-# usually the repository root.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LABELLED_CLASSES = 20  # more classes than this: plots show the ones that occur
 
 
 @dataclasses.dataclass
-class Run:
-    """One workdir's config, records and tally."""
+class RunResults:
+    """One attack run's config, records and tally, read from its workdir."""
 
     workdir: str
     name: str
@@ -71,19 +68,19 @@ def _unique_names(workdirs: Sequence[str]) -> list[str]:
     return [os.path.normpath(w).strip(os.sep).replace(os.sep, "_") for w in workdirs]
 
 
-def _file_name(prefix: str, run: Run) -> str:
+def _file_name(prefix: str, run: RunResults) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
     return f"{prefix}_{safe}.png"
 
 
-def load_run(workdir: str, name: str | None = None) -> Run:
+def load_run_results(workdir: str, name: str | None = None) -> RunResults:
     """Reads a workdir; every host's results are merged."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise InputError(f"workdir {workdir!r}: no config.json, so not an attack workdir")
     with open(config_path) as f:
         config = json.load(f)
-    records = run_lib.read_all_results(workdir)
+    records = workdir_lib.read_all_results(workdir)
     summary = {}
     if os.path.isfile(os.path.join(workdir, "summary.json")):
         with open(os.path.join(workdir, "summary.json")) as f:
@@ -98,7 +95,7 @@ def load_run(workdir: str, name: str | None = None) -> Run:
     if len(class_names) != num_classes:
         class_names = tuple(str(c) for c in range(num_classes))
     image_shape = summary.get("image_shape")
-    return Run(
+    return RunResults(
         workdir=workdir,
         name=name or os.path.basename(os.path.normpath(workdir)),
         config=config,
@@ -123,7 +120,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def summary_table(runs: Sequence[Run]) -> str:
+def summary_table(runs: Sequence[RunResults]) -> str:
     """One row per run, in the form of the paper's Table 2 (success rate over attacks:
     images, or image-target pairs when targeted; confidence over successes)."""
     header = ["run", "model", "pixels", "mode", "method", "images", "attacks", "success rate",
@@ -143,7 +140,7 @@ def summary_table(runs: Sequence[Run]) -> str:
     return _table(header, rows)
 
 
-def pixel_table(runs: Sequence[Run]) -> str | None:
+def pixel_table(runs: Sequence[RunResults]) -> str | None:
     """Success rate by pixel count, one row per model, mode and method (the paper's Table 3
     form); None unless some row has more than one pixel count."""
     groups: dict[tuple, dict[int, str]] = {}
@@ -161,7 +158,7 @@ def pixel_table(runs: Sequence[Run]) -> str | None:
     return _table(header, rows)
 
 
-def perturbation_size(run: Run, dataset=None) -> tuple[float | None, float | None]:
+def perturbation_size(run: RunResults, dataset=None) -> tuple[float | None, float | None]:
     """Mean number of changed pixels and mean L-inf change (0-255) over the records.
 
     FGSM records carry both. For DE the pixels written are known, and what they
@@ -176,10 +173,9 @@ def perturbation_size(run: Run, dataset=None) -> tuple[float | None, float | Non
         )
     if dataset is None:
         return float(run.pixels), None
-    position = {int(i): p for p, i in enumerate(dataset.indices)}
     changed, linf = [], []
     for record in run.records:
-        original = dataset.read([position[record["image"]]])[0].astype(np.int64)
+        original = dataset.read([dataset.position_of[record["image"]]])[0].astype(np.int64)
         adversarial = apply_perturbation(original, record["perturbation"])
         diff = np.abs(adversarial - original).max(-1)
         changed.append(int(np.sum(diff > 0)))
@@ -187,9 +183,9 @@ def perturbation_size(run: Run, dataset=None) -> tuple[float | None, float | Non
     return float(np.mean(changed)), float(np.mean(linf))
 
 
-def comparison_table(runs: Sequence[Run], datasets: dict) -> str | None:
+def comparison_table(runs: Sequence[RunResults], datasets: dict) -> str | None:
     """DE vs random search vs FGSM, for each model and mode run with more than one method."""
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, list[RunResults]] = {}
     for run in runs:
         groups.setdefault((run.model, run.mode), []).append(run)
     rows = []
@@ -226,13 +222,16 @@ def apply_perturbation(image: np.ndarray, perturbation) -> np.ndarray:
 
 
 def _existing_path(path: str, workdir: str) -> str | None:
-    for candidate in (path, os.path.join(_REPO_ROOT, path), os.path.join(workdir, path)):
+    """A path from a run's config: as given, or relative to the directory the run
+    started in (its run_info.json), or to the workdir."""
+    started_in = workdir_lib.read_run_info(workdir).get("cwd", "")
+    for candidate in (path, os.path.join(started_in, path), os.path.join(workdir, path)):
         if os.path.exists(candidate):
             return candidate
     return None
 
 
-def open_dataset(run: Run):
+def open_dataset(run: RunResults):
     """The run's dataset, or None (with the reason) when it cannot be read here."""
     config = run.config
     kind, _, arg = config["data"].partition(":")
@@ -274,7 +273,7 @@ def _save(fig, path: str) -> None:
         image.convert("RGB").quantize(256).save(path, optimize=True)
 
 
-def plot_examples(run: Run, dataset, path: str, max_examples: int = 6) -> bool:
+def plot_examples(run: RunResults, dataset, path: str, max_examples: int = 6) -> bool:
     """Original and attacked images of successful attacks, the changed pixels circled."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
@@ -290,11 +289,10 @@ def plot_examples(run: Run, dataset, path: str, max_examples: int = 6) -> bool:
             break
     if not chosen:
         return False
-    position = {int(i): p for p, i in enumerate(dataset.indices)}
     names = run.class_names
     fig, axes = plt.subplots(2, len(chosen), figsize=(2.0 * len(chosen), 5.2), squeeze=False)
     for column, record in enumerate(chosen):
-        original = dataset.read([position[record["image"]]])[0]
+        original = dataset.read([dataset.position_of[record["image"]]])[0]
         adversarial = apply_perturbation(original, record["perturbation"])
         true, adv = record["true_label"], record["adv_label"]
         top, bottom = axes[0, column], axes[1, column]
@@ -333,7 +331,7 @@ def _shown_classes(counts: np.ndarray) -> np.ndarray:
     return np.sort(order[: min(MAX_LABELLED_CLASSES, max(1, int(np.sum(counts > 0))))])
 
 
-def plot_pair_heatmap(run: Run, path: str) -> None:
+def plot_pair_heatmap(run: RunResults, path: str) -> None:
     """Successful attacks by true class (rows) and adversarial class (columns)."""
     import matplotlib.pyplot as plt
 
@@ -371,7 +369,7 @@ def _annotate_bars(ax, bars, texts):
                         textcoords="offset points")  # fmt: skip
 
 
-def plot_target_classes(runs: Sequence[Run], path: str) -> None:
+def plot_target_classes(runs: Sequence[RunResults], path: str) -> None:
     """Share of images perturbed to exactly n target classes (the paper's Fig. 3)."""
     import matplotlib.pyplot as plt
 
@@ -393,7 +391,7 @@ def plot_target_classes(runs: Sequence[Run], path: str) -> None:
     _save(fig, path)
 
 
-def plot_success_by_pixels(runs: Sequence[Run], path: str) -> None:
+def plot_success_by_pixels(runs: Sequence[RunResults], path: str) -> None:
     """Success rate against the number of pixels, one bar group per pixel count."""
     import matplotlib.pyplot as plt
 
@@ -427,7 +425,7 @@ def plot_success_by_pixels(runs: Sequence[Run], path: str) -> None:
     _save(fig, path)
 
 
-def plot_adv_labels(runs: Sequence[Run], path: str) -> None:
+def plot_adv_labels(runs: Sequence[RunResults], path: str) -> None:
     """Which classes the successful attacks land in, as a share of each run's successes."""
     import matplotlib.pyplot as plt
 
@@ -461,7 +459,7 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
     matplotlib.use("Agg")
     if not workdirs:
         raise InputError("no workdirs given")
-    runs = [load_run(w, n) for w, n in zip(workdirs, _unique_names(workdirs), strict=True)]
+    runs = [load_run_results(w, n) for w, n in zip(workdirs, _unique_names(workdirs), strict=True)]
     os.makedirs(out, exist_ok=True)
     datasets, notes = {}, []
     for run in runs:
@@ -487,8 +485,8 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
     lines += ["## Settings", ""]
     for run in runs:
         c = run.config
-        de = {k: v for k, v in c["de"].items() if v is not None}
-        detail = f"fgsm={c['fgsm']}" if c["method"] == "fgsm" else f"de={de}"
+        de_settings = {k: v for k, v in c["de"].items() if v is not None}
+        detail = f"fgsm={c['fgsm']}" if c["method"] == "fgsm" else f"de={de_settings}"
         lines.append(
             f"- **{run.name}**: model `{c['model']}`, data `{c['data']}` ({c['split']}), "
             f"selection `{c['selection'] or 'all'}`, num_images {c['num_images'] or 'all'}, "
@@ -514,7 +512,7 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
                "For each image, the number of target classes it was successfully pushed "
                "to (Su et al. 2019, Fig. 3).")  # fmt: skip
     with_successes = [r for r in runs if r.tally.successes]
-    by_classes: dict[tuple, list[Run]] = {}
+    by_classes: dict[tuple, list[RunResults]] = {}
     for run in with_successes:
         by_classes.setdefault(run.class_names, []).append(run)
     for k, group in enumerate(by_classes.values()):

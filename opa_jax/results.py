@@ -51,17 +51,14 @@ class Writer:
         repair(path)
         self.path = path
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._pending = 0
 
     def write(self, records: Iterable[dict]) -> None:
         for record in records:
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-            self._pending += 1
 
     def flush(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._pending = 0
 
     def close(self) -> None:
         self.flush()

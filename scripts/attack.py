@@ -9,11 +9,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from opa_jax import run  # noqa: E402
-from opa_jax.errors import InputError  # noqa: E402
+from opa_jax import devices, run  # noqa: E402
+from opa_jax.errors import exit_on_input_error  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results and the run record.")
@@ -27,13 +27,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None and not _DRY_RUN.value:
         raise app.UsageError("--workdir is required")
-    try:
-        run.set_cpu_devices(_CONFIG.value.get("cpu_devices", 0))  # before JAX starts
-        summary = run.attack(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
-    except InputError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_input_error():
+        devices.set_cpu_devices(_CONFIG.value.get("cpu_devices", 0))  # before JAX starts
+        summary = run.run_attack(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
     if not _DRY_RUN.value:
         print(
             f"success rate {100 * summary['success_rate']:.1f}% over {summary['attacks']} attacks "

@@ -15,8 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from opa_jax import benchmark, run  # noqa: E402
-from opa_jax.errors import InputError  # noqa: E402
+from opa_jax import devices  # noqa: E402
+from opa_jax.bench import benchmark  # noqa: E402
+from opa_jax.errors import exit_on_input_error  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/benchmark", "Directory for the JSON and Markdown.")
@@ -26,12 +27,9 @@ _OUT = flags.DEFINE_string("out", "", "JSON path (default: <workdir>/benchmark.j
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run.set_cpu_devices(_CONFIG.value.get("cpu_devices", 0))  # before JAX starts
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    benchmark.benchmark(_CONFIG.value, _WORKDIR.value, _OUT.value, log=logging.info)
+    with exit_on_input_error():
+        devices.set_cpu_devices(_CONFIG.value.get("cpu_devices", 0))  # before JAX starts
+    benchmark(_CONFIG.value, _WORKDIR.value, _OUT.value, log=logging.info)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
-from opa_jax import benchmark, profiling
+from opa_jax import attack, profiling
+from opa_jax.bench import benchmark, children, markdown, measure
 from opa_jax.models import LoadedModel
 
 POPSIZE, GENERATIONS, SLOTS, IMAGES = 10, 2, 2, 2  # one wave: scaling reuses the loop
@@ -46,7 +47,7 @@ def tiny_config():
 
 def test_tiny_benchmark_reports_consistent_figures(tmp_path):
     model = LoadedModel("toy", toy_logits, {}, (8, 8, 3), 2)
-    report = benchmark.benchmark(tiny_config(), str(tmp_path), model=model, log=lambda _: None)
+    report = benchmark(tiny_config(), str(tmp_path), model=model, log=lambda _: None)
 
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     for field in ("machine", "forward_ceiling", "engine", "efficiency", "scipy_baseline",
@@ -95,17 +96,17 @@ def test_tiny_benchmark_reports_consistent_figures(tmp_path):
 
 
 def test_spread_and_digest():
-    s = benchmark.spread([3.0, 1.0, 2.0])
+    s = measure.spread([3.0, 1.0, 2.0])
     assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
-    results = benchmark.attack.Results(
+    results = attack.Results(
         work_ids=np.array([1, 0]), success=np.array([True, False]),
         perturbation=np.zeros((2, 1, 5)), adv_probs=np.zeros((2, 2)),
         generations=np.array([1, 2]), queries=np.array([20, 30]),
     )  # fmt: skip
-    reordered = benchmark.attack.Results(*[np.asarray(x)[::-1] for x in (
+    reordered = attack.Results(*[np.asarray(x)[::-1] for x in (
         results.work_ids, results.success, results.perturbation, results.adv_probs,
         results.generations, results.queries)])  # fmt: skip
-    assert benchmark.digest(results) == benchmark.digest(reordered)
+    assert measure.digest(results) == measure.digest(reordered)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def tiny_keras_spec(tmp_path_factory):
 
 
 def test_device_scaling_gives_identical_results_on_one_and_two_devices(tiny_keras_spec):
-    rows = benchmark.device_scaling(
+    rows = children.device_scaling(
         tiny_keras_spec, tiny_config(), (1, 2), slots=1, generations=1, repetitions=1
     )
     assert [row.get("error") for row in rows] == [None, None]
@@ -130,7 +131,7 @@ def test_device_scaling_gives_identical_results_on_one_and_two_devices(tiny_kera
 def test_xla_flag_comparison_runs_each_setting_in_its_own_process(tiny_keras_spec):
     config = tiny_config()
     flag_sets = ("", "--xla_cpu_use_xnnpack=true")
-    rows = benchmark.xla_flag_comparison(
+    rows = children.xla_flag_comparison(
         tiny_keras_spec, config, flag_sets, slots=1, generations=1, rounds=1, loop_calls=2
     )
     assert [row["flags"] for row in rows] == list(flag_sets)
@@ -141,7 +142,7 @@ def test_xla_flag_comparison_runs_each_setting_in_its_own_process(tiny_keras_spe
     # The first setting is the reference: speed-up 1, identical probabilities.
     assert rows[0]["forward_speedup"]["median"] == 1.0 and rows[0]["max_prob_diff"] == 0.0
     assert rows[1]["max_prob_diff"] < 1e-5  # another convolution library, the same model
-    table = benchmark.xla_flags_table(rows)
+    table = markdown.xla_flags_table(rows)
     assert table[2].startswith("| (default) | 10 |")
     assert table[3].startswith("| `--xla_cpu_use_xnnpack=true` | 10 |")
 

@@ -190,7 +190,7 @@ def test_refilled_slots_keep_evaluations_on_active_images():
     items = attack.WorkItems(
         np.arange(n), np.arange(n), np.zeros(n, np.int32), np.full(n, -1, np.int32)
     )
-    progress = attack.Progress()
+    progress = attack.LoopCounters()
     results = list(attacker.run(jax.random.key(0), items, lambda p: images[p], 16, progress))
     generations = np.concatenate([r.generations for r in results])
     assert generations.min() <= 1 and generations.max() >= 20  # finish times vary widely

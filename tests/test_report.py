@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from test_run import REPO, SIZE, tiny_config, write_images
 
-from opa_jax import metrics, report, run
+from opa_jax import metrics, report
+from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 
 NUM_CLASSES = 4
@@ -97,9 +98,11 @@ def test_number_of_target_classes_and_pairs_on_hand_made_records():
 
 
 def write_workdir(path, config, records, hosts=1):
-    """A workdir as run.attack leaves it (records split across host files if asked)."""
+    """A workdir as run.run_attack leaves it (records split across host files if asked)."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(run._identity(config)))
+    (path / "config.json").write_text(
+        json.dumps(workdir_lib.config_identity(config, workdir_lib.EXECUTION_FIELDS))
+    )
     names = (
         ["results.jsonl"] if hosts == 1 else [f"results.host{h:03d}.jsonl" for h in range(hosts)]
     )

@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
-from opa_jax import attack, baselines, data, de, run
+from opa_jax import attack, baselines, data, de, devices, plan, run
+from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 from opa_jax.models import load_model
 
@@ -214,7 +215,7 @@ def test_every_config_loads_and_resolves():
         config = load_config_file(spec)
         assert flat_keys(config) == default_keys, spec  # overrides only, no new fields
         if config.method == "de":
-            dconf = run.de_config(config)
+            dconf = plan.de_config(config)
             assert isinstance(dconf, de.DEConfig) and dconf.num_pixels == config.pixels
         methods[spec] = (config.method, config.de.preset)
     nin = load_config_file("cifar10.py:nin,3,targeted")
@@ -222,7 +223,9 @@ def test_every_config_loads_and_resolves():
     assert methods["cifar10_scipy.py:lenet,1,nontargeted"] == ("de", "scipy")
     assert methods["cifar10_random_search.py:resnet,5,targeted"] == ("de", "random")
     assert methods["cifar10_fgsm.py:vgg16,targeted"][0] == "fgsm"
-    assert run.de_config(load_config_file("cifar10_scipy.py:lenet,1,nontargeted")).generations == 75
+    assert (
+        plan.de_config(load_config_file("cifar10_scipy.py:lenet,1,nontargeted")).generations == 75
+    )
     alexnet = load_config_file("alexnet_imagenet_1px.py")
     assert alexnet.resize == "center_crop" and alexnet.model.startswith("alexnet:")
 
@@ -352,7 +355,7 @@ def test_cpu_devices_split_the_host_and_auto_respects_xla_flags(tiny, tmp_path):
     XLA_FLAGS already forces a count; a negative count is refused."""
     without_flag = script_env(tiny["cache"])
     del without_flag["XLA_FLAGS"]
-    cores = min(len(os.sched_getaffinity(0)), run.MAX_AUTO_CPU_DEVICES)
+    cores = min(len(os.sched_getaffinity(0)), devices.MAX_AUTO_CPU_DEVICES)
     cases = [
         (["--config.cpu_devices=3"], script_env(tiny["cache"], devices=1), 3),  # overrides
         ([], script_env(tiny["cache"], devices=5), 5),  # auto: the forced count stands
@@ -372,13 +375,13 @@ def test_cpu_devices_split_the_host_and_auto_respects_xla_flags(tiny, tmp_path):
 
 def test_auto_slots_on_a_cpu_give_a_batch_of_about_400_per_device(tiny, monkeypatch):
     model = load_model(tiny["model"])
-    assert [run.auto_slots(model, p) for p in (400, 1000, 200, 100, 16)] == [1, 1, 2, 4, 25]
+    assert [devices.auto_slots(model, p) for p in (400, 1000, 200, 100, 16)] == [1, 1, 2, 4, 25]
     # Little host memory: the slots shrink to fit half of it (never below 1).
-    per_slot = run.slot_bytes(model, 16)
+    per_slot = devices.slot_bytes(model, 16)
     monkeypatch.setattr(run, "host_available_bytes", lambda: 2 * 3 * per_slot + 1)
-    assert run.auto_slots(model, 16) == 3 and run.auto_slots(model, 400) == 1
+    assert devices.auto_slots(model, 16) == 3 and devices.auto_slots(model, 400) == 1
     monkeypatch.setattr(run, "host_available_bytes", lambda: 1)
-    assert run.auto_slots(model, 16) == 1
+    assert devices.auto_slots(model, 16) == 1
 
 
 def test_multi_host_shares_merge_to_the_single_host_run(tiny, reference, tmp_path):
@@ -398,7 +401,7 @@ from opa_jax import run
 for host in (0, 1):
     jax.process_index = lambda host=host: host
     jax.process_count = lambda: 2
-    run.attack(config.value, {str(workdir)!r})
+    run.run_attack(config.value, {str(workdir)!r})
 """
     done = run_script([sys.executable, "-c", driver], script_env(tiny["cache"]))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -406,8 +409,8 @@ for host in (0, 1):
     assert host_files == ["results.host000.jsonl", "results.host001.jsonl"]
     shares = [len((workdir / name).read_text().splitlines()) for name in host_files]
     assert shares == [tiny["items"] // 2, tiny["items"] - tiny["items"] // 2]
-    merged = run.read_all_results(str(workdir))
-    want = run.read_all_results(str(reference))
+    merged = workdir_lib.read_all_results(str(workdir))
+    want = workdir_lib.read_all_results(str(reference))
     assert_same_records(merged, want)
 
 
@@ -476,14 +479,14 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     for name, fields, workdir, pattern in bad_input_cases(tiny, tmp_path):
         config = tiny_config(tiny, **fields)
         with pytest.raises(InputError, match=pattern):
-            run.attack(config, str(workdir))
+            run.run_attack(config, str(workdir))
         assert not (tmp_path / "w").exists(), name  # nothing written before the check failed
 
 
 def test_fgsm_run_records_the_dense_perturbation(tiny, tmp_path):
     config = tiny_config(tiny, method="fgsm", **{"fgsm.epsilon": 6.0})
-    summary = run.attack(config, str(tmp_path / "fgsm"))
-    records = run.read_all_results(str(tmp_path / "fgsm"))
+    summary = run.run_attack(config, str(tmp_path / "fgsm"))
+    records = workdir_lib.read_all_results(str(tmp_path / "fgsm"))
     assert len(records) == summary["attacks"] == NUM_IMAGES
     for record in records:
         assert record["method"] == "fgsm" and record["perturbation"] == []

@@ -1,0 +1,174 @@
+"""An attack workdir: its identity, run record, results and summary.
+
+- `config.json`: the run's identity, the config without the execution fields.
+  Rerunning on the workdir resumes the run; a larger `num_images` (or 0, for
+  all) extends it; any other change of the identity is refused.
+- `run_info.json`: software versions, devices, seed, command line and the
+  directory the run started in (relative data paths are relative to it).
+- `results.jsonl` (`results.hostNNN.jsonl` per host on several hosts): one
+  record per attack, appended as images finish.
+- `summary.json`: the tally of every host's records.
+
+Training checks its resumption with the same `config_identity` and
+`differing_fields`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+
+from opa_jax import attack, metrics, provenance, results
+from opa_jax.errors import InputError
+from opa_jax.models import LoadedModel
+
+# Fields that change how a run executes, never its results.
+EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds", "distributed", "cpu_devices")
+RESULTS_FILE = "results.jsonl"
+RUN_INFO_FILE = "run_info.json"
+
+
+def config_identity(config: ml_collections.ConfigDict, ignored_fields=()) -> dict:
+    """The config as plain JSON values, without `ignored_fields`."""
+    identity = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    for field in ignored_fields:
+        identity.pop(field, None)
+    return identity
+
+
+def differing_fields(previous: dict, current: dict, ignored_fields=()) -> list[str]:
+    """The top-level fields whose values differ, sorted."""
+    return sorted(
+        k
+        for k in set(previous) | set(current)
+        if k not in ignored_fields and previous.get(k) != current.get(k)
+    )
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Claims `workdir` for the run, or refuses one that holds another run."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"workdir {workdir!r} is not writable ({e})") from e
+    path = os.path.join(workdir, "config.json")
+    identity = config_identity(config, EXECUTION_FIELDS)
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        # num_images may grow (the run is extended by the next eligible images), never shrink.
+        changed = differing_fields(previous, identity, ignored_fields=("num_images",))
+        if changed:
+            raise InputError(
+                f"workdir {workdir!r} holds a run with a different config (fields differ: "
+                f"{changed}); use a new --workdir, or rerun with the original config to resume"
+            )
+        before, now = previous.get("num_images", 0), identity.get("num_images", 0)
+        if not (now == 0 or 0 < before <= now):  # 0 means all eligible images
+            raise InputError(
+                f"workdir {workdir!r} holds a run with num_images={before}; it can be resumed "
+                f"or extended (num_images >= {before}, or 0 for all), not shrunk to {now}; "
+                "use a new --workdir for a smaller run"
+            )
+        if previous == identity:
+            return
+    with open(path, "w") as f:
+        json.dump(identity, f, indent=2, sort_keys=True)
+
+
+def write_run_info(workdir: str, config: ml_collections.ConfigDict, de_settings: dict | None):
+    info = {
+        "seed": config.seed,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        **provenance.software_versions(),
+        **provenance.devices(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "de": de_settings,
+    }
+    with open(os.path.join(workdir, RUN_INFO_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def read_run_info(workdir: str) -> dict:
+    """The workdir's run record, or {} when it has none."""
+    path = os.path.join(workdir, RUN_INFO_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def results_path(workdir: str) -> str:
+    """This host's results file."""
+    if jax.process_count() == 1:
+        return os.path.join(workdir, RESULTS_FILE)
+    return os.path.join(workdir, f"results.host{jax.process_index():03d}.jsonl")
+
+
+def read_all_results(workdir: str) -> list[dict]:
+    """Every host's records of a workdir."""
+    names = sorted(
+        f for f in os.listdir(workdir) if f.startswith("results") and f.endswith(".jsonl")
+    )
+    return [r for name in names for r in results.read(os.path.join(workdir, name))]
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+    """'de:<preset>' or 'fgsm', as records and summaries name the method."""
+    return config.method if config.method != "de" else f"de:{config.de.preset}"
+
+
+def record(config, items: attack.WorkItems, clean_probs: dict, res: attack.Results, i: int):
+    """The `results.jsonl` record of row `i` of `res`."""
+    w = int(res.work_ids[i])
+    p = int(items.positions[w])
+    target = int(items.target_labels[w])
+    out = {
+        "image": int(items.indices[w]),
+        "true_label": int(items.true_labels[w]),
+        "target_label": None if target < 0 else target,
+        "success": bool(res.success[i]),
+        "adv_label": int(res.adv_label[i]),
+        "adv_prob": float(res.adv_prob[i]),
+        "clean_probs": [round(float(v), 7) for v in clean_probs[p]],
+        "adv_probs": [round(float(v), 7) for v in res.adv_probs[i]],
+        "perturbation": res.perturbation[i].tolist(),
+        "generations": int(res.generations[i]),
+        "queries": int(res.queries[i]),
+        "pixels": int(config.pixels),
+        "model": config.model,
+        "method": method_name(config),
+    }
+    if hasattr(res, "l0_pixels"):  # dense baselines (FGSM): how many pixels, how far
+        out["l0_pixels"] = int(res.l0_pixels[i])
+        out["linf"] = float(res.linf[i])
+    return out
+
+
+def write_summary(workdir: str, config, model: LoadedModel, extra: dict | None = None) -> dict:
+    """Tallies every host's records into `summary.json`; returns the summary."""
+    tally = metrics.Tally(model.num_classes).update(read_all_results(workdir))
+    summary = {
+        "model": config.model,
+        "data": config.data,
+        "pixels": config.pixels,
+        "targeted": bool(config.targeted),
+        "method": method_name(config),
+        "class_names": list(model.class_names) if model.class_names else None,
+        "image_shape": list(model.image_shape),  # what the report crops resized images to
+        **tally.summary(),
+        **(extra or {}),
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
