@@ -4,7 +4,8 @@
 spec (`folder:PATH` or `tfds:cifar10`), checkpoints the training state every
 `checkpoint_every` steps, resumes from `<workdir>/checkpoints` when present,
 and finally evaluates and writes a self-describing model checkpoint to
-`<workdir>/model` (see `opa_jax.checkpoint`).
+`<workdir>/model` (see `opa_jax.models.checkpoint`). It runs in three
+parts: `setup`, `train_loop` and `final_evaluation`.
 
 Resuming gives the same result as an uninterrupted run: the data order is a
 function of (seed, epoch) and each step's random key is `fold_in(key(seed),
@@ -21,7 +22,6 @@ import os
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,8 +29,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import serialization
+from flax.training import train_state
 
-from opa_jax import data
+from opa_jax import data, files
+from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 from opa_jax.models import base, checkpoint, zoo
 
@@ -50,12 +52,10 @@ RESUME_FREE_FIELDS = (
 )
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: steps taken
-    params: Any
+class TrainState(train_state.TrainState):
+    """flax's state (step, params, optimiser and its state), with batch-norm statistics."""
+
     batch_stats: Any  # {} for models without batch norm
-    opt_state: Any
 
 
 # ----------------------------------------------------------------------------- data
@@ -153,8 +153,8 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def train_step(state: TrainState, images, labels, *, module, tx, seed, augment_padding,
-               label_smoothing, num_classes):  # fmt: skip
+def train_step(state: TrainState, images, labels, *, seed, augment_padding, label_smoothing,
+               num_classes):  # fmt: skip
     """One SGD step on a batch of uint8 images [B, H, W, 3] and int labels [B]."""
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     augment_key, dropout_key = jax.random.split(key)
@@ -165,7 +165,7 @@ def train_step(state: TrainState, images, labels, *, module, tx, seed, augment_p
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
     def loss_fn(params):
-        logits, updates = module.apply(
+        logits, updates = state.apply_fn(
             _variables(params, state.batch_stats),
             images,
             train=True,
@@ -176,17 +176,12 @@ def train_step(state: TrainState, images, labels, *, module, tx, seed, augment_p
         return loss, (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss_sum": loss * labels.shape[0],
         "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
         "count": labels.shape[0],
     }
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
-    return new_state, metrics
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 def eval_step(variables, images, labels, mask, *, module):
@@ -215,15 +210,13 @@ class OptimizerSettings:
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step_fn(module, settings: OptimizerSettings, total_steps: int,
-                       steps_per_epoch: int, **step_options):  # fmt: skip
+def make_train_step_fn(settings: OptimizerSettings, total_steps: int, steps_per_epoch: int,
+                       **step_options):  # fmt: skip
     """(jitted train step, optimiser, schedule); cached so that equal runs in one
     process (resumptions, tests, notebooks) compile once."""
     schedule = make_schedule(settings, total_steps, steps_per_epoch)
     tx = make_optimizer(settings, schedule)
-    step_fn = jax.jit(
-        functools.partial(train_step, module=module, tx=tx, **step_options), donate_argnums=0
-    )
+    step_fn = jax.jit(functools.partial(train_step, **step_options), donate_argnums=0)
     return step_fn, tx, schedule
 
 
@@ -254,23 +247,18 @@ def evaluate(eval_fn, variables, images, labels, batch_size: int) -> dict[str, f
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _resume_fingerprint(config) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS}
-
-
 def save_train_state(workdir: str, state: TrainState, config) -> None:
     """Atomically writes the training state (params, batch stats, optimizer state, step)."""
     directory = os.path.join(workdir, "checkpoints")
     os.makedirs(directory, exist_ok=True)
+    identity = workdir_lib.config_identity(config, RESUME_FREE_FIELDS)
     payload = {
         "state": serialization.to_state_dict(jax.device_get(state)),
-        "fingerprint": json.dumps(_resume_fingerprint(config), sort_keys=True, default=str),
+        "fingerprint": json.dumps(identity, sort_keys=True),
     }
-    path = os.path.join(directory, TRAIN_STATE_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
+    files.write_atomic(
+        os.path.join(directory, TRAIN_STATE_FILE), serialization.msgpack_serialize(payload)
+    )
 
 
 def read_train_state(workdir: str, config) -> dict | None:
@@ -291,9 +279,8 @@ def read_train_state(workdir: str, config) -> dict | None:
         raise InputError(
             f"training checkpoint {path!r} is corrupt ({e}); delete it to start afresh"
         ) from e
-    expected = json.loads(json.dumps(_resume_fingerprint(config), sort_keys=True, default=str))
-    differing = sorted(
-        k for k in set(expected) | set(fingerprint) if expected.get(k) != fingerprint.get(k)
+    differing = workdir_lib.differing_fields(
+        fingerprint, workdir_lib.config_identity(config, RESUME_FREE_FIELDS)
     )
     if differing:
         raise InputError(
@@ -342,12 +329,28 @@ def _exact_test_available(spec: str) -> bool:
     return bool(spec) and (kind != "folder" or os.path.isdir(path))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config.model` on `config.dataset`; returns the accuracies and final variables.
+@dataclasses.dataclass
+class Training:
+    """Everything a training run needs, read and built before its first step."""
 
-    Writes `<workdir>/checkpoints/` (resumable training state), `<workdir>/config.json`
-    and, at the end, the model checkpoint `<workdir>/model/`.
-    """
+    state: TrainState  # initial, or restored from the workdir
+    step_fn: Any  # (state, images, labels) -> (state, metrics), jitted
+    eval_fn: Any  # (variables, images, labels, mask) -> (correct, count), jitted
+    schedule: optax.Schedule
+    train_images: np.ndarray  # [N, H, W, 3] uint8
+    train_labels: np.ndarray  # [N] int32
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    model_config: dict[str, Any]  # the `zoo.build` options, num_classes included
+    steps_per_epoch: int
+    total_steps: int
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
+    """Checks the config, reads the data, builds the model and optimiser, and restores
+    the training state when the workdir holds one (refused if from another config)."""
     _check_config(config)
     arch = zoo.get_architecture(config.model)
     overrides = model_overrides(config)
@@ -381,7 +384,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
     step_fn, tx, schedule = make_train_step_fn(
-        module,
         OptimizerSettings.from_config(config),
         total_steps,
         steps_per_epoch,
@@ -390,7 +392,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         label_smoothing=config.label_smoothing,
         num_classes=num_classes,
     )
-    eval_fn = make_eval_fn(eval_module)
 
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, default=str)
@@ -399,29 +400,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = variables["params"]
     state = TrainState(
         step=jnp.asarray(0, jnp.int32),
+        apply_fn=module.apply,
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        tx=tx,
         opt_state=tx.init(params),
+        batch_stats=variables.get("batch_stats", {}),
     )
     if saved is not None:
         state = restore_train_state(saved, state, f"training checkpoint in {workdir!r}")
         logging.info("resumed from %s at step %d", workdir, int(state.step))
     logging.info(
         "%s (%d parameters) on %s: %d train / %d test images, %d steps of %d (%d per epoch)",
-        config.model,
-        base.count_params(variables),
-        config.dataset,
-        num_train,
-        len(test_labels),
-        total_steps,
-        config.batch_size,
-        steps_per_epoch,
+        config.model, base.count_params(variables), config.dataset, num_train, len(test_labels),
+        total_steps, config.batch_size, steps_per_epoch,
+    )  # fmt: skip
+    return Training(
+        state=state,
+        step_fn=step_fn,
+        eval_fn=make_eval_fn(eval_module),
+        schedule=schedule,
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=class_names,
+        image_shape=image_shape,
+        model_config=model_config,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
     )
 
+
+def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, dict, bool]:
+    """Steps from the restored step to the end (or `stop_after_steps`), logging and
+    checkpointing on the way; returns the state, the last logged train metrics and
+    whether it stopped early."""
+    state, steps_per_epoch, total_steps = (
+        training.state, training.steps_per_epoch, training.total_steps,
+    )  # fmt: skip
+    num_train = len(training.train_labels)
     step = int(state.step)
     pending = []  # metrics since the last log line, left on device until then
     last_log_time, last_log_step = time.time(), step
-    train_start = time.time()
     order, order_epoch = None, -1
     train_metrics = {}
     while step < total_steps:
@@ -429,7 +449,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if epoch != order_epoch:
             order, order_epoch = epoch_permutation(config.seed, epoch, num_train), epoch
         batch = order[position * config.batch_size : (position + 1) * config.batch_size]
-        state, metrics = step_fn(state, train_images[batch], train_labels[batch])
+        state, metrics = training.step_fn(
+            state, training.train_images[batch], training.train_labels[batch]
+        )
         pending.append(metrics)
         step += 1
 
@@ -445,74 +467,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.info(
                 "step %d/%d epoch %.2f: loss %.4f, train accuracy %.4f, lr %.4g, %.0f images/s, "
                 "ETA %.0fs",
-                step,
-                total_steps,
-                step / steps_per_epoch,
-                train_metrics["loss"],
-                train_metrics["accuracy"],
-                float(schedule(step - 1)),
-                steps_per_s * config.batch_size,
-                (total_steps - step) / max(steps_per_s, 1e-9),
-            )
+                step, total_steps, step / steps_per_epoch, train_metrics["loss"],
+                train_metrics["accuracy"], float(training.schedule(step - 1)),
+                steps_per_s * config.batch_size, (total_steps - step) / max(steps_per_s, 1e-9),
+            )  # fmt: skip
             last_log_time, last_log_step = now, step
         stopping = config.stop_after_steps > 0 and step >= config.stop_after_steps
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
             save_train_state(workdir, state, config)
         if stopping and step < total_steps:
             logging.info("stopping after step %d (stop_after_steps); resume to continue", step)
-            return {"step": step, "stopped": True, "variables": jax.device_get(
-                _variables(state.params, state.batch_stats))}  # fmt: skip
-    train_time = time.time() - train_start
+            return state, train_metrics, True
+    return state, train_metrics, False
 
-    final_variables = jax.device_get(_variables(state.params, state.batch_stats))
+
+def final_evaluation(config, training: Training, variables) -> dict[str, dict]:
+    """Accuracies on the test split and, when available, on the exact test images."""
     accuracies = {
         "test": {
             "dataset": config.dataset,
             "split": config.test_split,
-            **evaluate(eval_fn, final_variables, test_images, test_labels, config.eval_batch_size),
+            **evaluate(training.eval_fn, variables, training.test_images, training.test_labels,
+                       config.eval_batch_size),
         }
-    }
+    }  # fmt: skip
     if _exact_test_available(config.exact_test_data):
         exact_images, exact_labels, exact_classes = load_split(
-            config.exact_test_data, "test", image_shape
+            config.exact_test_data, "test", training.image_shape
         )
-        if exact_classes != class_names:
+        if exact_classes != training.class_names:
             logging.warning(
                 "skipping %s: its classes %s differ from the training classes %s",
-                config.exact_test_data,
-                exact_classes,
-                class_names,
-            )
+                config.exact_test_data, exact_classes, training.class_names,
+            )  # fmt: skip
         else:
             accuracies["exact_test"] = {
                 "dataset": config.exact_test_data,
                 "split": "test",
-                **evaluate(
-                    eval_fn, final_variables, exact_images, exact_labels, config.eval_batch_size
-                ),
-            }
+                **evaluate(training.eval_fn, variables, exact_images, exact_labels,
+                           config.eval_batch_size),
+            }  # fmt: skip
     for name, result in accuracies.items():
         logging.info(
             "%s accuracy on %s: %.4f (%d/%d)",
-            name,
-            result["dataset"],
-            result["accuracy"],
-            result["correct"],
-            result["count"],
-        )
+            name, result["dataset"], result["accuracy"], result["correct"], result["count"],
+        )  # fmt: skip
+    return accuracies
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config.model` on `config.dataset`; returns the accuracies and final variables.
+
+    Writes `<workdir>/checkpoints/` (resumable training state), `<workdir>/config.json`
+    and, at the end, the model checkpoint `<workdir>/model/`.
+    """
+    training = setup(config, workdir)
+    train_start = time.time()
+    state, train_metrics, stopped = train_loop(config, workdir, training)
+    variables = jax.device_get(_variables(state.params, state.batch_stats))
+    if stopped:
+        return {"step": int(state.step), "stopped": True, "variables": variables}
+    train_time = time.time() - train_start
+    accuracies = final_evaluation(config, training, variables)
     checkpoint.save_model_checkpoint(
         os.path.join(workdir, "model"),
         config.model,
-        final_variables,
+        variables,
         {
-            "model_config": model_config,
-            "class_names": class_names,
-            "image_shape": image_shape,
+            "model_config": training.model_config,
+            "class_names": training.class_names,
+            "image_shape": training.image_shape,
             "dataset": config.dataset,
             "accuracies": accuracies,
             "final_train_metrics": train_metrics,
-            "steps": total_steps,
+            "steps": training.total_steps,
             "seed": config.seed,
             "train_config": config.to_dict(),
             "train_time_s": round(train_time, 1),
@@ -522,9 +550,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     logging.info("wrote %s", os.path.join(workdir, "model"))
     return {
-        "step": step,
+        "step": int(state.step),
         "stopped": False,
         "accuracies": accuracies,
         "train_metrics": train_metrics,
-        "variables": final_variables,
+        "variables": variables,
     }
