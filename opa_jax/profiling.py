@@ -11,9 +11,7 @@ spans that only wait for other threads are left out.
 
 The device timelines are the `XLA Ops` lines of the processes named
 `/device:...` (GPUs, TPUs) when the trace has any, otherwise the XLA CPU
-client's threads (`tf_XLA...`). Only the CPU form is exercised on real
-traces here (no accelerator was lent); the accelerator form is tested on a
-trace written to the same layout.
+client's threads (`tf_XLA...`).
 """
 
 from __future__ import annotations

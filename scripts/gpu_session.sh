@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
-# The GPU measurements, one device call per stage group. Run on the device
-# machine (the `device` tool) from the repository root:
+# The GPU measurements, in stages. Run it on the GPU machine from the
+# repository root:
 #
-#   scripts/gpu_session.sh STAGE [STAGE ...]
+#   OUT=DIR scripts/gpu_session.sh STAGE [STAGE ...]
 #
-# Stages (each bounded by STAGE_SECONDS, default 540, so that a call fits the
-# tool's 10-minute limit; every run resumes, so rerunning a stage continues it):
+# Stages (each bounded by STAGE_SECONDS, default 540; every run resumes, so
+# rerunning a stage continues it):
 #   nin10k     the whole CIFAR-10 test set (10,000 JPEG images), NiN with random
-#              weights, 1 pixel, paper settings, early stop off (issue #5)
+#              weights, 1 pixel, paper settings, early stop off
 #   nin10k16   the same in bfloat16
-#   bench      scripts/benchmark.py for ResNet, NiN and LeNet (docs/benchmarks.md)
-#   resnet200  ResNet, 1 pixel, 200 exact images, scipy and paper presets (issue #2)
-#   train      NiN, All-CNN-C and VGG16 on the CIFAR-10 JPEG train set (issue #6)
+#   bench      scripts/benchmark.py for ResNet and NiN (docs/benchmarks.md)
+#   resnet200  ResNet, 1 pixel, 200 exact images, scipy and paper presets
+#   train      NiN, All-CNN-C and VGG16 on the CIFAR-10 JPEG train set
 #
-# Before the call, on the CPU machine, stage the inputs into the working tree
-# (both folders are git-ignored and travel with it):
-#   scripts/gpu_session.sh --stage
-# and pass `carry: [".whl"]` to the device tool. Outputs: one
-# $OUT/<stage>.tar.gz per stage (workdirs, logs, `time` figures), plus
-# $OUT/<stage>.log.
+# `scripts/gpu_session.sh --stage`, run first on a machine with ../shared/data,
+# copies the inputs into the working tree (./shared/data and ./.whl, both
+# git-ignored), so that they travel with it. Outputs: one $OUT/<stage>.tar.gz
+# per stage (workdirs, logs, wall times).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +36,7 @@ if [ "${1:-}" = "--stage" ]; then
   exit 0
 fi
 
-: "${OUT:?OUT must name the folder for outputs (the device tool sets it)}"
+: "${OUT:?OUT must name the folder for outputs}"
 STAGE_SECONDS="${STAGE_SECONDS:-540}"
 EXTRA=(${OPA_EXTRA_FLAGS:-})  # e.g. "--config.num_images=2" for a dry rehearsal
 PY="${PYTHON:-python3}"
