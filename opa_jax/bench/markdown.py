@@ -36,6 +36,183 @@ def xla_flags_table(rows) -> list[str]:
     return lines
 
 
+def scipy_baseline_lines(report: dict) -> list[str]:
+    lines = []
+    b = report["scipy_baseline"]
+    lines += [
+        f"| SciPy per-image baseline (queries/s) | {fmt(b['queries_per_s'])} |",
+        f"| SciPy per-image baseline (images/s) | {fmt(b['images_per_s'], 3)} |",
+        f"| speed-up over SciPy (images/s) | {fmt(b['speedup_images_per_s'], 2)} |",
+    ]
+    return lines
+
+
+def early_stop_lines(report: dict) -> list[str]:
+    lines = []
+    e = report["early_stop"]
+    lines += [
+        f"| engine, early stop `{e['stop']}`, {e['generations']} generations (images/s) | "
+        f"{fmt(e['images_per_s'], 3)} |",
+        f"| ... successes / images, mean queries | {e['successes']} / {e['images']}, "
+        f"{e['mean_queries']:.0f} |",
+    ]
+    return lines
+
+
+def breakdown_lines(report: dict) -> list[str]:
+    lines = []
+    b = report["breakdown"]
+    s = b["seconds_per_generation"]
+    lines += [
+        "",
+        f"| share of engine wall time ({b['ceiling'].replace('_', '-')} ceiling) | value |",
+        "|---|---|",
+        f"| model at the ceiling, useful (= efficiency) | {b['efficiency']:.3f} |",
+        f"| efficiency accounted from the loop without a model | {b['accounted_efficiency']:.4f} |",
+        f"| idle slots | {b['idle_slots']:.3f} |",
+        f"| DE mutation + selection | {b['de_step']:.4f} |",
+        f"| building perturbed images | {b['perturb']:.4f} |",
+        f"| host work between device calls | {b['host']:.4f} |",
+        f"| other (loop bookkeeping, in-loop model vs alone) | {b['other']:.3f} |",
+        "",
+        "| seconds per generation | value |",
+        "|---|---|",
+        *[f"| {name} | {value:.5f} |" for name, value in s.items()],
+    ]
+    return lines
+
+
+def profile_lines(report: dict) -> list[str]:
+    lines = []
+    p = report["profile"]
+    lines += [
+        "",
+        f"Profile of one engine run ({p['wall_seconds']:.2f} s, "
+        f"{p['engine_queries_per_s']:.1f} queries/s): device self time "
+        f"{p['device_seconds']:.2f} s on {p['timelines']} timelines, "
+        f"{p['mean_operations_running']:.2f} operations running on average. "
+        f"Trace: `{p['trace_file']}`.",
+        "",
+        "| operation | self seconds | share | count |",
+        "|---|---|---|---|",
+        *[f"| `{op['name']}` | {op['seconds']:.4f} | {op['share']:.3f} | {op['count']} |"
+          for op in p["ops"]],
+    ]  # fmt: skip
+    return lines
+
+
+def bf16_lines(report: dict) -> list[str]:
+    lines = []
+    b = report["bf16"]
+    lines += [
+        "",
+        "| bfloat16 | value |",
+        "|---|---|",
+        f"| forward (queries/s) | {fmt(b['forward_qps_bf16'])} |",
+        f"| forward speed-up over float32 | {fmt(b['forward_speedup'], 2)} |",
+        f"| engine speed-up over float32 | {fmt(b.get('engine_speedup'), 2)} |",
+        f"| clean images: max abs prob difference, argmax agreement | "
+        f"{b['clean_max_abs_prob_diff']:.4f}, {b['clean_argmax_agreement']:.3f} "
+        f"({b['clean_images']} images) |",
+    ]
+    if "successes_bf16" in b:
+        lines.append(
+            f"| successes float32 / bfloat16 (same images, seed) | {b['successes_float32']}"
+            f" / {b['successes_bf16']} of {b['success_images']} (difference "
+            f"{b['success_rate_difference']:+.3f} +- {b['success_rate_difference_stderr']:.3f}"
+            f" s.e.; same outcome {b['same_outcome_share']:.2f}) |"
+        )
+    return lines
+
+
+def memory_lines(report: dict) -> list[str]:
+    lines = []
+    mem = report["memory"]
+    lines += ["", "| memory (XLA analysis of the loop) | bytes |", "|---|---|"]
+    for row in mem["loop"]:
+        if "per_slot_bytes" in row:
+            lines.append(
+                f"| {row['slots']} slot(s): temp {row['temp_bytes'] / 2**20:.1f} MiB + "
+                f"arguments {row['argument_bytes'] / 2**20:.1f} MiB, per slot | "
+                f"{row['per_slot_bytes'] / 2**20:.1f} MiB |"
+            )
+    if "marginal_bytes_per_slot" in mem:
+        marginal = mem["marginal_bytes_per_slot"] / 2**20
+        lines.append(f"| marginal per extra slot | {marginal:.1f} MiB |")
+    if mem.get("forward_temp_bytes_per_popsize_batch") is not None:
+        lines.append(
+            f"| bare forward temporaries at batch popsize | "
+            f"{mem['forward_temp_bytes_per_popsize_batch'] / 2**20:.1f} MiB |"
+        )
+    lines.append(
+        f"| devices.auto_slots' accelerator estimate per slot | "
+        f"{mem['auto_slots_estimate_bytes_per_slot'] / 2**20:.1f} MiB |"
+    )
+    if mem.get("device_peak_bytes") is not None:
+        peak = mem["device_peak_bytes"] / 2**20
+        lines.append(f"| device peak (memory_stats) | {peak:.1f} MiB |")
+    return lines
+
+
+def scaling_lines(report: dict) -> list[str]:
+    lines = []
+    sc = report["scaling"]
+    lines += ["", "| scaling | batch | forward q/s, one call | forward q/s, in loop | "
+              "engine q/s | efficiency (one call) | efficiency (in loop) |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in ("slots", "popsize", "pixels"):
+        for row in sc[name]:
+            lines.append(
+                f"| {name} = {row[name]} | {row['batch']} | {fmt(row['forward_qps'])} | "
+                f"{fmt(row.get('forward_in_loop_qps'))} | {fmt(row['engine_qps'])} | "
+                f"{fmt(row['efficiency'], 3)} | {fmt(row.get('efficiency_in_loop'), 3)} |"
+            )
+    for row in sc.get("image_size", []):
+        shape = "x".join(map(str, row["image_shape"][:2]))
+        weights = "" if row["trained"] else ", random weights"
+        lines.append(
+            f"| {row['model']} ({shape}{weights}) | {row['slots'] * row['popsize']} | "
+            f"{fmt(row['forward_qps'])} | {fmt(row.get('forward_in_loop_qps'))} | "
+            f"{fmt(row['engine_qps'])} | {fmt(row['efficiency'], 3)} | "
+            f"{fmt(row.get('efficiency_in_loop'), 3)} |"
+        )
+    for row in sc.get("forward_batches", []):
+        lines.append(
+            f"| bare forward, batch {row['batch']} (interleaved rounds; relative to batch "
+            f"{sc['forward_batches'][0]['batch']}: {fmt(row['relative_to_first'], 3)}) | "
+            f"{row['batch']} | {fmt(row['forward_qps'])} | - | - | - | - |"
+        )
+    for row in sc.get("devices", []):
+        if "error" in row:
+            lines.append(f"| devices = {row['devices']} | - | - | - | failed | - | - |")
+            continue
+        lines.append(
+            f"| devices = {row['devices']} ({row['slots_per_device']} slots each, results "
+            f"{row['digest']}) | {row['images']} images | - | - | {fmt(row['engine_qps'])} "
+            "| - | - |"
+        )
+    return lines
+
+
+def xla_flags_lines(report: dict) -> list[str]:
+    lines = []
+    lines += ["", *xla_flags_table(report["xla_flags"])]
+    return lines
+
+
+# Rows of the main table (scipy_baseline, early_stop), then one table per section.
+SECTION_LINES = (
+    ("scipy_baseline", scipy_baseline_lines),
+    ("early_stop", early_stop_lines),
+    ("breakdown", breakdown_lines),
+    ("profile", profile_lines),
+    ("bf16", bf16_lines),
+    ("memory", memory_lines),
+    ("scaling", scaling_lines),
+    ("xla_flags", xla_flags_lines),
+)
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown tables: median [min, max] over repetitions."""
     m = report["machine"]
@@ -66,139 +243,9 @@ def markdown(report: dict) -> str:
         f"| efficiency, one-call ceiling, process CPU time | "
         f"{fmt(report['efficiency_cpu_time'], 3)} |",
     ]
-    if "scipy_baseline" in report:
-        b = report["scipy_baseline"]
-        lines += [
-            f"| SciPy per-image baseline (queries/s) | {fmt(b['queries_per_s'])} |",
-            f"| SciPy per-image baseline (images/s) | {fmt(b['images_per_s'], 3)} |",
-            f"| speed-up over SciPy (images/s) | {fmt(b['speedup_images_per_s'], 2)} |",
-        ]
-    if "early_stop" in report:
-        e = report["early_stop"]
-        lines += [
-            f"| engine, early stop `{e['stop']}`, {e['generations']} generations (images/s) | "
-            f"{fmt(e['images_per_s'], 3)} |",
-            f"| ... successes / images, mean queries | {e['successes']} / {e['images']}, "
-            f"{e['mean_queries']:.0f} |",
-        ]
-    if "breakdown" in report:
-        b = report["breakdown"]
-        s = b["seconds_per_generation"]
-        lines += [
-            "",
-            f"| share of engine wall time ({b['ceiling'].replace('_', '-')} ceiling) | value |",
-            "|---|---|",
-            f"| model at the ceiling, useful (= efficiency) | {b['efficiency']:.3f} |",
-            f"| efficiency accounted from the loop without a model | "
-            f"{b['accounted_efficiency']:.4f} |",
-            f"| idle slots | {b['idle_slots']:.3f} |",
-            f"| DE mutation + selection | {b['de_step']:.4f} |",
-            f"| building perturbed images | {b['perturb']:.4f} |",
-            f"| host work between device calls | {b['host']:.4f} |",
-            f"| other (loop bookkeeping, in-loop model vs alone) | {b['other']:.3f} |",
-            "",
-            "| seconds per generation | value |",
-            "|---|---|",
-            *[f"| {name} | {value:.5f} |" for name, value in s.items()],
-        ]
-    if "profile" in report:
-        p = report["profile"]
-        lines += [
-            "",
-            f"Profile of one engine run ({p['wall_seconds']:.2f} s, "
-            f"{p['engine_queries_per_s']:.1f} queries/s): device self time "
-            f"{p['device_seconds']:.2f} s on {p['timelines']} timelines, "
-            f"{p['mean_operations_running']:.2f} operations running on average. "
-            f"Trace: `{p['trace_file']}`.",
-            "",
-            "| operation | self seconds | share | count |",
-            "|---|---|---|---|",
-            *[f"| `{op['name']}` | {op['seconds']:.4f} | {op['share']:.3f} | {op['count']} |"
-              for op in p["ops"]],
-        ]  # fmt: skip
-    if "bf16" in report:
-        b = report["bf16"]
-        lines += [
-            "",
-            "| bfloat16 | value |",
-            "|---|---|",
-            f"| forward (queries/s) | {fmt(b['forward_qps_bf16'])} |",
-            f"| forward speed-up over float32 | {fmt(b['forward_speedup'], 2)} |",
-            f"| engine speed-up over float32 | {fmt(b.get('engine_speedup'), 2)} |",
-            f"| clean images: max abs prob difference, argmax agreement | "
-            f"{b['clean_max_abs_prob_diff']:.4f}, {b['clean_argmax_agreement']:.3f} "
-            f"({b['clean_images']} images) |",
-        ]
-        if "successes_bf16" in b:
-            lines.append(
-                f"| successes float32 / bfloat16 (same images, seed) | {b['successes_float32']}"
-                f" / {b['successes_bf16']} of {b['success_images']} (difference "
-                f"{b['success_rate_difference']:+.3f} +- {b['success_rate_difference_stderr']:.3f}"
-                f" s.e.; same outcome {b['same_outcome_share']:.2f}) |"
-            )
-    if "memory" in report:
-        mem = report["memory"]
-        lines += ["", "| memory (XLA analysis of the loop) | bytes |", "|---|---|"]
-        for row in mem["loop"]:
-            if "per_slot_bytes" in row:
-                lines.append(
-                    f"| {row['slots']} slot(s): temp {row['temp_bytes'] / 2**20:.1f} MiB + "
-                    f"arguments {row['argument_bytes'] / 2**20:.1f} MiB, per slot | "
-                    f"{row['per_slot_bytes'] / 2**20:.1f} MiB |"
-                )
-        if "marginal_bytes_per_slot" in mem:
-            marginal = mem["marginal_bytes_per_slot"] / 2**20
-            lines.append(f"| marginal per extra slot | {marginal:.1f} MiB |")
-        if mem.get("forward_temp_bytes_per_popsize_batch") is not None:
-            lines.append(
-                f"| bare forward temporaries at batch popsize | "
-                f"{mem['forward_temp_bytes_per_popsize_batch'] / 2**20:.1f} MiB |"
-            )
-        lines.append(
-            f"| devices.auto_slots' accelerator estimate per slot | "
-            f"{mem['auto_slots_estimate_bytes_per_slot'] / 2**20:.1f} MiB |"
-        )
-        if mem.get("device_peak_bytes") is not None:
-            peak = mem["device_peak_bytes"] / 2**20
-            lines.append(f"| device peak (memory_stats) | {peak:.1f} MiB |")
-    if "scaling" in report:
-        sc = report["scaling"]
-        lines += ["", "| scaling | batch | forward q/s, one call | forward q/s, in loop | "
-                  "engine q/s | efficiency (one call) | efficiency (in loop) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for name in ("slots", "popsize", "pixels"):
-            for row in sc[name]:
-                lines.append(
-                    f"| {name} = {row[name]} | {row['batch']} | {fmt(row['forward_qps'])} | "
-                    f"{fmt(row.get('forward_in_loop_qps'))} | {fmt(row['engine_qps'])} | "
-                    f"{fmt(row['efficiency'], 3)} | {fmt(row.get('efficiency_in_loop'), 3)} |"
-                )
-        for row in sc.get("image_size", []):
-            shape = "x".join(map(str, row["image_shape"][:2]))
-            weights = "" if row["trained"] else ", random weights"
-            lines.append(
-                f"| {row['model']} ({shape}{weights}) | {row['slots'] * row['popsize']} | "
-                f"{fmt(row['forward_qps'])} | {fmt(row.get('forward_in_loop_qps'))} | "
-                f"{fmt(row['engine_qps'])} | {fmt(row['efficiency'], 3)} | "
-                f"{fmt(row.get('efficiency_in_loop'), 3)} |"
-            )
-        for row in sc.get("forward_batches", []):
-            lines.append(
-                f"| bare forward, batch {row['batch']} (interleaved rounds; relative to batch "
-                f"{sc['forward_batches'][0]['batch']}: {fmt(row['relative_to_first'], 3)}) | "
-                f"{row['batch']} | {fmt(row['forward_qps'])} | - | - | - | - |"
-            )
-        for row in sc.get("devices", []):
-            if "error" in row:
-                lines.append(f"| devices = {row['devices']} | - | - | - | failed | - | - |")
-                continue
-            lines.append(
-                f"| devices = {row['devices']} ({row['slots_per_device']} slots each, results "
-                f"{row['digest']}) | {row['images']} images | - | - | {fmt(row['engine_qps'])} "
-                "| - | - |"
-            )
-    if report.get("xla_flags"):
-        lines += ["", *xla_flags_table(report["xla_flags"])]
+    for key, render in SECTION_LINES:
+        if report.get(key):
+            lines += render(report)
     parts = ", ".join(f"{k} {v:.0f}" for k, v in report.get("section_seconds", {}).items())
     lines.append(f"\nTotal benchmark wall time {report['wall_seconds']:.0f} s ({parts}).\n")
     return "\n".join(lines)
