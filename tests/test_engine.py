@@ -196,6 +196,8 @@ def test_refilled_slots_keep_evaluations_on_active_images():
     assert generations.min() <= 1 and generations.max() >= 20  # finish times vary widely
     share = progress.active_evaluations / progress.evaluations
     assert share > 0.9, share
+    # One set of results per device call, each call timed.
+    assert progress.device_calls == len(results) and progress.device_seconds > 0
 
 
 def nan_weight_model():

@@ -209,3 +209,20 @@ def test_report_script_and_bad_workdir(images_setup, tmp_path):
     assert "run: no example images (dataset folder" in text and "gone" in text
     with pytest.raises(InputError, match="no config.json"):
         report.write_report([str(tmp_path)], str(tmp_path / "out2"))
+
+
+def test_relative_data_path_is_read_from_where_the_run_started(images_setup, tmp_path, monkeypatch):
+    """A config's relative data path is relative to the directory the attack ran in
+    (run_info.json's `cwd`), wherever the report is written from."""
+    setup, _, labels = images_setup
+    config = tiny_config({**setup, "data": "folder:data"})  # relative to tmp_path
+    workdir = write_workdir(tmp_path / "run", config, [make_record(0, labels[0])])
+    (workdir / "run_info.json").write_text(json.dumps({"cwd": str(tmp_path)}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    dataset, reason = report.open_dataset(report.load_run_results(str(workdir)))
+    assert reason is None and len(dataset) == 8
+    (workdir / "run_info.json").write_text(json.dumps({"cwd": str(elsewhere)}))
+    dataset, reason = report.open_dataset(report.load_run_results(str(workdir)))
+    assert dataset is None and "not found" in reason
