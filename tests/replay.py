@@ -1,0 +1,32 @@
+"""Replaying attack results outside the engine: the recorded pixels, written by hand.
+
+An attack record says which pixels it wrote (`perturbation`, x = row) and what
+the model said on that image (`adv_probs`). Writing those pixels into the clean
+image with NumPy and running the model again must give the same probabilities;
+this checks the engine's bookkeeping against an independent path.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def write_perturbation(image: np.ndarray, perturbation) -> np.ndarray:
+    """The clean image [H, W, 3] with each (x, y, r, g, b) written at row x, column y."""
+    out = np.array(image, np.float32)
+    for x, y, r, g, b in np.asarray(perturbation, np.float64).reshape(-1, 5):
+        assert x == int(x) and y == int(y), (x, y)  # the record holds applied, integer positions
+        out[int(x), int(y)] = (r, g, b)
+    return out
+
+
+def model_probs(model, images) -> np.ndarray:
+    """Softmax of the model's logits, [N, C], in float32."""
+    logits = jax.jit(model.apply_fn)(model.params, jnp.asarray(images, jnp.float32))
+    return np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def expected_success(probs, true_label, target_label) -> bool:
+    """The engine's rule: the argmax differs from the true label, or equals the target."""
+    predicted = int(np.argmax(probs))
+    return predicted == target_label if target_label is not None else predicted != true_label
