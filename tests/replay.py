@@ -30,3 +30,17 @@ def expected_success(probs, true_label, target_label) -> bool:
     """The engine's rule: the argmax differs from the true label, or equals the target."""
     predicted = int(np.argmax(probs))
     return predicted == target_label if target_label is not None else predicted != true_label
+
+
+def fgsm_reference(model, image, label, targeted: bool, epsilon: float) -> np.ndarray:
+    """FGSM (Goodfellow et al. 2015) for one image, written apart from opa_jax.baselines:
+    x + epsilon * sign(grad of the cross-entropy of `label`), descending it when targeted,
+    clipped to [0, 255] and rounded. Returns the adversarial image, float64 [H, W, 3]."""
+
+    def cross_entropy(x):
+        logits = model.apply_fn(model.params, x[None])[0].astype(jnp.float32)
+        return -jax.nn.log_softmax(logits)[label]
+
+    gradient = np.asarray(jax.grad(cross_entropy)(jnp.asarray(image, jnp.float32)))
+    step = -epsilon if targeted else epsilon
+    return np.round(np.clip(np.asarray(image, np.float64) + step * np.sign(gradient), 0, 255))
