@@ -11,12 +11,15 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from opa_jax.errors import InputError
 from opa_jax.models import load_model
 from opa_jax.models.alexnet_weights import ALEXNET_SHAPES, load_alexnet
+from opa_jax.models.layers import ceil_mode_padding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN_BGR = np.array([104.0, 117.0, 123.0])
@@ -137,15 +140,20 @@ def test_npy_layout_matches_the_published_shapes(synthetic):
         assert table[name][0].shape == w_shape and table[name][1].shape == b_shape
 
 
-def test_caffe_ceil_pooling_changes_nothing_at_227():
-    sizes = [227]
-    sizes.append((sizes[-1] - 11) // 4 + 1)  # conv1: 55
-    for _ in range(3):  # pool1, pool2, pool5 (convs 2-5 keep the size)
-        size = sizes[-1]
-        ceil, floor = math.ceil((size - 3) / 2) + 1, (size - 3) // 2 + 1
-        assert ceil == floor
-        sizes.append(floor)
-    assert sizes == [227, 55, 27, 13, 6]
+@pytest.mark.parametrize("height, width", [(8, 8), (7, 10), (14, 9), (13, 13), (27, 27), (55, 55)])
+def test_ceil_mode_pooling_matches_caffe(height, width):
+    """The port's 3x3 stride-2 pool (ceil_mode_padding + max_pool) against the NumPy Caffe
+    pool, on negative inputs, so that a zero-padded extra window would show. At 8 or 14,
+    ceil mode gives one more row or column than floor mode; at AlexNet's own sizes (55,
+    27, 13 from a 227 input) it adds no padding."""
+    x = np.random.default_rng(height * 100 + width).normal(-5.0, 1.0, (1, height, width, 4))
+    padding = ceil_mode_padding((height, width), 3, 2)
+    pooled = np.asarray(nn.max_pool(jnp.asarray(x), (3, 3), (2, 2), padding=padding))[0]
+    reference = caffe_max_pool(x[0].transpose(2, 0, 1)).transpose(1, 2, 0)
+    assert pooled.shape == reference.shape
+    np.testing.assert_allclose(pooled, reference, rtol=1e-6)
+    if height in (55, 27, 13):
+        assert padding == ((0, 0), (0, 0))
 
 
 def test_flax_port_matches_numpy_caffe_forward(synthetic):

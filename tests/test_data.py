@@ -2,17 +2,15 @@
 
 import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
+import realdata
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from opa_jax import data
 from opa_jax.errors import InputError
-
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def write_folder(root, names_by_class, size=(32, 32), split="test"):
@@ -79,20 +77,46 @@ def test_clear_errors(tmp_path):
         data.load_dataset(f"folder:{tmp_path / 'bad'}").read([0])
 
 
-def test_imagenet_flat_folder_resize_and_centre_crop(tmp_path):
+def gradient_image(height, width):
+    """Red 50; green rises from 0 to 255 down the rows, blue from 0 to 255 across the columns."""
+    rows = np.repeat(np.arange(height)[:, None] * 255 / (height - 1), width, axis=1)
+    cols = np.repeat(np.arange(width)[None, :] * 255 / (width - 1), height, axis=0)
+    return np.stack([np.full((height, width), 50.0), rows, cols], -1).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("height, width", [(300, 400), (400, 300)])
+def test_imagenet_flat_folder_resize_and_centre_crop(tmp_path, height, width):
+    """The ImageNet eval transform on a picture whose colours give each pixel's source
+    position: the shorter side goes to round(227 * 256 / 224) = 259, the longer one in
+    proportion (345), then the central 227 x 227 is cut out (offsets 16 and 59). A
+    bilinear resize keeps a linear gradient linear, so each output pixel must show the
+    colour of the source position it maps to, to within the uint8 rounding."""
     index = {"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}
     (tmp_path / "imagenet_class_index.json").write_text(json.dumps(index))
-    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "n01443537_goldfish.JPEG")
+    Image.fromarray(gradient_image(height, width)).save(tmp_path / "n01443537_goldfish.png")
     dataset = data.load_dataset(f"folder:{tmp_path}", image_shape=(227, 227, 3),
                                 resize="center_crop")  # fmt: skip
     np.testing.assert_array_equal(dataset.labels, [1])
     assert dataset.class_names == ("tench", "goldfish")
-    assert dataset.read([0]).shape == (1, 227, 227, 3)
+    image = dataset.read([0])[0].astype(np.float64)
+    assert image.shape == (227, 227, 3)
+    resized = (259, 345) if height < width else (345, 259)
+    top, left = (resized[0] - 227) // 2, (resized[1] - 227) // 2
+    out = np.arange(227) + 0.5  # output pixel centres
+    source_row = (out + top) * height / resized[0] - 0.5
+    source_col = (out + left) * width / resized[1] - 0.5
+    np.testing.assert_array_equal(image[..., 0], 50)
+    green = np.broadcast_to((source_row * 255 / (height - 1))[:, None], (227, 227))
+    blue = np.broadcast_to((source_col * 255 / (width - 1))[None, :], (227, 227))
+    # One pixel of offset or scale would move these by about 1 (255 / 299 * 300 / 259).
+    assert np.abs(image[..., 1] - green).max() <= 1.0
+    assert np.abs(image[..., 2] - blue).max() <= 1.0
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is absent (real-data test)")
+@pytest.mark.realdata
 def test_exact_cifar10_test_images():
-    dataset = data.load_dataset(f"folder:{SHARED / 'cifar10-test-exact'}")
+    realdata.require(realdata.CIFAR10_EXACT)
+    dataset = data.load_dataset(f"folder:{realdata.CIFAR10_EXACT}")
     assert len(dataset) == 1017
     np.testing.assert_array_equal(dataset.indices, np.arange(1017))
     np.testing.assert_array_equal(dataset.labels[:5], [3, 8, 8, 0, 6])  # the official order
@@ -124,7 +148,9 @@ class TfdsTinyImages(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_path_reads_a_prepared_dataset_without_tensorflow(tmp_path):
     TfdsTinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    dataset = data.load_dataset("tfds:tfds_tiny_images", "test", (32, 32, 3), data_dir=str(tmp_path))
+    dataset = data.load_dataset(
+        "tfds:tfds_tiny_images", "test", (32, 32, 3), data_dir=str(tmp_path)
+    )
     assert len(dataset) == 6 and dataset.class_names == ("a", "b", "c")
     images = dataset.read(range(6))
     assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8

@@ -10,21 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import realdata
 
 from opa_jax.errors import InputError
 from opa_jax.models import CIFAR10_CLASSES, load_model
 from opa_jax.models.keras_import import DEFAULT_NORMALIZATION, load_keras_model
 
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
-NUM_EXACT_IMAGES = 1017
+DATA = realdata.SHARED
+NUM_EXACT_IMAGES = realdata.NUM_EXACT_IMAGES
 # Model names used in hyperparticle-results/*.jsonl -> our files.
 RESULT_MODELS = {"lecun_net": "lenet", "resnet": "resnet"}
-
-needs_data = pytest.mark.skipif(
-    not (DATA / "keras" / "lenet.h5").exists(),
-    reason=f"real data not found at {DATA} (../shared/data relative to the repo root)",
-)
-
 
 # ---------------------------------------------------------------------------
 # Writing Keras 2 HDF5 files by hand.
@@ -521,8 +516,9 @@ def test_truncated_synthetic_file(functional_file, tmp_path):
             load_keras_model(str(path))
 
 
-@needs_data
+@pytest.mark.realdata
 def test_truncated_lenet(tmp_path):
+    realdata.require(realdata.LENET)
     for path in truncated_copies(DATA / "keras" / "lenet.h5", tmp_path):
         with pytest.raises(InputError, match=re.escape(str(path))):
             load_keras_model(str(path))
@@ -566,6 +562,8 @@ def exact_images():
     """The 1,017 bit-exact CIFAR-10 test images, by official index, and their labels."""
     from PIL import Image
 
+    realdata.require(realdata.CIFAR10_EXACT)
+
     root = DATA / "cifar10-test-exact" / "test"
     images, labels = [], []
     for index in range(NUM_EXACT_IMAGES):
@@ -577,6 +575,7 @@ def exact_images():
 
 @pytest.fixture(scope="module")
 def real_models():
+    realdata.require(realdata.LENET, realdata.RESNET)
     return {name: load_model(f"keras:{DATA / 'keras' / name}.h5") for name in ("lenet", "resnet")}
 
 
@@ -598,7 +597,7 @@ def published_prior_probs():
     return probs, num_records
 
 
-@needs_data
+@pytest.mark.realdata
 def test_real_models_metadata(real_models):
     lenet, resnet = real_models["lenet"], real_models["resnet"]
     assert lenet.meta["param_count"] == 62_006 and resnet.meta["param_count"] == 470_218
@@ -610,8 +609,10 @@ def test_real_models_metadata(real_models):
         assert model.meta["keras_version"] == "2.1.4"
 
 
-@needs_data
+@pytest.mark.realdata
 def test_parity_with_published_keras_outputs(real_models, exact_images):
+    results = realdata.HYPERPARTICLE_RESULTS
+    realdata.require(results / "untargeted.jsonl", results / "targeted.jsonl")
     images, _ = exact_images
     expected, num_records = published_prior_probs()
     max_diff = {}
@@ -628,7 +629,7 @@ def test_parity_with_published_keras_outputs(real_models, exact_images):
     assert max(max_diff.values()) < 1e-5, max_diff
 
 
-@needs_data
+@pytest.mark.realdata
 def test_accuracy_on_exact_test_images(real_models, exact_images):
     images, labels = exact_images
     correct = {}

@@ -18,8 +18,9 @@ import time
 import h5py
 import numpy as np
 import pytest
+from replay import expected_success, fgsm_reference, model_probs
 
-from opa_jax import attack, baselines, data, de, devices, plan, run
+from opa_jax import attack, data, de, devices, plan, run
 from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 from opa_jax.models import load_model
@@ -484,23 +485,27 @@ def test_bad_inputs_are_named(tiny, tmp_path):
 
 
 def test_fgsm_run_records_the_dense_perturbation(tiny, tmp_path):
+    """Every record against the FGSM step recomputed apart from opa_jax.baselines
+    (tests/replay.py): the probabilities, pixels changed, L-inf and success."""
     config = tiny_config(tiny, method="fgsm", **{"fgsm.epsilon": 6.0})
     summary = run.run_attack(config, str(tmp_path / "fgsm"))
     records = workdir_lib.read_all_results(str(tmp_path / "fgsm"))
     assert len(records) == summary["attacks"] == NUM_IMAGES
-    for record in records:
-        assert record["method"] == "fgsm" and record["perturbation"] == []
-        assert record["linf"] == 6.0 and 0 < record["l0_pixels"] <= SIZE * SIZE
-        assert record["queries"] == 1
-        assert record["success"] == (record["adv_label"] != record["true_label"])
-    # The records' adversarial probabilities are the model's on the FGSM image.
     model = load_model(tiny["model"])
     dataset = data.load_dataset(tiny["data"], "test", model.image_shape)
-    record = records[0]
-    position = int(np.flatnonzero(dataset.indices == record["image"])[0])
-    image = dataset.read([position])[0].astype(np.float32)
-    _, probs, finite = baselines.fgsm_image(
-        model.apply_fn, model.params, image, record["true_label"], 1.0, 6.0
-    )
-    assert finite
-    np.testing.assert_allclose(probs, record["adv_probs"], atol=1e-5)
+    for record in records:
+        assert record["method"] == "fgsm" and record["perturbation"] == []
+        assert record["queries"] == 1
+        position = int(np.flatnonzero(dataset.indices == record["image"])[0])
+        clean = dataset.read([position])[0]
+        adversarial = fgsm_reference(model, clean, record["true_label"], False, 6.0)
+        probs = model_probs(model, adversarial[None])[0]
+        np.testing.assert_allclose(probs, record["adv_probs"], atol=2e-6)
+        np.testing.assert_allclose(model_probs(model, clean[None])[0], record["clean_probs"],
+                                   atol=2e-6)  # fmt: skip
+        changed = np.abs(adversarial - clean).max(-1)  # [H, W]
+        assert record["l0_pixels"] == int(np.sum(changed > 0)) > 0
+        assert record["linf"] == float(changed.max()) == 6.0
+        assert record["success"] == expected_success(probs, record["true_label"], None)
+        assert record["adv_label"] == int(np.argmax(probs))
+    assert 0 < sum(r["success"] for r in records) < len(records)
