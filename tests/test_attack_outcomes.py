@@ -16,7 +16,8 @@ import pytest
 import realdata
 from replay import expected_success, model_probs, write_perturbation
 
-from opa_jax import attack, data, de, run
+from opa_jax import attack, data, de, engine, run
+from opa_jax import workdir as workdir_lib
 from opa_jax.models import LoadedModel, load_model
 
 sys.path.insert(0, str(realdata.REPO))  # for `configs`, as scripts/attack.py does
@@ -109,7 +110,7 @@ def replayed_stop_generation(key, model, image, true_label, target_label, index,
     """The first generation at which `reached(probs)` holds for some candidate, running
     de.propose/de.update for one image with the engine's per-image key; None if never."""
     step = replay_step(model.apply_fn, model.image_shape, config, target_label >= 0)
-    image_key = jax.random.fold_in(jax.random.fold_in(key, index), target_label + 1)
+    image_key = engine.image_key(key, index, target_label)
     image = jnp.asarray(image, jnp.float32)
     state = de.empty_image_state(config, model.num_classes)
     for generation in range(config.generations + 1):
@@ -267,8 +268,8 @@ def lenet_run(tmp_path_factory):
             config.de.generations = LENET_BUDGET["generations"]
             config.slots = 8
             workdir = str(tmp_path_factory.mktemp(f"lenet_{preset}"))
-            summary = run.attack(config, workdir)
-            runs[preset] = summary, run.read_all_results(workdir)
+            summary = run.run_attack(config, workdir)
+            runs[preset] = summary, workdir_lib.read_all_results(workdir)
         return runs[preset]
 
     return get

@@ -10,7 +10,8 @@ import pytest
 from replay import expected_success, fgsm_reference, model_probs, write_perturbation
 from test_run import tiny_config, write_images, write_tiny_keras
 
-from opa_jax import attack, run
+from opa_jax import attack, plan, run
+from opa_jax import workdir as workdir_lib
 from opa_jax.models import load_model
 
 NUM_IMAGES = 16
@@ -40,8 +41,8 @@ def config_for(tiny, **fields):
 def run_and_read(tiny, name, **fields):
     config = config_for(tiny, **fields)
     workdir = tiny["root"] / name
-    summary = run.attack(config, str(workdir))
-    return config, summary, run.read_all_results(str(workdir))
+    summary = run.run_attack(config, str(workdir))
+    return config, summary, workdir_lib.read_all_results(str(workdir))
 
 
 # ---------------------------------------------------------------------------
@@ -57,10 +58,10 @@ def test_only_correct_takes_the_first_n_correctly_classified_images(tiny):
         (True, 14, correct),  # more than there are: all 13
     ]:
         config = config_for(tiny, only_correct=only_correct, num_images=num_images)
-        plan = run.plan(config)
-        assert plan["items"].indices.tolist() == want, (only_correct, num_images)
-        assert plan["eligible"] == len(want)
-        np.testing.assert_array_equal(plan["items"].true_labels, tiny["labels"][want])
+        the_plan = plan.make_plan(config)
+        assert the_plan.items.indices.tolist() == want, (only_correct, num_images)
+        assert the_plan.eligible_images == len(want)
+        np.testing.assert_array_equal(the_plan.items.true_labels, tiny["labels"][want])
 
 
 # ---------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_bfloat16_run_uses_bfloat16_logits_with_the_float32_argmax(tiny):
     they differ from float32 ones, the clean argmax agrees, and the records replay on
     the bfloat16 model (not on the float32 one)."""
     model32 = tiny["loaded"]
-    model16 = run.wrap_precision(model32, "bfloat16")
+    model16 = model32.with_precision("bfloat16")
     images = tiny["images"].astype(np.float32)
     logits32 = np.asarray(model32.apply_fn(model32.params, images))
     logits16 = np.asarray(model16.apply_fn(model16.params, images))

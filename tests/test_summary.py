@@ -6,7 +6,8 @@ import pytest
 from test_report import make_record
 from test_run import tiny_config
 
-from opa_jax import metrics, run
+from opa_jax import metrics
+from opa_jax import workdir as workdir_lib
 from opa_jax.models import LoadedModel
 
 NUM_CLASSES = 4
@@ -83,7 +84,7 @@ def test_summary_json_of_a_workdir_holds_the_hand_computed_values(tmp_path):
             f.writelines(json.dumps(r) + "\n" for r in share)
     config = tiny_config({"model": "keras:m.h5", "data": "folder:d"}, **{"de.preset": "scipy"})
     model = LoadedModel("m", None, {}, (8, 8, 3), NUM_CLASSES, ("a", "b", "c", "d"))
-    returned = run.write_summary(str(tmp_path), config, model)
+    returned = workdir_lib.write_summary(str(tmp_path), config, model)
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written == returned
     assert_summary(written)

@@ -95,7 +95,8 @@ def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: i
     once per process. Rounds interleave the flag sets, so a slow stretch of a
     shared machine hits all of them; `speedup` is per round, against the
     first flag set. `max_prob_diff` compares the clean-image probabilities
-    with the first flag set's, and `digest` the attack results.
+    with the first flag set's, and `digest` the attack results;
+    `xla_flags_seen` holds the XLA_FLAGS each child says it ran with.
     """
     spread = measure.spread
     runs = {flags: [] for flags in flag_sets}
@@ -127,6 +128,7 @@ def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: i
             )) if pairs else None,
             "digest": good[0]["digest"],
             "batch": good[0]["batch"],
+            "xla_flags_seen": sorted({r["xla_flags"] for r in good}),  # as the children report
         })  # fmt: skip
     return rows
 
@@ -141,6 +143,7 @@ def flags_child(job: dict) -> dict:
     forward_qps = forward.time_loop()["queries_per_s"]
     clean = attack.predict_probs(model, workload.images)
     return {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # what this process ran with
         "batch": forward.batch,
         "forward_qps": forward_qps,
         "engine_qps": engine_run["queries_per_s"],
