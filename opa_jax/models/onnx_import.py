@@ -53,7 +53,7 @@ class Value:
 
     @property
     def static(self) -> bool:
-        return isinstance(self.data, np.ndarray)
+        return isinstance(self.data, np.ndarray | np.generic)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -513,7 +513,7 @@ def op_pad(node: Node, inputs, weights: Weights):
     for i, axis in enumerate(axes):
         widths[axis] = (pads[i], pads[i + len(axes)])
     if x.layout == NHWC:
-        widths = [widths[a] for a in _NHWC_AXIS]
+        widths = [widths[axis] for axis in (0, 2, 3, 1)]  # stored N, H, W, C
         data = x.data
     else:
         x, data = Value(plain(x)), plain(x)
@@ -755,22 +755,28 @@ def load_onnx_model(
             return jax.vmap(lambda image: forward(graph, weights, image[None])[0])(x)
         return forward(graph, weights, x)
 
-    collecting = Weights()
-    try:
-        out = jax.eval_shape(lambda images: run(collecting, images), jax.ShapeDtypeStruct(
-            (2, *shape), jnp.float32))  # fmt: skip
-    except InputError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise InputError(f"onnx model {path!r}: the graph does not run on {list(shape)} images: "
-                         f"{err}") from err  # fmt: skip
-    if out.shape[0] != 2:
-        raise InputError(
-            f"onnx model {path!r}: on a batch of 2 images the output has shape "
-            f"{list(out.shape)}; the graph fixes its batch size (e.g. a Reshape to [1, -1]). "
-            "Re-export it with a dynamic batch axis, or with batch size 1"
-        )
-    params = collecting.collected
+    weights = Weights()  # the first pass collects the weights; both check the batch axis
+    for batch in (2, 3):
+        try:
+            out = jax.eval_shape(
+                lambda images: run(weights, images),  # noqa: B023 - called at once
+                jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
+            )
+        except InputError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise InputError(
+                f"onnx model {path!r}: the graph does not run on {list(shape)} images: {err}"
+            ) from err
+        if out.shape[0] != batch:
+            raise InputError(
+                f"onnx model {path!r}: on a batch of {batch} images the output has shape "
+                f"{list(out.shape)}; the graph fixes its batch size (e.g. a Reshape to "
+                "[1, -1]). Re-export it with a dynamic batch axis, or with batch size 1"
+            )
+        if weights.params is None:
+            weights = Weights(jax.tree.map(jnp.asarray, weights.collected))
+    params = weights.params
     num_classes = int(out.shape[1])
 
     def apply_fn(params, images):
@@ -780,7 +786,7 @@ def load_onnx_model(
     return LoadedModel(
         name="onnx:" + path,
         apply_fn=apply_fn,
-        params=jax.tree.map(jnp.asarray, params),
+        params=params,
         image_shape=shape,
         num_classes=num_classes,
         class_names=CIFAR10_CLASSES if num_classes == 10 else None,
