@@ -46,12 +46,14 @@ def tiny_run(tmp_path_factory):
     setup["records"] = run.read_all_results(str(workdir))
     dataset = data.load_dataset(setup["data"], "test", (SIZE, SIZE, 3))
     setup["dataset"] = dataset
+    # One model object for the API tests: its compiled attack loop is reused across them.
+    setup["api_model"] = opa_jax.Model.load(setup["model"])
     return setup
 
 
 def test_attack_images_gives_the_records_of_a_run(tiny_run):
     dataset = tiny_run["dataset"]
-    model = opa_jax.Model.load(tiny_run["model"])
+    model = tiny_run["api_model"]
     result = opa_jax.attack_images(
         model, dataset.read(range(len(dataset))), dataset.labels, indices=dataset.indices,
         pixels=1, preset="paper", seed=0, slots=2, **DE,
@@ -73,20 +75,22 @@ def test_attack_images_gives_the_records_of_a_run(tiny_run):
 
 def test_attack_images_targeted_rows_and_per_image_targets(tiny_run):
     dataset = tiny_run["dataset"]
-    model = opa_jax.Model.load(tiny_run["model"])
+    model = tiny_run["api_model"]
     images, labels = dataset.read(range(4)), dataset.labels[:4]
-    result = opa_jax.attack_images(model, images, labels, targeted=True, targets=[1, 2], **DE)
+    result = opa_jax.attack_images(
+        model, images, labels, targeted=True, targets=[1, 2], slots=2, **DE
+    )
     want = sorted((i, t) for i in range(4) for t in (1, 2) if t != labels[i])
     assert sorted((r["image"], r["target_label"]) for r in result.records) == want
     for record in result.records:
         assert record["success"] == (record["adv_label"] == record["target_label"])
     chosen = (labels + 1) % 10
-    result = opa_jax.attack_images(model, images, labels, target_labels=chosen, **DE)
+    result = opa_jax.attack_images(model, images, labels, target_labels=chosen, slots=2, **DE)
     assert [r["target_label"] for r in result.records] == chosen.tolist()
 
 
 def test_attack_images_refuses_bad_input(tiny_run):
-    model = opa_jax.Model.load(tiny_run["model"])
+    model = tiny_run["api_model"]
     images = tiny_run["dataset"].read(range(2))
     labels = tiny_run["dataset"].labels[:2]
     with pytest.raises(InputError, match=r"model expects \[N, 8, 8, 3\]"):
@@ -167,7 +171,7 @@ def test_run_attack_and_export_workdir(tiny_run, tmp_path):
 
     # The API's own result exports the same images.
     result = opa_jax.attack_images(
-        opa_jax.Model.load(tiny_run["model"]), dataset.read(range(len(dataset))), dataset.labels,
+        tiny_run["api_model"], dataset.read(range(len(dataset))), dataset.labels,
         indices=dataset.indices, slots=2, **DE,
     )  # fmt: skip
     images, records = result.adversarial_images()
