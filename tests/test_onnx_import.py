@@ -377,6 +377,13 @@ def test_malformed_and_missing_files(tmp_path):
         load_onnx_model(str(truncated))
     with pytest.raises(InputError, match="file not found"):
         load_onnx_model(str(tmp_path / "missing.onnx"))
+    external = tmp_path / "external.onnx"  # weights in a separate file, as torch writes them
+    onnx.save(onnx.load(good), str(external), save_as_external_data=True, location="w.data",
+              size_threshold=0)  # fmt: skip
+    assert np.isfinite(imported_logits(str(external), random_images())[1]).all()
+    (tmp_path / "w.data").unlink()
+    with pytest.raises(InputError, match=r"external.onnx.*w\.data.*beside"):
+        load_onnx_model(str(external))
     with pytest.raises(InputError, match="not a file"):
         load_onnx_model(str(tmp_path))
 

@@ -828,6 +828,11 @@ def _read(path: str):
         raise InputError(f"onnx model {path!r}: not a file (expected an .onnx file)")
     try:
         model = onnx.load(path)
+    except onnx.checker.ValidationError as err:  # e.g. its external weights file is missing
+        raise InputError(
+            f"onnx model {path!r}: {str(err).strip()}; keep the weights file torch.onnx.export "
+            "wrote beside the .onnx file (or export with external_data=False)"
+        ) from err
     except (DecodeError, ValueError, OSError, RuntimeError, UnicodeDecodeError) as err:
         raise InputError(
             f"onnx model {path!r}: cannot be read as an ONNX model ({type(err).__name__}: "
