@@ -159,9 +159,9 @@ def static(value: Value | None, what: str) -> np.ndarray:
         raise NodeError(f"{what} is missing")
     if not value.static:
         raise NodeError(
-            f"{what} is computed from the image at run time (a dynamic shape); expected a "
-            "constant. Re-export with fixed shapes (e.g. torch.flatten(x, 1) instead of "
-            "x.view(x.size(0), -1) is fine; data-dependent shapes are not)"
+            f"{what} depends on the image's values (a dynamic shape that cannot be fixed); "
+            "expected a constant (arithmetic on the input's shape, as x.view(x.size(0), -1) "
+            "exports, is fine)"
         )
     return value.data
 
@@ -174,7 +174,7 @@ def float_operand(weights: Weights, node: Node, key: str, value: Value):
 
 
 # ---------------------------------------------------------------------------------------------
-# Operators: handler(node, inputs) -> outputs, inputs and outputs as Values
+# Operators: handler(node, inputs, weights) -> outputs; inputs and outputs are Values
 
 
 def _pairs(node: Node, name: str, default: int) -> tuple[int, int]:
@@ -252,7 +252,7 @@ def _pool_geometry(node: Node, in_hw):
 
 
 def op_max_pool(node: Node, inputs, weights: Weights):
-    if len(node.outputs) > 1 and node.outputs[1]:
+    if any(node.outputs[1:]):
         raise NodeError("the Indices output is used; only the pooled values are supported")
     x = channels_last(inputs[0], node)
     kernel, strides, dilations, padding, _ = _pool_geometry(node, x.shape[1:3])
@@ -425,7 +425,7 @@ def op_clip(node: Node, inputs, weights: Weights):
 
 
 def op_identity(node: Node, inputs, weights: Weights):
-    if node.op_type == "Dropout" and len(node.outputs) > 1 and node.outputs[1]:
+    if node.op_type == "Dropout" and any(node.outputs[1:]):
         raise NodeError("its mask output is used; expected an inference graph")
     return [inputs[0]]
 
@@ -926,6 +926,7 @@ def _parse(model, path: str, image_size):
             f"supported: {', '.join(sorted(OPERATORS))}"
         )
     known = set(constants) | {image_input.name} | set(producer)
+    read = {output_name} | {v for i in needed for v in nodes[i][1].input}
     parsed = []
     for i, (name, proto) in enumerate(nodes):
         if i not in needed:
@@ -936,7 +937,8 @@ def _parse(model, path: str, image_size):
                              f"undefined value(s) {missing}")  # fmt: skip
         parsed.append(Node(
             name=name, op_type=proto.op_type, inputs=tuple(proto.input),
-            outputs=tuple(proto.output), attrs=_attributes(proto, path, name), opset=opset,
+            outputs=tuple(v if v in read else "" for v in proto.output),  # '' = unused
+            attrs=_attributes(proto, path, name), opset=opset,
         ))  # fmt: skip
     parsed, dropped = _drop_final_softmax(parsed, output_name)
     info = {
