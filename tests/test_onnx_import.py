@@ -206,10 +206,12 @@ OP_CASES = {
         b.op("Pad", [x, b.const(np.int64([0, 0, 1, 2, 0, 0, 2, 1]))], mode="edge"),
     ], axis=1)),
     "global_max_pool_matmul_dropout_identity": lambda b, x: b.op("MatMul", [
-        b.op("Identity", [b.op("Dropout", [flattened(b, b.op("GlobalMaxPool", [x]))])]),
+        b.op("Identity", [b.op("Dropout", [flattened(b, b.op("GlobalMaxPool", [x]))],
+                              outputs=2)[0]]),  # an unused mask output
         b.weight(3, 5)]),
     "flatten_then_matmul": lambda b, x: b.op("MatMul", [
-        flattened(b, b.op("MaxPool", [x], kernel_shape=[4, 4], strides=[4, 4])), b.weight(48, 7)]),
+        flattened(b, b.op("MaxPool", [x], kernel_shape=[4, 4], strides=[4, 4], outputs=2)[0]),
+        b.weight(48, 7)]),  # MaxPool's Indices output is unused
     "reshape_from_shape_arithmetic": lambda b, x: b.gemm(b.op("Reshape", [
         b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2]),
         b.op("Concat", [
