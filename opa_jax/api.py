@@ -35,6 +35,8 @@ import numpy as np
 
 from opa_jax import attack as attack_lib
 from opa_jax import de, export, metrics
+from opa_jax import devices as devices_lib
+from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel, load_model
 from opa_jax.models.convention import InputConvention
@@ -240,8 +242,6 @@ def attack_images(
     - `devices`: the JAX devices to shard over (default: every local device); `slots`
       and `chunk_size` per device, 0 = chosen as a run chooses them.
     """
-    from opa_jax import run
-
     images = _pixels(images, model.image_shape)
     labels = np.asarray(labels).astype(np.int64)
     n = len(images)
@@ -286,7 +286,7 @@ def attack_images(
 
     devices = list(devices or jax.local_devices())
     per_device_items = max(1, -(-len(items) // len(devices)))
-    slots = slots or min(run.auto_slots(model, config.popsize), per_device_items)
+    slots = slots or min(devices_lib.auto_slots(model, config.popsize), per_device_items)
     attacker = attack_lib.Attacker(model, config, bool(targeted), slots, devices)
     record_config = ml_collections.ConfigDict(
         {"pixels": pixels, "model": model.name, "method": "de", "de": {"preset": preset}}
@@ -297,7 +297,7 @@ def attack_images(
             jax.random.key(seed), items, lambda p: images[p], chunk_size or 4 * slots
         )
         for res in batches:
-            records += [run._record(record_config, items, clean, res, i)
+            records += [workdir_lib.record(record_config, items, clean, res, i)
                         for i in range(len(res.work_ids))]  # fmt: skip
     order = {(int(i), None if t < 0 else int(t)): k for k, (i, t) in enumerate(
         zip(items.indices, items.target_labels, strict=True))}  # fmt: skip
@@ -317,7 +317,7 @@ def run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = 
     `scripts/attack.py` does; returns the summary. Results go to `workdir`."""
     from opa_jax import run
 
-    return run.attack(config, workdir, dry_run=dry_run)
+    return run.run_attack(config, workdir, dry_run=dry_run)
 
 
 def export_adversarial(workdir: str, out: str, fmt: str = "png") -> dict:
@@ -327,6 +327,4 @@ def export_adversarial(workdir: str, out: str, fmt: str = "png") -> dict:
 
 def set_cpu_devices(count: int = 0) -> None:
     """Splits a CPU host into `count` XLA devices (0: one per core); call before JAX starts."""
-    from opa_jax import run
-
-    run.set_cpu_devices(count)
+    devices_lib.set_cpu_devices(count)

@@ -27,6 +27,7 @@ from opa_jax import attack as attack_lib
 from opa_jax.errors import InputError
 
 FORMATS = ("png", "npz")
+PATH_KINDS = ("keras", "ckpt", "alexnet", "onnx", "folder")  # specs whose argument is a path
 NPZ_FILE = "adversarial.npz"
 
 
@@ -122,27 +123,40 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise InputError(f"workdir {workdir!r}: config.json is unreadable ({err})") from err
 
 
+def from_run_start(spec: str, started_in: str) -> str:
+    """A run's model or data spec with a relative path made relative to the directory the
+    run started in (run_info.json's `cwd`), when the path is found there."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in PATH_KINDS or os.path.isabs(path) or not started_in:
+        return spec
+    candidate = os.path.join(started_in, path)
+    return f"{kind}:{candidate}" if os.path.exists(candidate) else spec
+
+
 def export_workdir(workdir: str, out: str, fmt: str = "png", batch_size: int = 256) -> dict:
     """Exports the successful attacks of a run's workdir (see the module docstring).
 
-    The model and data are loaded from the run's config.json, so relative paths in it
-    resolve from the directory the run was started in.
+    The model and data are loaded from the run's config.json; relative paths in it are
+    read from the directory the run started in.
     """
     from opa_jax import data as data_lib
-    from opa_jax import run
+    from opa_jax import workdir as workdir_lib
     from opa_jax.models import load_model, onnx_import
 
     if fmt not in FORMATS:
         raise InputError(f"format={fmt!r}: expected one of {FORMATS}")
     config = read_run_config(workdir)
-    records = [r for r in run.read_all_results(workdir) if r["success"]]
+    records = [r for r in workdir_lib.read_all_results(workdir) if r["success"]]
+    started_in = workdir_lib.read_run_info(workdir).get("cwd", "")
+    model_spec = from_run_start(config.model, started_in)
     model = load_model(
-        config.model, allow_pickle=config.allow_pickle, **onnx_import.load_options(config)
+        model_spec, allow_pickle=config.allow_pickle, **onnx_import.load_options(config)
     )
-    model = run.wrap_precision(model, config.precision)
+    model = model.with_precision(config.precision)
     dataset = data_lib.load_dataset(
-        config.data, config.split, model.image_shape, config.resize, config.data_dir or None
-    )
+        from_run_start(config.data, started_in), config.split, model.image_shape, config.resize,
+        config.data_dir or None,
+    )  # fmt: skip
     position_of = {int(index): p for p, index in enumerate(dataset.indices)}
     missing = sorted({r["image"] for r in records} - set(position_of))
     if missing:

@@ -4,16 +4,15 @@
 
 Each image is rebuilt from the source image and the recorded perturbation, and
 checked to get the recorded adversarial label from the run's model (opa_jax.export).
-Run it from the directory the attack ran in: the run's relative paths resolve from there.
+Relative paths in the run's config are read from the directory the run started in.
 """
 
 import json
-import sys
 
 from absl import app, flags
 
 from opa_jax import export
-from opa_jax.errors import InputError
+from opa_jax.errors import exit_on_input_error
 
 _OUT = flags.DEFINE_string("out", None, "Directory to write into.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "png", list(export.FORMATS), "png files or one .npz.")
@@ -22,11 +21,8 @@ _FORMAT = flags.DEFINE_enum("format", "png", list(export.FORMATS), "png files or
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("expected one WORKDIR argument")
-    try:
+    with exit_on_input_error():
         written = export.export_workdir(argv[1], _OUT.value, _FORMAT.value)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(written))
 
 

@@ -27,6 +27,7 @@ from test_run import (
 
 import opa_jax
 from opa_jax import data, export, run
+from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 from opa_jax.models import load_model
 
@@ -35,15 +36,15 @@ DE = {"popsize": 16, "generations": 50}
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A CLI-style run (run.attack) on the tiny setup, non-targeted, all 16 images."""
+    """A CLI-style run (run.run_attack) on the tiny setup, non-targeted, all 16 images."""
     root = tmp_path_factory.mktemp("api")
     setup = write_tiny_setup(root)
     config = tiny_config(setup)
     workdir = root / "run"
-    run.attack(config, str(workdir))
+    run.run_attack(config, str(workdir))
     setup["workdir"] = workdir
     setup["config"] = config
-    setup["records"] = run.read_all_results(str(workdir))
+    setup["records"] = workdir_lib.read_all_results(str(workdir))
     dataset = data.load_dataset(setup["data"], "test", (SIZE, SIZE, 3))
     setup["dataset"] = dataset
     # One model object for the API tests: its compiled attack loop is reused across them.
@@ -207,8 +208,8 @@ def test_onnx_model_through_a_run_config(tiny_run, tmp_path):
     config = tiny_config(tiny_run, num_images=3, only_correct=False)
     config.model = f"onnx:{path}"
     config.onnx.normalization = "cifar10"
-    run.attack(config, str(tmp_path / "run"))
-    records = run.read_all_results(str(tmp_path / "run"))
+    run.run_attack(config, str(tmp_path / "run"))
+    records = workdir_lib.read_all_results(str(tmp_path / "run"))
     assert len(records) == 3 and all(r["model"] == f"onnx:{path}" for r in records)
     dataset = tiny_run["dataset"]
     images = dataset.read(range(3)).astype(np.float32)
@@ -233,3 +234,13 @@ def test_example_runs(tmp_path):
     assert "success rate" in done.stdout
     reported = int(done.stdout.strip().splitlines()[-1].split()[0])
     assert len(list(tmp_path.rglob("*.png"))) == reported
+
+
+def test_run_paths_are_read_from_where_the_run_started(tmp_path):
+    (tmp_path / "start" / "data").mkdir(parents=True)
+    started_in = str(tmp_path / "start")
+    assert export.from_run_start("folder:data", started_in) == f"folder:{started_in}/data"
+    assert export.from_run_start("folder:elsewhere", started_in) == "folder:elsewhere"
+    assert export.from_run_start("random:nin", started_in) == "random:nin"
+    assert export.from_run_start(f"onnx:{tmp_path}/m.onnx", started_in) == f"onnx:{tmp_path}/m.onnx"
+    assert export.from_run_start("folder:data", "") == "folder:data"

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from opa_jax.errors import InputError
-from opa_jax.models.base import CIFAR10_CLASSES, LoadedModel
 from opa_jax.models import convention as convention_lib
+from opa_jax.models.base import CIFAR10_CLASSES, LoadedModel
 from opa_jax.models.convention import InputConvention
 
 PLAIN, NHWC, FLAT = "plain", "nhwc", "flat"

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from opa_jax import checkpoint
-from opa_jax.models import load_model, zoo
-from opa_jax.models.nin import scaled
+from opa_jax.models import checkpoint, load_model, zoo
+from opa_jax.models.layers import scaled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIDTHS = {"nin": 0.125, "allconv": 0.125, "vgg16": 0.0625}
