@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from opa_jax.models import checkpoint, load_model, zoo
+from opa_jax.models.base import init_variables
 from opa_jax.models.layers import scaled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -147,7 +148,7 @@ def copy_weights(port, variables):
     with torch.no_grad():
         for block, name in zip(blocks, port.names, strict=True):
             conv, bn = block[0], block[1]
-            conv.weight.copy_(torch.from_numpy(params[name]["kernel"].transpose(3, 2, 0, 1)))
+            conv.weight.copy_(torch.from_numpy(params[name]["kernel"].transpose(3, 2, 0, 1).copy()))
             bn.weight.copy_(torch.from_numpy(params[f"{name}_bn"]["scale"]))
             bn.bias.copy_(torch.from_numpy(params[f"{name}_bn"]["bias"]))
             bn.running_mean.copy_(torch.from_numpy(stats[f"{name}_bn"]["mean"]))
@@ -168,7 +169,7 @@ def make_fixture(name: str, out_dir: str) -> str:
     width = WIDTHS[name]
     module = zoo.build(name, width=width)
     image_shape = zoo.ARCHITECTURES[name].image_shape
-    variables = zoo.init_variables(module, jax.random.key(SEED), image_shape)
+    variables = init_variables(module, jax.random.key(SEED), image_shape)
     variables = with_random_batch_stats(variables, SEED)
     path = os.path.join(out_dir, name)
     checkpoint.save_model_checkpoint(
