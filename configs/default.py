@@ -19,8 +19,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_images = 0  # attack the first N eligible images by dataset index; 0 = all
     config.only_correct = True  # the paper attacks correctly classified images only
     # The model.
-    config.model = "keras:../shared/data/keras/lenet.h5"  # keras:, ckpt:, alexnet:, random:
+    config.model = "keras:../shared/data/keras/lenet.h5"  # keras:, ckpt:, alexnet:, onnx:, random:
     config.allow_pickle = False  # needed for alexnet:*.npy (pickle); convert to .npz instead
+    # onnx: models only: the input the graph expects (docs/models.md). By default it gets
+    # float RGB pixels 0-255 as they are; graph input = (pixels * scale - mean) / std.
+    config.onnx = ml_collections.ConfigDict()
+    config.onnx.normalization = "none"  # none, unit, imagenet, cifar10, cifar10_legacy, ...
+    config.onnx.scale = config_dict.placeholder(float)  # set fields replace the named ones
+    config.onnx.mean = ""  # 'r,g,b' in scaled units, e.g. '0.485,0.456,0.406'
+    config.onnx.std = ""
+    config.onnx.channel_order = ""  # rgb or bgr
+    config.onnx.image_size = ""  # 'H,W' for a graph whose input height and width are dynamic
     # The attack.
     config.method = "de"  # de (DE or random search, by de.preset) or fgsm
     config.pixels = 1

@@ -421,11 +421,11 @@ for host in (0, 1):
 
 def test_input_errors_exit_non_zero_with_the_message(tiny, tmp_path):
     bad_model = run_script(
-        attack_command(tiny_flags(tiny, model="onnx:model.onnx"), tmp_path / "w"),
+        attack_command(tiny_flags(tiny, model="tflite:model.tflite"), tmp_path / "w"),
         script_env(tiny["cache"]),
     )
     assert bad_model.returncode == 2
-    assert "error: model spec 'onnx:model.onnx': unknown kind 'onnx'" in bad_model.stderr
+    assert "error: model spec 'tflite:model.tflite': unknown kind 'tflite'" in bad_model.stderr
     assert not (tmp_path / "w").exists()
     typo = run_script(
         attack_command(tiny_flags(tiny) + ["--config.de.popsze=3"], tmp_path / "w"),
@@ -454,7 +454,7 @@ def bad_input_cases(setup, tmp_path):
     not_a_dir.write_text("x")
     workdir = tmp_path / "w"
     return [
-        ("unknown model kind", {"model": "onnx:m.onnx"}, workdir, "unknown kind 'onnx'"),
+        ("unknown model kind", {"model": "tflite:m.tflite"}, workdir, "unknown kind 'tflite'"),
         (
             "missing .h5",
             {"model": f"keras:{tmp_path}/missing.h5"},

@@ -6,28 +6,41 @@ normalises its own input. A model is chosen by a spec string:
 - `keras:PATH.h5`: a Keras HDF5 model imported into Flax.
 - `ckpt:PATH`: a checkpoint written by `scripts/train.py` (see `models.checkpoint`).
 - `alexnet:PATH`: BVLC AlexNet weights (`.npz` converted, or `.npy` with allow_pickle).
+- `onnx:PATH.onnx`: an ONNX image classifier (e.g. from `torch.onnx.export`); its input
+  convention (scale, mean, std, channel order) comes from `input_convention`.
 - `random:NAME`: a zoo architecture (nin, allconv, vgg16, alexnet) with random
   weights, seed 0. Only for benchmarks and tests: it is not a trained model.
 
 The modules form one chain, each importing only those before it: `base`
-(the interface, constants) <- `layers` <- the architectures (`nin`, `allconv`,
-`vgg`, `alexnet`) <- `zoo` (the registry) <- the loaders (`checkpoint`,
-`alexnet_weights`, `keras_import`) <- this package (`load_model`).
+(the interface, constants) and `convention` (input conventions) <- `layers` <- the
+architectures (`nin`, `allconv`, `vgg`, `alexnet`) <- `zoo` (the registry) <- the
+loaders (`checkpoint`, `alexnet_weights`, `keras_import`, `onnx_import`) <- this
+package (`load_model`).
 """
 
 from __future__ import annotations
 
 from opa_jax.errors import InputError
-from opa_jax.models import alexnet_weights, checkpoint, keras_import, zoo
+from opa_jax.models import alexnet_weights, checkpoint, keras_import, onnx_import, zoo
 from opa_jax.models.base import CIFAR10_CLASSES, LoadedModel
 
 __all__ = ["CIFAR10_CLASSES", "LoadedModel", "load_model"]
 
-KINDS = ("keras", "ckpt", "alexnet", "random")
+KINDS = ("keras", "ckpt", "alexnet", "onnx", "random")
 
 
-def load_model(spec: str, *, allow_pickle: bool = False) -> LoadedModel:
-    """Loads a model from a spec string (see the module docstring)."""
+def load_model(
+    spec: str,
+    *,
+    allow_pickle: bool = False,
+    input_convention=None,
+    image_size: tuple[int, int] | None = None,
+) -> LoadedModel:
+    """Loads a model from a spec string (see the module docstring).
+
+    `input_convention` (`opa_jax.models.convention.InputConvention`) and `image_size`
+    (H, W for graphs with a dynamic image size) concern `onnx:` models only.
+    """
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
         raise InputError(
@@ -40,6 +53,8 @@ def load_model(spec: str, *, allow_pickle: bool = False) -> LoadedModel:
         return checkpoint.load_model_checkpoint(arg)
     if kind == "alexnet":
         return alexnet_weights.load_alexnet(arg, allow_pickle=allow_pickle)
+    if kind == "onnx":
+        return onnx_import.load_onnx_model(arg, input_convention, image_size)
     if kind == "random":
         return zoo.random_model(arg)
     raise InputError(

@@ -1,0 +1,1021 @@
+"""ONNX image classifiers (PyTorch's `torch.onnx.export`, tf2onnx, ...) as a pure JAX function.
+
+`load_onnx_model(path)` reads the graph once and returns `apply_fn(params,
+images) -> logits`, one interpreter over the ONNX nodes, with every float
+weight in `params`. The same interpreter runs twice: once at load, under
+`jax.eval_shape`, where each node converts its weights and records them (this
+also checks shapes and operators before anything is returned), and then inside
+the attack's jit, where each node reads them back from `params`.
+
+NCHW graphs run channels-last: the images enter NHWC and stay so. A value
+carries its layout: `plain` (as the graph sees it), `nhwc` (a 4-D NCHW value
+stored channels-last) or `flat` (`[N, C*H*W]` flattened from an NCHW value,
+stored in H, W, C order). Weights are converted once, at load, to the layout
+of what they meet: Conv kernels OIHW -> HWIO, per-channel constants
+`[C, 1, 1]` -> `[C]`, and the rows of a Gemm/MatMul weight after a Flatten
+are permuted from C, H, W to H, W, C order, so no activation is transposed on
+the way. Shape arithmetic (Shape, Gather, Concat, ... on constants) runs in
+NumPy while tracing, so a dynamic batch axis costs nothing.
+
+The input convention (pixel scale, mean, std, channel order) comes from
+`opa_jax.models.convention`; by default the graph gets float RGB pixels 0-255.
+A trailing Softmax (or LogSoftmax) is dropped, so the model returns logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opa_jax.errors import InputError
+from opa_jax.models import convention as convention_lib
+from opa_jax.models.base import CIFAR10_CLASSES, LoadedModel
+from opa_jax.models.convention import InputConvention
+
+PLAIN, NHWC, FLAT = "plain", "nhwc", "flat"
+HIGHEST = jax.lax.Precision.HIGHEST  # parity also on accelerators with TF32 matmuls
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """One tensor of the graph: NumPy when known while tracing (static), else a JAX array."""
+
+    data: Any
+    layout: str = PLAIN
+    chw: tuple[int, int, int] | None = None  # FLAT: the (C, H, W) it was flattened from
+
+    @property
+    def static(self) -> bool:
+        return isinstance(self.data, np.ndarray | np.generic)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the graph sees."""
+        if self.layout == NHWC:
+            n, h, w, c = self.data.shape
+            return (n, c, h, w)
+        return tuple(self.data.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]  # '' for an omitted optional input
+    outputs: tuple[str, ...]
+    attrs: dict  # attribute values as Python ints, floats, strings, tuples or NumPy arrays
+    opset: int  # of the default domain, for the operators whose form changed
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    path: str
+    nodes: tuple[Node, ...]  # topological order, only those the output depends on
+    constants: dict  # initializer name -> np.ndarray
+    input_name: str
+    nchw: bool  # the graph's input is [N, 3, H, W]
+    output_name: str
+
+
+class NodeError(Exception):
+    """A node cannot run as given; becomes an InputError naming the file and node."""
+
+
+class Weights:
+    """A node's float constants as parameters, converted to their layout once.
+
+    Loading (`params=None`): `get` builds the array and records it under the
+    node's name. Running: `get` reads it from `params`.
+    """
+
+    def __init__(self, params: dict | None = None):
+        self.params = params
+        self.collected: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(self, node: Node, key: str, make: Callable[[], np.ndarray] | np.ndarray):
+        if self.params is not None:
+            return self.params[node.name][key]
+        array = np.asarray(make() if callable(make) else make, np.float32)
+        self.collected.setdefault(node.name, {})[key] = array
+        return array
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers
+
+
+def plain(value: Value):
+    """The value's data as the graph sees it (transposed back if stored channels-last)."""
+    if value.layout == NHWC:
+        return jnp.transpose(value.data, (0, 3, 1, 2))
+    if value.layout == FLAT:
+        c, h, w = value.chw
+        n = value.data.shape[0]
+        return jnp.transpose(value.data.reshape(n, h, w, c), (0, 3, 1, 2)).reshape(n, -1)
+    return value.data
+
+
+def channels_last(value: Value, node: Node):
+    """A 4-D activation stored NHWC (plain NCHW values are transposed, once per call)."""
+    if value.layout == NHWC:
+        return value.data
+    if value.layout == PLAIN and len(value.shape) == 4:
+        return jnp.transpose(jnp.asarray(value.data), (0, 2, 3, 1))
+    raise NodeError(f"expected a 4-D [N, C, H, W] input; got shape {list(value.shape)}")
+
+
+def to_layout(array: np.ndarray, like: Value) -> np.ndarray | None:
+    """A constant that broadcasts against `like` (graph view), in `like`'s storage; None if
+    it cannot be (the caller then works on the plain values)."""
+    if like.layout == NHWC:
+        if array.ndim > 4:
+            return None
+        return array.reshape((1,) * (4 - array.ndim) + array.shape).transpose(0, 2, 3, 1)
+    if like.layout == FLAT:
+        if array.ndim > 2:
+            return None
+        if array.size == 1 or array.shape[-1] == 1:
+            return array
+        c, h, w = like.chw
+        return np.moveaxis(array.reshape(*array.shape[:-1], c, h, w), -3, -1).reshape(array.shape)
+    return array
+
+
+def flat_rows(matrix: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """A [C*H*W, M] weight's rows from C, H, W order to the H, W, C order of a FLAT value."""
+    c, h, w = chw
+    return matrix.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(matrix.shape)
+
+
+def static(value: Value | None, what: str) -> np.ndarray:
+    if value is None:
+        raise NodeError(f"{what} is missing")
+    if not value.static:
+        raise NodeError(
+            f"{what} depends on the image's values (a dynamic shape that cannot be fixed); "
+            "expected a constant (arithmetic on the input's shape, as x.view(x.size(0), -1) "
+            "exports, is fine)"
+        )
+    return value.data
+
+
+def float_operand(weights: Weights, node: Node, key: str, value: Value):
+    """A static float operand as a parameter; other values as they are."""
+    if not value.static or not np.issubdtype(value.data.dtype, np.floating):
+        return value.data
+    return weights.get(node, key, value.data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators: handler(node, inputs, weights) -> outputs; inputs and outputs are Values
+
+
+def _pairs(node: Node, name: str, default: int) -> tuple[int, int]:
+    values = tuple(node.attrs.get(name, (default, default)))
+    if len(values) != 2:
+        raise NodeError(f"{name}={list(values)}; only 2-D (H, W) operations are supported")
+    return values
+
+
+def _spatial_padding(node: Node, in_hw, kernel, strides, dilations) -> list[tuple[int, int]]:
+    """(begin, end) padding per spatial axis from `auto_pad` and `pads`."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for size, k, s, d in zip(in_hw, kernel, strides, dilations, strict=True):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            pads.append((small, large) if auto_pad == "SAME_UPPER" else (large, small))
+        return pads
+    if auto_pad == "VALID":
+        return [(0, 0), (0, 0)]
+    if auto_pad != "NOTSET":
+        raise NodeError(f"auto_pad={auto_pad!r}; expected NOTSET, SAME_UPPER, SAME_LOWER or VALID")
+    pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
+    if len(pads) != 4:
+        raise NodeError(f"pads={list(pads)}; only 2-D (H, W) operations are supported")
+    return [(pads[0], pads[2]), (pads[1], pads[3])]
+
+
+def op_conv(node: Node, inputs, weights: Weights):
+    x = channels_last(inputs[0], node)
+    kernel_oihw = static(inputs[1], "the weight W")
+    if kernel_oihw.ndim != 4:
+        raise NodeError(f"weight of shape {list(kernel_oihw.shape)}; only 2-D convolutions")
+    groups = node.attrs.get("group", 1)
+    if x.shape[-1] != kernel_oihw.shape[1] * groups:
+        raise NodeError(
+            f"input has {x.shape[-1]} channels; the weight {list(kernel_oihw.shape)} with "
+            f"group={groups} expects {kernel_oihw.shape[1] * groups}"
+        )
+    strides, dilations = _pairs(node, "strides", 1), _pairs(node, "dilations", 1)
+    kernel_hw = kernel_oihw.shape[2:]
+    padding = _spatial_padding(node, x.shape[1:3], kernel_hw, strides, dilations)
+    kernel = weights.get(node, "kernel", lambda: kernel_oihw.transpose(2, 3, 1, 0))  # HWIO
+    y = jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, rhs_dilation=dilations,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=HIGHEST,
+    )  # fmt: skip
+    if len(inputs) > 2 and inputs[2] is not None:
+        y = y + weights.get(node, "bias", static(inputs[2], "the bias B"))
+    return [Value(y, NHWC)]
+
+
+def _pool_geometry(node: Node, in_hw):
+    """Window, strides, dilations and (begin, end) padding per axis, with ceil_mode's extra
+    end padding; `explicit` is the padding without that extra (for count_include_pad)."""
+    kernel = _pairs(node, "kernel_shape", 1)
+    strides, dilations = _pairs(node, "strides", 1), _pairs(node, "dilations", 1)
+    explicit = _spatial_padding(node, in_hw, kernel, strides, dilations)
+    padding = []
+    for size, k, s, d, (lo, hi) in zip(in_hw, kernel, strides, dilations, explicit, strict=True):
+        span = (k - 1) * d + 1
+        if node.attrs.get("ceil_mode", 0):
+            out = math.ceil((size + lo + hi - span) / s) + 1
+            if (out - 1) * s >= size + lo:  # the last window must start inside the input
+                out -= 1
+        else:
+            out = (size + lo + hi - span) // s + 1
+        if out < 1:
+            raise NodeError(f"a {k}-wide window does not fit an input of {size} with {lo, hi} pad")
+        extra = max(0, (out - 1) * s + span - (size + lo + hi))
+        padding.append((lo, hi + extra))
+    return kernel, strides, dilations, padding, explicit
+
+
+def op_max_pool(node: Node, inputs, weights: Weights):
+    if any(node.outputs[1:]):
+        raise NodeError("the Indices output is used; only the pooled values are supported")
+    x = channels_last(inputs[0], node)
+    kernel, strides, dilations, padding, _ = _pool_geometry(node, x.shape[1:3])
+    y = jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, *kernel, 1), (1, *strides, 1),
+        [(0, 0), *padding, (0, 0)], window_dilation=(1, *dilations, 1),
+    )  # fmt: skip
+    return [Value(y, NHWC)]
+
+
+def _window_counts(size, k, s, d, padding, explicit, include_pad: bool) -> np.ndarray:
+    """How many elements each output window averages over, along one axis."""
+    (lo, hi), (_, explicit_hi) = padding, explicit
+    inside = np.ones(size)
+    if include_pad:  # the explicit padding counts, ceil_mode's extra does not
+        mask = np.concatenate(
+            [np.ones(lo), inside, np.ones(explicit_hi), np.zeros(hi - explicit_hi)]
+        )
+    else:
+        mask = np.concatenate([np.zeros(lo), inside, np.zeros(hi)])
+    span = (k - 1) * d + 1
+    out = (len(mask) - span) // s + 1
+    return np.asarray([mask[o * s : o * s + span : d].sum() for o in range(out)])
+
+
+def op_average_pool(node: Node, inputs, weights: Weights):
+    x = channels_last(inputs[0], node)
+    kernel, strides, dilations, padding, explicit = _pool_geometry(node, x.shape[1:3])
+    sums = jax.lax.reduce_window(
+        x, 0.0, jax.lax.add, (1, *kernel, 1), (1, *strides, 1),
+        [(0, 0), *padding, (0, 0)], window_dilation=(1, *dilations, 1),
+    )  # fmt: skip
+    include_pad = bool(node.attrs.get("count_include_pad", 0))
+    counts_h, counts_w = (
+        _window_counts(size, k, s, d, pad, exp, include_pad)
+        for size, k, s, d, pad, exp in zip(
+            x.shape[1:3], kernel, strides, dilations, padding, explicit, strict=True
+        )
+    )
+    counts = np.outer(counts_h, counts_w)[None, :, :, None].astype(np.float32)
+    return [Value(sums / counts, NHWC)]
+
+
+def op_global_average_pool(node: Node, inputs, weights: Weights):
+    return [Value(jnp.mean(channels_last(inputs[0], node), axis=(1, 2), keepdims=True), NHWC)]
+
+
+def op_global_max_pool(node: Node, inputs, weights: Weights):
+    return [Value(jnp.max(channels_last(inputs[0], node), axis=(1, 2), keepdims=True), NHWC)]
+
+
+def op_batch_norm(node: Node, inputs, weights: Weights):
+    if node.attrs.get("training_mode", 0):
+        raise NodeError("training_mode=1; expected an inference graph (model.eval())")
+    if any(node.outputs[1:]):
+        raise NodeError("its running-statistics outputs are used; expected an inference graph")
+    x = inputs[0]
+    scale, bias, mean, var = (static(v, what) for v, what in zip(
+        inputs[1:5], ("scale", "B", "input_mean", "input_var"), strict=True))  # fmt: skip
+    epsilon = node.attrs.get("epsilon", 1e-5)
+    rank = len(x.shape)
+    if rank < 2 or x.shape[1] != scale.shape[0]:
+        raise NodeError(
+            f"input shape {list(x.shape)}; expected {scale.shape[0]} channels on axis 1"
+        )
+    per_channel = (-1,) + (1,) * (rank - 2)  # broadcasts over the graph's [N, C, ...]
+
+    def param(key, make):
+        return weights.get(node, key, lambda: to_layout(make().reshape(per_channel), x))
+
+    multiplier = param("multiplier", lambda: scale / np.sqrt(var.astype(np.float64) + epsilon))
+    y = (x.data - param("mean", lambda: mean)) * multiplier + param("bias", lambda: bias)
+    return [dataclasses.replace(x, data=y)]
+
+
+def op_gemm(node: Node, inputs, weights: Weights):
+    a, b = inputs[0], inputs[1]
+    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+    trans_a, trans_b = node.attrs.get("transA", 0), node.attrs.get("transB", 0)
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise NodeError(f"inputs of shapes {list(a.shape)}, {list(b.shape)}; expected 2-D")
+    y = _matmul(weights, node, a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha)
+    if len(inputs) > 2 and inputs[2] is not None:
+        c = inputs[2]
+        if c.static:
+            y = y + weights.get(node, "bias", lambda: beta * c.data.astype(np.float64))
+        else:
+            y = y + beta * plain(c)
+    return [Value(y)]
+
+
+def op_matmul(node: Node, inputs, weights: Weights):
+    a, b = inputs
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return [Value(jnp.matmul(plain(a), plain(b), precision=HIGHEST))]
+    return [Value(_matmul(weights, node, a, b))]
+
+
+def _matmul(weights: Weights, node: Node, a: Value, b: Value, trans_a=0, trans_b=0, alpha=1.0):
+    """a @ b for 2-D values; a static b becomes a [K, M] parameter, rows matching a FLAT a."""
+    if b.static and not a.static:
+        rows = b.data.shape[1] if trans_b else b.data.shape[0]
+        if rows != (a.shape[0] if trans_a else a.shape[1]):
+            raise NodeError(f"inputs of shapes {list(a.shape)}, {list(b.shape)} do not match")
+        chw = a.chw if a.layout == FLAT and not trans_a else None
+
+        def make():
+            matrix = (b.data.T if trans_b else b.data).astype(np.float64) * alpha
+            return flat_rows(matrix, chw) if chw else matrix
+
+        lhs = a.data if chw else plain(a)
+        lhs = lhs.T if trans_a else lhs
+        return jnp.matmul(lhs, weights.get(node, "kernel", make), precision=HIGHEST)
+    lhs, rhs = plain(a), plain(b)
+    lhs, rhs = (lhs.T if trans_a else lhs), (rhs.T if trans_b else rhs)
+    return alpha * jnp.matmul(lhs, rhs, precision=HIGHEST)
+
+
+def _binary(numpy_fn, jax_fn):
+    def handler(node: Node, inputs, weights: Weights):
+        a, b = inputs
+        if a.static and b.static:  # shape arithmetic, constant folding
+            return [Value(np.asarray(numpy_fn(a.data, b.data)))]
+        active = a if not a.static else b
+        if a.static or b.static:
+            constant = a if a.static else b
+            stored = to_layout(constant.data, active)
+            if stored is not None:
+                key = "a" if a.static else "b"
+                operand = (
+                    weights.get(node, key, stored)
+                    if np.issubdtype(stored.dtype, np.floating)
+                    else stored
+                )
+                pair = (operand, active.data) if a.static else (active.data, operand)
+                return [dataclasses.replace(active, data=jax_fn(*pair))]
+        elif a.layout == b.layout and a.chw == b.chw and len(a.shape) == len(b.shape):
+            return [dataclasses.replace(a, data=jax_fn(a.data, b.data))]
+        lhs = float_operand(weights, node, "a", a) if a.static else plain(a)
+        rhs = float_operand(weights, node, "b", b) if b.static else plain(b)
+        return [Value(jax_fn(lhs, rhs))]
+
+    return handler
+
+
+def _integer_safe_divide(a, b):
+    if np.issubdtype(np.result_type(a, b), np.integer):
+        return np.trunc(np.asarray(a) / np.asarray(b)).astype(np.result_type(a, b))
+    return np.divide(a, b)
+
+
+def _unary(fn):
+    def handler(node: Node, inputs, weights: Weights):
+        return [dataclasses.replace(inputs[0], data=fn(node, jnp.asarray(inputs[0].data)))]
+
+    return handler
+
+
+def op_clip(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    if node.opset < 11:
+        low, high = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
+    else:
+        bounds = [*inputs[1:3], None, None][:2]
+        low, high = (
+            float(static(v, f"the {what} bound")) if v is not None else default
+            for v, what, default in zip(bounds, ("min", "max"), (-np.inf, np.inf), strict=True)
+        )
+    return [dataclasses.replace(x, data=jnp.clip(jnp.asarray(x.data), low, high))]
+
+
+def op_identity(node: Node, inputs, weights: Weights):
+    if node.op_type == "Dropout" and any(node.outputs[1:]):
+        raise NodeError("its mask output is used; expected an inference graph")
+    return [inputs[0]]
+
+
+def _reshaped(in_shape, target, allowzero: bool) -> tuple[int, ...]:
+    """ONNX Reshape's output shape: 0 copies the input's dimension, -1 is inferred."""
+    out = [in_shape[i] if (d == 0 and not allowzero) else int(d) for i, d in enumerate(target)]
+    if out.count(-1) > 1:
+        raise NodeError(f"shape {list(target)} has more than one -1")
+    if -1 in out:
+        known = math.prod(d for d in out if d != -1)
+        out[out.index(-1)] = math.prod(in_shape) // known if known else 0
+    if math.prod(out) != math.prod(in_shape):
+        raise NodeError(f"cannot reshape {list(in_shape)} to {list(target)}")
+    return tuple(out)
+
+
+def _flattened(value: Value, out_shape) -> Value:
+    """An NHWC or FLAT value reshaped to [N, C*H*W] without moving data, else plain."""
+    n = value.shape[0]
+    if value.layout == NHWC and out_shape == (n, math.prod(value.shape[1:])):
+        _, c, h, w = value.shape
+        layout, chw = (PLAIN, None) if h == w == 1 else (FLAT, (c, h, w))
+        return Value(value.data.reshape(out_shape), layout, chw)
+    if value.layout == FLAT and out_shape == value.shape:
+        return value
+    if value.static:
+        return Value(value.data.reshape(out_shape))
+    return Value(plain(value).reshape(out_shape))
+
+
+def op_flatten(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    axis = node.attrs.get("axis", 1)
+    axis = axis + len(x.shape) if axis < 0 else axis
+    out_shape = (math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+    return [_flattened(x, out_shape)]
+
+
+def op_reshape(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    if node.opset < 5:
+        target = np.asarray(node.attrs.get("shape", ()))
+    else:
+        target = static(inputs[1], "the target shape")
+    return [_flattened(x, _reshaped(x.shape, target, bool(node.attrs.get("allowzero", 0))))]
+
+
+_NHWC_AXIS = (0, 3, 1, 2)  # graph axis of an NHWC-stored value -> stored axis
+
+
+def op_concat(node: Node, inputs, weights: Weights):
+    axis = node.attrs["axis"]
+    rank = len(inputs[0].shape)
+    axis = axis + rank if axis < 0 else axis
+    if all(v.static for v in inputs):
+        return [Value(np.concatenate([v.data for v in inputs], axis=axis))]
+    if all(v.layout == NHWC for v in inputs):
+        return [Value(jnp.concatenate([v.data for v in inputs], axis=_NHWC_AXIS[axis]), NHWC)]
+    parts = [
+        float_operand(weights, node, f"in{i}", v) if v.static else plain(v)
+        for i, v in enumerate(inputs)
+    ]
+    return [Value(jnp.concatenate(parts, axis=axis))]
+
+
+def op_pad(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    rank = len(x.shape)
+    mode = node.attrs.get("mode", "constant")
+    if node.opset < 11:
+        pads, value = node.attrs.get("pads", ()), node.attrs.get("value", 0.0)
+        axes = list(range(rank))
+    else:
+        pads = static(inputs[1], "pads")
+        value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+        value = float(static(value, "constant_value")) if value is not None else 0.0
+        axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+        axes = [int(a) % rank for a in static(axes, "axes")] if axes is not None else range(rank)
+        axes = list(axes)
+    pads = [int(p) for p in pads]
+    if len(pads) != 2 * len(axes):
+        raise NodeError(f"pads={pads}; expected {2 * len(axes)} values")
+    widths = [(0, 0)] * rank
+    for i, axis in enumerate(axes):
+        widths[axis] = (pads[i], pads[i + len(axes)])
+    if x.layout == NHWC:
+        widths = [widths[axis] for axis in (0, 2, 3, 1)]  # stored N, H, W, C
+        data = x.data
+    else:
+        x, data = Value(plain(x)), plain(x)
+    if mode == "constant":
+        config = [(lo, hi, 0) for lo, hi in widths]
+        return [
+            dataclasses.replace(x, data=jax.lax.pad(data, jnp.asarray(value, data.dtype), config))
+        ]
+    if mode not in ("reflect", "edge", "wrap"):
+        raise NodeError(f"mode={mode!r}; expected constant, reflect, edge or wrap")
+    if min(min(w) for w in widths) < 0:
+        raise NodeError(f"negative pads {pads} with mode={mode!r}; only constant mode crops")
+    return [dataclasses.replace(x, data=jnp.pad(data, widths, mode=mode))]
+
+
+def op_transpose(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    perm = tuple(node.attrs.get("perm", tuple(reversed(range(len(x.shape))))))
+    if x.layout == NHWC and perm == (0, 2, 3, 1):  # to NHWC: the stored data already is
+        return [Value(x.data)]
+    if x.layout == PLAIN and not x.static and perm == (0, 3, 1, 2):  # to NCHW: keep it stored
+        return [Value(x.data, NHWC)]
+    if x.static:
+        return [Value(np.transpose(x.data, perm))]
+    return [Value(jnp.transpose(plain(x), perm))]
+
+
+def op_softmax(node: Node, inputs, weights: Weights):
+    x = plain(inputs[0])
+    fn = jax.nn.softmax if node.op_type == "Softmax" else jax.nn.log_softmax
+    axis = node.attrs.get("axis", -1 if node.opset >= 13 else 1)
+    if node.opset >= 13:
+        return [Value(fn(x, axis=axis))]
+    axis = axis + x.ndim if axis < 0 else axis  # before opset 13: over all axes from `axis` on
+    flat = x.reshape(math.prod(x.shape[:axis]), -1)
+    return [Value(fn(flat, axis=-1).reshape(x.shape))]
+
+
+def op_reduce_mean(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    rank = len(x.shape)
+    if node.opset >= 18 and len(inputs) > 1 and inputs[1] is not None:
+        axes = static(inputs[1], "axes")
+    else:
+        axes = node.attrs.get("axes", range(rank))
+    axes = sorted(int(a) % rank for a in axes)
+    keepdims = bool(node.attrs.get("keepdims", 1))
+    if x.layout == NHWC and keepdims:
+        return [
+            Value(jnp.mean(x.data, axis=tuple(_NHWC_AXIS[a] for a in axes), keepdims=True), NHWC)
+        ]
+    if x.layout == NHWC and axes == [2, 3]:  # global average pooling to [N, C]
+        return [Value(jnp.mean(x.data, axis=(1, 2)))]
+    return [Value(jnp.mean(plain(x), axis=tuple(axes), keepdims=keepdims))]
+
+
+# Shape arithmetic: on static values in NumPy; the few traced uses on plain values.
+
+
+def op_shape(node: Node, inputs, weights: Weights):
+    shape = np.asarray(inputs[0].shape, np.int64)
+    return [Value(shape[node.attrs.get("start", 0) : node.attrs.get("end", len(shape))])]
+
+
+def op_constant(node: Node, inputs, weights: Weights):
+    return [Value(node.attrs["value"])]
+
+
+def op_gather(node: Node, inputs, weights: Weights):
+    x, indices = inputs[0], static(inputs[1], "indices")
+    axis = node.attrs.get("axis", 0)
+    if x.static:
+        return [Value(np.take(x.data, indices, axis=axis))]
+    return [Value(jnp.take(plain(x), indices, axis=axis))]
+
+
+def _axes(node: Node, inputs, rank_for_negative: int) -> list[int] | None:
+    if node.opset >= 13:
+        if len(inputs) < 2 or inputs[1] is None:
+            return None
+        axes = static(inputs[1], "axes")
+    else:
+        axes = node.attrs.get("axes")
+        if axes is None:
+            return None
+    return sorted(int(a) % rank_for_negative for a in np.atleast_1d(axes))
+
+
+def op_unsqueeze(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    axes = static(inputs[1], "axes") if node.opset >= 13 else node.attrs.get("axes")
+    if axes is None:
+        raise NodeError("axes are missing")
+    axes = np.atleast_1d(axes)
+    rank = len(x.shape) + len(axes)
+    data = x.data if x.static else plain(x)
+    xp = np if x.static else jnp
+    for axis in sorted(int(a) % rank for a in axes):
+        data = xp.expand_dims(data, axis)
+    return [Value(data)]
+
+
+def op_squeeze(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    axes = _axes(node, inputs, len(x.shape))
+    data = x.data if x.static else plain(x)
+    xp = np if x.static else jnp
+    if axes is None:
+        axes = [i for i, d in enumerate(x.shape) if d == 1]
+    return [Value(xp.squeeze(data, axis=tuple(axes)))]
+
+
+def op_cast(node: Node, inputs, weights: Weights):
+    import onnx
+
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+    x = inputs[0]
+    if x.static:
+        return [Value(x.data.astype(dtype))]
+    if not np.issubdtype(dtype, np.floating):
+        raise NodeError(f"casts the image's values to {dtype}; expected a float type")
+    return [x]  # activations stay float32
+
+
+def op_slice(node: Node, inputs, weights: Weights):
+    x = inputs[0]
+    rank = len(x.shape)
+    if node.opset < 10:
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes, steps = node.attrs.get("axes", range(len(starts))), [1] * len(starts)
+    else:
+        starts, ends = static(inputs[1], "starts"), static(inputs[2], "ends")
+        axes = static(inputs[3], "axes") if len(inputs) > 3 and inputs[3] is not None else None
+        steps = static(inputs[4], "steps") if len(inputs) > 4 and inputs[4] is not None else None
+        axes = range(len(starts)) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+    index = [slice(None)] * rank
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        size = x.shape[int(axis) % rank]  # ends may be int64 extremes: clamp them
+        start, end = (int(max(-size - 1, min(size, v))) for v in (start, end))
+        index[int(axis) % rank] = slice(start, end, int(step))
+    data = x.data if x.static else plain(x)
+    return [Value(data[tuple(index)])]
+
+
+OPERATORS: dict[str, Callable] = {
+    "Conv": op_conv,
+    "Gemm": op_gemm,
+    "MatMul": op_matmul,
+    "Add": _binary(np.add, jnp.add),
+    "Sub": _binary(np.subtract, jnp.subtract),
+    "Mul": _binary(np.multiply, jnp.multiply),
+    "Div": _binary(_integer_safe_divide, jnp.divide),
+    "Relu": _unary(lambda node, x: jax.nn.relu(x)),
+    "LeakyRelu": _unary(lambda node, x: jax.nn.leaky_relu(x, node.attrs.get("alpha", 0.01))),
+    "Sigmoid": _unary(lambda node, x: jax.nn.sigmoid(x)),
+    "Tanh": _unary(lambda node, x: jnp.tanh(x)),
+    "Clip": op_clip,
+    "MaxPool": op_max_pool,
+    "AveragePool": op_average_pool,
+    "GlobalAveragePool": op_global_average_pool,
+    "GlobalMaxPool": op_global_max_pool,
+    "BatchNormalization": op_batch_norm,
+    "Flatten": op_flatten,
+    "Reshape": op_reshape,
+    "Concat": op_concat,
+    "Pad": op_pad,
+    "Dropout": op_identity,
+    "Identity": op_identity,
+    "Softmax": op_softmax,
+    "LogSoftmax": op_softmax,
+    "Transpose": op_transpose,
+    "ReduceMean": op_reduce_mean,
+    "Constant": op_constant,
+    "Shape": op_shape,
+    "Gather": op_gather,
+    "Unsqueeze": op_unsqueeze,
+    "Squeeze": op_squeeze,
+    "Cast": op_cast,
+    "Slice": op_slice,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter
+
+
+def forward(graph: Graph, weights: Weights, images) -> jax.Array:
+    """Runs the graph on model inputs [N, H, W, 3] (after the input convention) -> [N, C]."""
+    env: dict[str, Value] = {name: Value(array) for name, array in graph.constants.items()}
+    env[graph.input_name] = Value(images, NHWC) if graph.nchw else Value(images)
+    for node in graph.nodes:
+        inputs = [env[name] if name else None for name in node.inputs]
+        try:
+            outputs = OPERATORS[node.op_type](node, inputs, weights)
+        except (NodeError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as err:
+            raise InputError(
+                f"onnx model {graph.path!r}: node {node.name!r} ({node.op_type}): {err}"
+            ) from err
+        for name, value in zip(node.outputs, outputs, strict=False):
+            if name:
+                env[name] = value
+    return _logits(env[graph.output_name], graph)
+
+
+def _logits(value: Value, graph: Graph) -> jax.Array:
+    shape = value.shape
+    if len(shape) == 4 and shape[2:] == (1, 1):  # a fully convolutional head: [N, C, 1, 1]
+        return jnp.asarray(value.data).reshape(shape[0], shape[1]).astype(jnp.float32)
+    if len(shape) != 2:
+        raise InputError(
+            f"onnx model {graph.path!r}: output {graph.output_name!r} has shape {list(shape)}; "
+            "expected [batch, classes]"
+        )
+    return jnp.asarray(plain(value)).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def load_onnx_model(
+    path: str,
+    input_convention: InputConvention | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> LoadedModel:
+    """Loads an ONNX image classifier as a `LoadedModel` (see the module docstring).
+
+    `image_size` (H, W) fixes a graph input whose height and width are dynamic.
+    """
+    convention = input_convention or InputConvention()
+    model = _read(path)
+    graph, image_hw, batch_one, info = _parse(model, path, image_size)
+    shape = (*image_hw, 3)
+
+    def run(weights: Weights, images):
+        x = convention.apply(images)
+        if batch_one:  # the graph takes one image: map it over the batch
+            return jax.vmap(lambda image: forward(graph, weights, image[None])[0])(x)
+        return forward(graph, weights, x)
+
+    weights = Weights()  # the first pass collects the weights; both check the batch axis
+    for batch in (2, 3):
+        try:
+            out = jax.eval_shape(
+                lambda images: run(weights, images),  # noqa: B023 - called at once
+                jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
+            )
+        except InputError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise InputError(
+                f"onnx model {path!r}: the graph does not run on {list(shape)} images: {err}"
+            ) from err
+        if out.shape[0] != batch:
+            raise InputError(
+                f"onnx model {path!r}: on a batch of {batch} images the output has shape "
+                f"{list(out.shape)}; the graph fixes its batch size (e.g. a Reshape to "
+                "[1, -1]). Re-export it with a dynamic batch axis, or with batch size 1"
+            )
+        if weights.params is None:
+            weights = Weights(jax.tree.map(jnp.asarray, weights.collected))
+    params = weights.params
+    num_classes = int(out.shape[1])
+
+    def apply_fn(params, images):
+        """[N, H, W, 3] float pixels 0-255 -> logits [N, num_classes]."""
+        return run(Weights(params), images)
+
+    return LoadedModel(
+        name="onnx:" + path,
+        apply_fn=apply_fn,
+        params=params,
+        image_shape=shape,
+        num_classes=num_classes,
+        class_names=CIFAR10_CLASSES if num_classes == 10 else None,
+        meta={
+            "source": os.path.abspath(path),
+            "input_convention": convention.as_dict(),
+            "param_count": int(sum(a.size for node in params.values() for a in node.values())),
+            **info,
+        },
+    )
+
+
+def load_options(config) -> dict:
+    """`load_model` keywords from a run config's `onnx` section (configs/default.py); a config
+    without one gives the defaults. Other model kinds ignore them."""
+    section = config.get("onnx")
+    if section is None:
+        return {}
+    image_size = None
+    if section.get("image_size"):
+        try:
+            image_size = tuple(int(v) for v in str(section.image_size).split(","))
+        except ValueError:
+            image_size = ()
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise InputError(
+                f"onnx.image_size={section.image_size!r}: expected 'H,W', e.g. '224,224'"
+            )
+    return {"input_convention": convention_lib.from_config(section), "image_size": image_size}
+
+
+def _read(path: str):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not os.path.exists(path):
+        raise InputError(f"onnx model {path!r}: file not found (expected an .onnx file)")
+    if not os.path.isfile(path):
+        raise InputError(f"onnx model {path!r}: not a file (expected an .onnx file)")
+    try:
+        model = onnx.load(path)
+    except onnx.checker.ValidationError as err:  # e.g. its external weights file is missing
+        raise InputError(
+            f"onnx model {path!r}: {str(err).strip()}; keep the weights file torch.onnx.export "
+            "wrote beside the .onnx file (or export with external_data=False)"
+        ) from err
+    except (DecodeError, ValueError, OSError, RuntimeError, UnicodeDecodeError) as err:
+        raise InputError(
+            f"onnx model {path!r}: cannot be read as an ONNX model ({type(err).__name__}: "
+            f"{err}); expected a file written by onnx.save or torch.onnx.export"
+        ) from err
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"onnx model {path!r}: not a valid ONNX model ({message})") from err
+    return model
+
+
+def _attributes(proto, path: str, node_name: str) -> dict:
+    import onnx
+    from onnx import numpy_helper
+
+    attrs = {}
+    for attribute in proto.attribute:
+        value = onnx.helper.get_attribute_value(attribute)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        elif isinstance(value, list):
+            value = tuple(v.decode("utf-8") if isinstance(v, bytes) else v for v in value)
+        elif isinstance(value, onnx.GraphProto | onnx.SparseTensorProto):
+            raise InputError(
+                f"onnx model {path!r}: node {node_name!r} ({proto.op_type}): attribute "
+                f"{attribute.name!r} holds a subgraph or sparse tensor; not supported"
+            )
+        attrs[attribute.name] = value
+    if proto.op_type == "Constant":  # value_float, value_ints, ... -> value
+        (key, value), *rest = attrs.items() if attrs else ((None, None),)
+        if rest or key not in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+            raise InputError(
+                f"onnx model {path!r}: node {node_name!r} (Constant): attributes "
+                f"{sorted(attrs)}; expected one of value, value_float(s), value_int(s)"
+            )
+        dtype = np.float32 if key.startswith("value_float") else np.int64
+        attrs = {"value": np.asarray(value, dtype=None if key == "value" else dtype)}
+    return attrs
+
+
+def _parse(model, path: str, image_size):
+    """(Graph, (H, W), whether the graph's batch is fixed to 1, meta)."""
+    from onnx import numpy_helper
+
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
+    opset = opsets.get("ai.onnx", opsets.get("", 1))
+    graph = model.graph
+    if len(graph.sparse_initializer):
+        raise InputError(f"onnx model {path!r}: sparse initializers are not supported")
+    constants = {}
+    for initializer in graph.initializer:
+        constants[initializer.name] = numpy_helper.to_array(initializer)
+    inputs = [value for value in graph.input if value.name not in constants]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise InputError(
+            f"onnx model {path!r}: {len(inputs)} inputs {[v.name for v in inputs]} and "
+            f"{len(graph.output)} outputs {[v.name for v in graph.output]}; expected one image "
+            "input and one output (the logits or probabilities)"
+        )
+    image_input, output_name = inputs[0], graph.output[0].name
+    nchw, image_hw, batch_one = _input_layout(image_input, path, image_size)
+
+    # Nodes, named uniquely, and kept only when the output depends on them.
+    nodes, names = [], set()
+    for index, proto in enumerate(graph.node):
+        name = proto.name or f"{proto.op_type}_{index}"
+        while name in names:
+            name = f"{name}_{index}"
+        names.add(name)
+        nodes.append((name, proto))
+    producer = {out: i for i, (_, proto) in enumerate(nodes) for out in proto.output if out}
+    needed, stack = set(), [output_name]
+    while stack:
+        value = stack.pop()
+        if value in producer and producer[value] not in needed:
+            needed.add(producer[value])
+            stack.extend(v for v in nodes[producer[value]][1].input if v)
+    unsupported = [
+        f"{name!r} ({proto.domain + '.' if proto.domain not in ('', 'ai.onnx') else ''}"
+        f"{proto.op_type})"
+        for i, (name, proto) in enumerate(nodes)
+        if i in needed and (proto.domain not in ("", "ai.onnx") or proto.op_type not in OPERATORS)
+    ]
+    if unsupported:
+        raise InputError(
+            f"onnx model {path!r}: unsupported operator(s) at node(s) {', '.join(unsupported)}; "
+            f"supported: {', '.join(sorted(OPERATORS))}"
+        )
+    known = set(constants) | {image_input.name} | set(producer)
+    read = {output_name} | {v for i in needed for v in nodes[i][1].input}
+    parsed = []
+    for i, (name, proto) in enumerate(nodes):
+        if i not in needed:
+            continue
+        missing = [v for v in proto.input if v and v not in known]
+        if missing:
+            raise InputError(f"onnx model {path!r}: node {name!r} ({proto.op_type}) reads "
+                             f"undefined value(s) {missing}")  # fmt: skip
+        parsed.append(Node(
+            name=name, op_type=proto.op_type, inputs=tuple(proto.input),
+            outputs=tuple(v if v in read else "" for v in proto.output),  # '' = unused
+            attrs=_attributes(proto, path, name), opset=opset,
+        ))  # fmt: skip
+    parsed, dropped = _drop_final_softmax(parsed, output_name)
+    info = {
+        "input": {"name": image_input.name, "layout": "NCHW" if nchw else "NHWC",
+                  "batch": "1 (mapped over the batch)" if batch_one else "dynamic"},
+        "output": output_name,
+        "opset": opset,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "operators": sorted({node.op_type for node in parsed}),
+        "dropped_final": dropped,
+    }  # fmt: skip
+    return (
+        Graph(path, tuple(parsed), constants, image_input.name, nchw, output_name),
+        image_hw,
+        batch_one,
+        info,
+    )
+
+
+def _input_layout(value, path: str, image_size):
+    """(NCHW?, (H, W), batch fixed to 1?) of the graph's image input."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    if tensor.elem_type != onnx.TensorProto.FLOAT:
+        raise InputError(
+            f"onnx model {path!r}: input {value.name!r} has element type "
+            f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}; expected FLOAT (float32)"
+        )
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    described = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                 for d in tensor.shape.dim]  # fmt: skip
+    if len(dims) != 4 or 3 not in (dims[1], dims[3]):
+        raise InputError(
+            f"onnx model {path!r}: input {value.name!r} has shape {described}; expected RGB "
+            "images [N, 3, H, W] or [N, H, W, 3]"
+        )
+    nchw = dims[1] == 3
+    height, width = dims[2:4] if nchw else dims[1:3]
+    if image_size:
+        if (height or image_size[0], width or image_size[1]) != tuple(image_size):
+            raise InputError(
+                f"onnx model {path!r}: input {value.name!r} has shape {described}; "
+                f"image_size={list(image_size)} does not fit it"
+            )
+        height, width = image_size
+    if not height or not width:
+        raise InputError(
+            f"onnx model {path!r}: input {value.name!r} has shape {described} with a dynamic "
+            "height or width; set the image size (--config.onnx.image_size=H,W)"
+        )
+    if dims[0] not in (None, 0, 1):
+        raise InputError(
+            f"onnx model {path!r}: input {value.name!r} has a fixed batch of {dims[0]}; "
+            "re-export with a dynamic batch axis (torch.onnx.export(..., dynamic_axes="
+            "{'input': {0: 'batch'}})) or with batch size 1"
+        )
+    return nchw, (int(height), int(width)), dims[0] == 1
+
+
+def _drop_final_softmax(nodes: list[Node], output_name: str) -> tuple[list[Node], str | None]:
+    """Makes a Softmax/LogSoftmax over the classes that produces the output an Identity."""
+    by_output = {out: i for i, node in enumerate(nodes) for out in node.outputs}
+    readers = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers[name] = readers.get(name, 0) + 1
+    name = output_name
+    while name in by_output:
+        node = nodes[by_output[name]]
+        if node.op_type in ("Identity", "Dropout"):
+            name = node.inputs[0]
+            if readers.get(name, 0) > 1:
+                break
+            continue
+        if node.op_type in ("Softmax", "LogSoftmax") and node.attrs.get("axis", -1) in (-1, 1):
+            nodes[by_output[name]] = dataclasses.replace(node, op_type="Identity", attrs={})
+            return nodes, node.op_type
+        break
+    return nodes, None
