@@ -39,6 +39,18 @@ def devices() -> dict:
     }
 
 
+def process() -> dict:
+    """This host: its name, its place among the hosts, its own devices and its software."""
+    return {
+        "process_index": jax.process_index(),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "backend": jax.default_backend(),
+        "local_devices": [str(d) for d in jax.local_devices()],
+        **software_versions(),
+    }
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -16,16 +16,28 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from opa_jax import attack, baselines, results
+from opa_jax import attack, baselines, hosts, results
 from opa_jax import workdir as workdir_lib
 from opa_jax.plan import make_plan
 
 
 def run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = False):
     """Runs (or resumes) the attack described by `config`; returns the summary
-    (with `dry_run`, the plan's description, printed instead)."""
+    (with `dry_run`, the plan's description, printed instead).
+
+    On several hosts, every host calls it with the same config; each attacks its
+    share of the items, and a host that stops on an error stops the others.
+    """
     if config.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()  # before anything touches a backend
+    try:
+        return _run_attack(config, workdir, dry_run)
+    except Exception as e:
+        hosts.report_failure(e)
+        raise
+
+
+def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
     plan = make_plan(config)
     if dry_run:
         description = plan.describe(config)
@@ -36,13 +48,14 @@ def run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = 
     workdir_lib.write_run_info(workdir, config, plan.de_config.__dict__ if plan.de_config else None)
     path = workdir_lib.results_path(workdir)
     results.repair(path)
-    previous = results.read(path)
-    done = {(r["image"], r["target_label"]) for r in previous}
+    # Done items from every host's file: a rerun on another number of hosts (whose
+    # shares differ) redoes none of them.
+    done = {(r["image"], r["target_label"]): r["success"]
+            for r in workdir_lib.read_all_results(workdir)}  # fmt: skip
     items = plan.items
-    not_done = np.asarray(
-        [(int(i), None if t < 0 else int(t)) not in done
-         for i, t in zip(items.indices, items.target_labels, strict=True)], bool,
-    )  # fmt: skip
+    item_keys = [(int(i), None if t < 0 else int(t))
+                 for i, t in zip(items.indices, items.target_labels, strict=True)]  # fmt: skip
+    not_done = np.asarray([key not in done for key in item_keys], bool)
     todo = items.select(not_done)
     local_devices = jax.local_devices()
     logging.info(
@@ -50,7 +63,8 @@ def run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = 
         len(items), len(items) - len(todo), len(local_devices), plan.slots, plan.chunk_size,
     )  # fmt: skip
     started = time.time()
-    finished, successes = len(items) - len(todo), sum(r["success"] for r in previous)
+    finished = len(items) - len(todo)
+    successes = sum(done[key] for key in item_keys if key in done)
     counters = attack.LoopCounters()
     with results.Writer(path) as writer:
         if config.method == "fgsm":
@@ -78,12 +92,21 @@ def run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = 
                 finished, len(items), 100.0 * successes / max(finished, 1), rate, qps,
                 100.0 * counters.active_evaluations / max(counters.evaluations, 1), eta,
             )  # fmt: skip
+    wall_seconds = time.time() - started
+    # Each host's share is done (a barrier): its figures, summed over the hosts.
+    shares = hosts.gather("share figures", {
+        "wall_seconds": wall_seconds,
+        "evaluations": counters.evaluations,
+        "active_evaluations": counters.active_evaluations,
+    })  # fmt: skip
+    evaluations = sum(s["evaluations"] for s in shares)
     return workdir_lib.write_summary(workdir, config, plan.model, extra={
-        "wall_seconds_this_run": time.time() - started,
-        "evaluations_this_run": counters.evaluations,
+        "wall_seconds_this_run": max(s["wall_seconds"] for s in shares),
+        "evaluations_this_run": evaluations,
         "active_evaluation_share": (
-            counters.active_evaluations / counters.evaluations if counters.evaluations else None
+            sum(s["active_evaluations"] for s in shares) / evaluations if evaluations else None
         ),
+        "processes": len(shares),
         "images_checked": plan.images_checked,
         "eligible_images": plan.eligible_images,
     })  # fmt: skip

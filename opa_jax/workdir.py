@@ -4,10 +4,15 @@
   Rerunning on the workdir resumes the run; a larger `num_images` (or 0, for
   all) extends it; any other change of the identity is refused.
 - `run_info.json`: software versions, devices, seed, command line and the
-  directory the run started in (relative data paths are relative to it).
+  directory the run started in (relative data paths are relative to it), and
+  each host's name, devices and versions (`processes`).
 - `results.jsonl` (`results.hostNNN.jsonl` per host on several hosts): one
   record per attack, appended as images finish.
 - `summary.json`: the tally of every host's records.
+
+On several hosts, process 0 alone writes the shared files (`config.json`,
+`run_info.json`, `summary.json`), each atomically; the others meet it at
+barriers (`opa_jax.hosts`) before they read them.
 
 Training checks its resumption with the same `config_identity` and
 `differing_fields`.
@@ -23,14 +28,16 @@ import time
 import jax
 import ml_collections
 
-from opa_jax import attack, metrics, provenance, results
+from opa_jax import attack, files, hosts, metrics, provenance, results
 from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel
 
 # Fields that change how a run executes, never its results.
 EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds", "distributed", "cpu_devices")
+CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
 RUN_INFO_FILE = "run_info.json"
+SUMMARY_FILE = "summary.json"
 
 
 def config_identity(config: ml_collections.ConfigDict, ignored_fields=()) -> dict:
@@ -50,18 +57,23 @@ def differing_fields(previous: dict, current: dict, ignored_fields=()) -> list[s
     )
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Claims `workdir` for the run, or refuses one that holds another run."""
+def writable_error(workdir: str) -> str | None:
+    """Why this host cannot write into `workdir`, or None when it can."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise InputError(f"workdir {workdir!r} is not writable ({e})") from e
-    path = os.path.join(workdir, "config.json")
-    identity = config_identity(config, EXECUTION_FIELDS)
+        return f"workdir {workdir!r} is not writable ({e})"
+    return None
+
+
+def claim(workdir: str, identity: dict) -> None:
+    """Writes the run's identity into `config.json`, or refuses a workdir that holds
+    another run (a shrunk `num_images` included)."""
+    path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
@@ -81,11 +93,49 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             )
         if previous == identity:
             return
-    with open(path, "w") as f:
-        json.dump(identity, f, indent=2, sort_keys=True)
+    files.write_atomic(path, json.dumps(identity, indent=2, sort_keys=True))
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Claims `workdir` for the run, or refuses one that holds another run.
+
+    Process 0 claims it (`claim`); every other host reads `config.json` once
+    process 0 has written it, and refuses a config that differs from its own.
+    A refusal on any host stops every host with it.
+    """
+    identity = config_identity(config, EXECUTION_FIELDS)
+    error = writable_error(workdir)
+    if error is None and hosts.is_main():
+        try:
+            claim(workdir, identity)
+        except InputError as e:
+            error = str(e)
+    hosts.raise_if_any("workdir claimed", error)
+    if not hosts.is_main():  # process 0 has written config.json: read it
+        path = os.path.join(workdir, CONFIG_FILE)
+        try:
+            with open(path) as f:
+                written = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            error = (
+                f"cannot read {path!r}, which process 0 wrote ({e}); the workdir must be on a "
+                "filesystem that every host shares"
+            )
+        else:
+            changed = differing_fields(written, identity)
+            if changed:
+                error = (
+                    f"its config differs from process 0's (fields differ: {changed}); every "
+                    "host must run the same config"
+                )
+    hosts.raise_if_any("config read", error)
 
 
 def write_run_info(workdir: str, config: ml_collections.ConfigDict, de_settings: dict | None):
+    """Process 0 writes `run_info.json`: the run's record and every host's (`processes`)."""
+    processes = hosts.gather("run info", provenance.process())
+    if not hosts.is_main():
+        return
     info = {
         "seed": config.seed,
         "argv": sys.argv,
@@ -94,9 +144,9 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict, de_settings:
         **provenance.devices(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "de": de_settings,
+        "processes": processes,
     }
-    with open(os.path.join(workdir, RUN_INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
+    files.write_atomic(os.path.join(workdir, RUN_INFO_FILE), json.dumps(info, indent=2))
 
 
 def read_run_info(workdir: str) -> dict:
@@ -156,7 +206,13 @@ def record(config, items: attack.WorkItems, clean_probs: dict, res: attack.Resul
 
 
 def write_summary(workdir: str, config, model: LoadedModel, extra: dict | None = None) -> dict:
-    """Tallies every host's records into `summary.json`; returns the summary."""
+    """Tallies every host's records into the summary, which process 0 writes into
+    `summary.json`; returns it.
+
+    Every host calls it once its share is done. It first waits for all of them
+    (a barrier), so the tally holds every host's last records.
+    """
+    hosts.barrier("shares done")
     tally = metrics.Tally(model.num_classes).update(read_all_results(workdir))
     summary = {
         "model": config.model,
@@ -169,6 +225,6 @@ def write_summary(workdir: str, config, model: LoadedModel, extra: dict | None =
         **tally.summary(),
         **(extra or {}),
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if hosts.is_main():
+        files.write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2))
     return summary

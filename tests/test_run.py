@@ -385,36 +385,6 @@ def test_auto_slots_on_a_cpu_give_a_batch_of_about_400_per_device(tiny, monkeypa
     assert devices.auto_slots(model, 16) == 1
 
 
-def test_multi_host_shares_merge_to_the_single_host_run(tiny, reference, tmp_path):
-    """Two processes (faked: process_index 0 and 1 of 2) split the items and write
-    results.host000/001.jsonl; their merge equals the single-host run."""
-    workdir = tmp_path / "two_hosts"
-    driver = f"""
-import sys
-sys.argv = ["attack.py"] + {tiny["flags"]!r}
-sys.path.insert(0, {str(REPO)!r})
-import jax
-from absl import flags
-from ml_collections import config_flags
-config = config_flags.DEFINE_config_file("config")
-flags.FLAGS(sys.argv)
-from opa_jax import run
-for host in (0, 1):
-    jax.process_index = lambda host=host: host
-    jax.process_count = lambda: 2
-    run.run_attack(config.value, {str(workdir)!r})
-"""
-    done = run_script([sys.executable, "-c", driver], script_env(tiny["cache"]))
-    assert done.returncode == 0, done.stderr[-3000:]
-    host_files = sorted(p.name for p in workdir.glob("results*.jsonl"))
-    assert host_files == ["results.host000.jsonl", "results.host001.jsonl"]
-    shares = [len((workdir / name).read_text().splitlines()) for name in host_files]
-    assert shares == [tiny["items"] // 2, tiny["items"] - tiny["items"] // 2]
-    merged = workdir_lib.read_all_results(str(workdir))
-    want = workdir_lib.read_all_results(str(reference))
-    assert_same_records(merged, want)
-
-
 # ---------------------------------------------------------------------------
 # Bad inputs: each is refused with a message that names it.
 

@@ -2,7 +2,7 @@
 
 The 8 CPU devices come from XLA_FLAGS=--xla_force_host_platform_device_count=8,
 which must be set before JAX starts, so both runs are subprocesses of
-scripts/attack.py. (Multi-host splitting is tested in test_run.py.)
+scripts/attack.py. (Several hosts are tested in test_multihost.py.)
 """
 
 import json
