@@ -58,7 +58,9 @@ def _compiled_fgsm(apply_fn):
         labels = jnp.where(targeted, target_labels, true_labels)
         direction = jnp.where(targeted, -1.0, 1.0)
         one = functools.partial(fgsm_image, apply_fn, params, epsilon=epsilon)
-        adversarial, probs, finite = jax.vmap(one)(images, labels, direction)  # [B, H, W, 3], [B, C]
+        adversarial, probs, finite = jax.vmap(one)(
+            images, labels, direction
+        )  # [B, H, W, 3], [B, C]
         adv_label = probs.argmax(-1)
         success = jnp.where(targeted, adv_label == target_labels, adv_label != true_labels)
         change = jnp.abs(adversarial - images)  # [B, H, W, 3]

@@ -209,7 +209,7 @@ def load_tfds(name: str, split: str, image_shape=None, resize="none", data_dir=N
     except ImportError as e:
         raise InputError(
             f"dataset tfds:{name}: the module {e.name!r} is missing; install the project's "
-            "dependencies (pip install -e .) or `pip install tensorflow-datasets importlib_resources`"
+            "dependencies (pip install -e .), or tensorflow-datasets and importlib_resources"
         ) from e
     try:
         builder = tfds.builder(name, data_dir=data_dir)

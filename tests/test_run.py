@@ -379,9 +379,9 @@ def test_auto_slots_on_a_cpu_give_a_batch_of_about_400_per_device(tiny, monkeypa
     assert [devices.auto_slots(model, p) for p in (400, 1000, 200, 100, 16)] == [1, 1, 2, 4, 25]
     # Little host memory: the slots shrink to fit half of it (never below 1).
     per_slot = devices.slot_bytes(model, 16)
-    monkeypatch.setattr(run, "host_available_bytes", lambda: 2 * 3 * per_slot + 1)
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: 2 * 3 * per_slot + 1)
     assert devices.auto_slots(model, 16) == 3 and devices.auto_slots(model, 400) == 1
-    monkeypatch.setattr(run, "host_available_bytes", lambda: 1)
+    monkeypatch.setattr(devices, "host_available_bytes", lambda: 1)
     assert devices.auto_slots(model, 16) == 1
 
 
