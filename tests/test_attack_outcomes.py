@@ -64,6 +64,7 @@ def sphere_run(preset: str):
     return config, images, result
 
 
+@pytest.mark.slow  # three engine compilations (paper, scipy, random) between the two
 @pytest.mark.parametrize("preset", ["paper", "scipy"])
 def test_de_beats_random_search_at_an_equal_budget(preset):
     """rand/1 (paper) and best1 (scipy) find the ball on every image; random search with

@@ -78,6 +78,7 @@ def de_runs(tiny):
     }
 
 
+@pytest.mark.slow  # two whole runs (non-targeted, targeted), each compiling its loop
 @pytest.mark.parametrize("mode", ["nontargeted", "targeted"])
 def test_de_records_replay_on_the_model(tiny, de_runs, mode):
     """Each record's pixel, written into the clean image by hand, gives its adv_probs;

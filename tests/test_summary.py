@@ -26,12 +26,10 @@ def hand_records():
     """
     rows = [(0, True, 400, 0.60), (1, False, 4000, 0.30), (2, True, 1200, 0.90),
             (3, True, 2000, 0.75), (4, False, 4000, 0.20), (5, True, 800, 0.55)]  # fmt: skip
-    records = []
-    for image, success, queries, adv_prob in rows:
-        records.append(make_record(image, image % NUM_CLASSES, success=success,
-                                   adv_prob=adv_prob, queries=queries,
-                                   generations=queries // 100 - 1))  # population 100  # fmt: skip
-    return records
+    # A population of 100: queries = 100 x (generations + 1).
+    return [make_record(image, image % NUM_CLASSES, success=success, adv_prob=adv_prob,
+                        queries=queries, generations=queries // 100 - 1)
+            for image, success, queries, adv_prob in rows]  # fmt: skip
 
 
 # By hand: all queries 400 + 4000 + 1200 + 2000 + 4000 + 800 = 12400 over 6 attacks;
