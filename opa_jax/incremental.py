@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from opa_jax import de
 from opa_jax.errors import InputError
 
 try:  # jax >= 0.4.30
@@ -544,7 +545,7 @@ class _Pass:
             extents[a] == 1 and strides[a] == 1 and pads[a] == (0, 0) for a in window.axes
         )
         if pointwise:  # the output window is the input window
-            return [Window(apply(window.data), out_axes, tuple(spans))]
+            return [Window(apply(window.data, pointwise=True), out_axes, tuple(spans))]
         padding = tuple(
             pads[a] if a in window.axes else (0, 0) for a in range(window.data.ndim - 1)
         )
@@ -558,7 +559,7 @@ class _Pass:
         regions = self.slices(clean, window.axes, region_starts, region_counts)
         offsets = [pads[a][0] for a in window.axes]
         regions = self.paste(regions, region_starts, window.axes, window, offsets)
-        return [Window(apply(regions), out_axes, tuple(spans))]
+        return [Window(apply(regions, pointwise=False), out_axes, tuple(spans))]
 
     def rule_conv_general_dilated(self, eqn, values):
         lhs, rhs = values
@@ -585,8 +586,21 @@ class _Pass:
             (0, 0) if axis in lhs.axes else pads[axis] for axis in lhs_spatial
         )  # the region carries the windowed axes' padding
 
-        def apply(regions):
-            return self.per_window(eqn, [regions, rhs], [True, False], padding=padding)
+        def apply(regions, pointwise):
+            if pointwise or jax.default_backend() != "cpu":
+                return self.per_window(eqn, [regions, rhs], [True, False], padding=padding)
+            # XLA's CPU convolutions (YNNPACK, jax 0.10) ran unpadded spatial kernels at
+            # a third to a half of the speed of padded ones; padding one windowed axis by
+            # a stride and cropping the extra output row is faster (docs/benchmarks.md).
+            axes = [a for a in lhs_spatial if a in lhs.axes][:1]
+            padded = tuple(
+                (strides[a], 0) if a in axes else pad
+                for a, pad in zip(lhs_spatial, padding, strict=True)
+            )
+            out = self.per_window(eqn, [regions, rhs], [True, False], padding=padded)
+            for a in axes:
+                out = lax.slice_in_dim(out, 1, None, axis=out_axes_of[a] + 1)
+            return out
 
         out_shape = self.program.avals[eqn.outputs[0]].shape
         return self._local(eqn, values, out_axes_of, extents, strides, pads, 0.0,
@@ -607,7 +621,8 @@ class _Pass:
         dtype = self.program.avals[eqn.inputs[0]].dtype
         pad_value = _REDUCE_WINDOWS[eqn.primitive.name](dtype)
 
-        def apply(regions):
+        def apply(regions, pointwise):
+            del pointwise
             return self.per_window(eqn, [regions], [True], padding=padding)
 
         out_shape = self.program.avals[eqn.outputs[0]].shape
@@ -853,3 +868,113 @@ def _record_cache_keys(program: Program, param_structs) -> tuple[CacheKey, ...]:
     jax.eval_shape(functools.partial(_run, program, lookup=lookup, round_rgb=True),
                    param_structs, image=image, candidate=candidate)  # fmt: skip
     return tuple(requested.values())
+
+
+# ---------------------------------------------------------------------------
+# Evaluators: how the engine turns a generation's candidates into logits.
+
+
+@dataclasses.dataclass(frozen=True)
+class FullEvaluator:
+    """Each candidate's perturbed image through the whole model (one flat batch)."""
+
+    apply_fn: Callable
+
+    name = "full"
+
+    def activations(self, params, images) -> dict:
+        del params, images
+        return {}
+
+    def empty_activations(self, num_slots: int) -> dict:
+        del num_slots
+        return {}
+
+    def logits(self, params, activations, images, candidates, round_rgb: bool):
+        """images [S, H, W, C], candidates [S, P, genes] -> logits [S, P, classes]."""
+        del activations
+        num_slots, popsize = candidates.shape[:2]
+        perturbed = jax.vmap(
+            jax.vmap(functools.partial(de.apply_candidate, round_rgb=round_rgb), (None, 0)),
+            (0, 0),
+        )(images, candidates)  # [S, P, H, W, C]
+        flat = perturbed.reshape((num_slots * popsize, *perturbed.shape[2:]))
+        logits = self.apply_fn(params, flat).astype(jnp.float32)
+        return logits.reshape(num_slots, popsize, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class IncrementalEvaluator:
+    """Each candidate through `Program`'s windows, from its image's activation cache."""
+
+    program: Program
+
+    name = "incremental"
+
+    def activations(self, params, images) -> dict:
+        """The activation caches of clean images [S, H, W, C] -> {name: [S, ...]}."""
+        return jax.vmap(functools.partial(clean_activations, self.program), (None, 0))(
+            params, images
+        )
+
+    def empty_activations(self, num_slots: int) -> dict:
+        return {
+            key.name: jnp.zeros((num_slots, *key.shape(self.program)),
+                                self.program.avals[key.var].dtype)
+            for key in self.program.cache_keys
+        }  # fmt: skip
+
+    def logits(self, params, activations, images, candidates, round_rgb: bool):
+        """images [S, H, W, C], candidates [S, P, genes] -> logits [S, P, classes]."""
+        one = functools.partial(candidate_logits, self.program, round_rgb=round_rgb)
+        per_image = jax.vmap(one, (None, None, None, 0))  # over the population
+        logits = jax.vmap(per_image, (None, 0, 0, 0))(params, activations, images, candidates)
+        return logits.astype(jnp.float32)
+
+
+def flops_per_query(model, num_pixels: int) -> dict[str, float]:
+    """XLA's cost analysis of one candidate's evaluation, full and incremental.
+
+    Counts the model on one perturbed image against the incremental pass on one
+    candidate (its image's cache given); the clean pass, once per image, is left out.
+    """
+    program = program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
+    full = FullEvaluator(model.apply_fn)
+    incremental = IncrementalEvaluator(program)
+    images = jax.ShapeDtypeStruct((1, *model.image_shape), jnp.float32)
+    candidates = jax.ShapeDtypeStruct((1, 1, 5 * num_pixels), jnp.float32)
+    activations = jax.eval_shape(incremental.activations, model.params, images)
+    out = {}
+    for evaluator in (full, incremental):
+        lowered = jax.jit(functools.partial(evaluator.logits, round_rgb=True)).lower(
+            model.params, activations, images, candidates
+        )
+        out[evaluator.name] = float(lowered.cost_analysis()["flops"])
+    return out
+
+
+# 'auto' takes the incremental evaluator when XLA counts at least this many times
+# fewer FLOPs for it: below that, the gathers and the clean pass eat the gain.
+AUTO_MIN_FLOP_RATIO = 1.2
+
+
+def make_evaluator(kind: str, model, num_pixels: int):
+    """The evaluator for `evaluator=kind` ('auto', 'full' or 'incremental')."""
+    if kind not in EVALUATORS:
+        raise InputError(f"evaluator={kind!r}: expected one of {EVALUATORS}")
+    if kind == "full":
+        return FullEvaluator(model.apply_fn)
+    try:
+        program = program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
+    except Exception as err:  # noqa: BLE001 - any model the tracer cannot read runs in full
+        if kind == "incremental":
+            raise InputError(
+                f"evaluator=incremental: model {model.name} cannot be traced for one image "
+                f"({type(err).__name__}: {err})"
+            ) from err
+        return FullEvaluator(model.apply_fn)
+    if kind == "auto":
+        flops = flops_per_query(model, num_pixels)
+        if flops["full"] < AUTO_MIN_FLOP_RATIO * flops["incremental"]:
+            return FullEvaluator(model.apply_fn)
+    return IncrementalEvaluator(program)
