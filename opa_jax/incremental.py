@@ -147,6 +147,7 @@ class Program:
     max_window_fraction: float
     depends: frozenset  # vars that depend on the image
     cache_keys: tuple = ()  # the clean maps the incremental pass reads (CacheKey)
+    steps: tuple = ()  # how each input-dependent equation is computed (Step)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -229,7 +230,8 @@ def trace(
         max_window_fraction=max_window_fraction,
         depends=frozenset(depends),
     )
-    return dataclasses.replace(program, cache_keys=_record_cache_keys(program, param_structs))
+    cache_keys, steps = _record(program, param_structs)
+    return dataclasses.replace(program, cache_keys=cache_keys, steps=steps)
 
 
 def _params_signature(params):
@@ -381,6 +383,7 @@ class _Pass:
         self.lookup = lookup  # CacheKey -> clean map
         self.pixels = pixels  # [k, 2] int32 row, column
         self.k = pixels.shape[0]
+        self.delta = False  # the last equation was a global sum updated by its change
 
     # -- helpers ---------------------------------------------------------
 
@@ -478,6 +481,7 @@ class _Pass:
     # -- rules -----------------------------------------------------------
 
     def equation(self, eqn: Equation, values) -> list:
+        self.delta = False
         name = eqn.primitive.name
         if name in _ELEMENTWISE:
             return self.elementwise(eqn, values)
@@ -667,6 +671,7 @@ class _Pass:
                     covered = covered | inside
                 keep = keep.at[j].set(~covered)
             change = jnp.where(keep, change, 0)
+        self.delta = True
         total = jnp.sum(change, axis=0)
         delta = jnp.sum(total, axis=tuple(sorted(reduced))).astype(window.data.dtype)
         return [Full(self.lookup(CacheKey(eqn.outputs[0])) + delta)]
@@ -819,8 +824,12 @@ def _candidate_pixels(image, candidate, num_pixels: int, round_rgb: bool):
     return jnp.stack([rows, cols], -1), written[first]
 
 
-def _run(program: Program, params, lookup: Callable, image, candidate, round_rgb: bool):
-    """The incremental pass for one candidate; `lookup(CacheKey)` reads the cache."""
+def _run(program: Program, params, lookup: Callable, image, candidate, round_rgb: bool,
+         steps: list | None = None):  # fmt: skip
+    """The incremental pass for one candidate; `lookup(CacheKey)` reads the cache.
+
+    `steps`, when given, receives a `Step` for each input-dependent equation.
+    """
     pixels, colours = _candidate_pixels(image, candidate, program.num_pixels, round_rgb)
     image_aval = program.avals[program.image_var]
     spans = (
@@ -841,6 +850,12 @@ def _run(program: Program, params, lookup: Callable, image, candidate, round_rgb
         values = [_read(env, ref) for ref in eqn.inputs]
         if any(isinstance(v, Window | Full) for v in values):
             outs = incremental.equation(eqn, values)
+            if steps is not None:
+                window = outs[0].spans if isinstance(outs[0], Window) else None
+                mode = "window" if window else ("delta" if incremental.delta else "full")
+                steps.append(Step(eqn.primitive.name, mode,
+                                  tuple(program.avals[eqn.outputs[0]].shape),
+                                  tuple(s.count for s in window) if window else None))  # fmt: skip
         else:
             outs = _bind(eqn, *values)
         env.update(zip(eqn.outputs, outs, strict=True))
@@ -855,9 +870,21 @@ def candidate_logits(program: Program, params, activations, image, candidate, ro
     return _run(program, params, lambda key: activations[key.name], image, candidate, round_rgb)
 
 
-def _record_cache_keys(program: Program, param_structs) -> tuple[CacheKey, ...]:
-    """The clean maps the incremental pass reads, found by tracing it abstractly."""
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """How the incremental pass computes one input-dependent equation."""
+
+    primitive: str
+    mode: str  # 'window', 'delta' (clean global sum + the windows' change) or 'full'
+    shape: tuple[int, ...]  # the output map's shape
+    window: tuple[int, ...] | None  # the window's length on each windowed axis
+
+
+def _record(program: Program, param_structs) -> tuple[tuple[CacheKey, ...], tuple[Step, ...]]:
+    """The clean maps the incremental pass reads and how it computes each equation,
+    found by tracing it abstractly."""
     requested: dict[str, CacheKey] = {}
+    steps: list[Step] = []
 
     def lookup(key: CacheKey):
         requested.setdefault(key.name, key)
@@ -865,9 +892,9 @@ def _record_cache_keys(program: Program, param_structs) -> tuple[CacheKey, ...]:
 
     image = jax.ShapeDtypeStruct(program.image_shape, jnp.float32)
     candidate = jax.ShapeDtypeStruct((program.num_pixels * 5,), jnp.float32)
-    jax.eval_shape(functools.partial(_run, program, lookup=lookup, round_rgb=True),
+    jax.eval_shape(functools.partial(_run, program, lookup=lookup, round_rgb=True, steps=steps),
                    param_structs, image=image, candidate=candidate)  # fmt: skip
-    return tuple(requested.values())
+    return tuple(requested.values()), tuple(steps)
 
 
 # ---------------------------------------------------------------------------
@@ -978,3 +1005,36 @@ def make_evaluator(kind: str, model, num_pixels: int):
         if flops["full"] < AUTO_MIN_FLOP_RATIO * flops["incremental"]:
             return FullEvaluator(model.apply_fn)
     return IncrementalEvaluator(program)
+
+
+def compare_records(full: list[dict], incremental: list[dict], prob_tolerance=1e-4) -> dict:
+    """Per-attack agreement of two runs' records (results.jsonl), keyed by image and target.
+
+    An attack agrees when success, adversarial label, applied pixels,
+    generations and queries are equal and the probabilities within
+    `prob_tolerance`. Differing attacks are listed with both records' figures.
+    """
+    by_key = {(r["image"], r["target_label"]): r for r in incremental}
+    common = [r for r in full if (r["image"], r["target_label"]) in by_key]
+    fields = ("success", "adv_label", "perturbation", "generations", "queries")
+    differing, max_prob_diff = [], 0.0
+    for a in common:
+        b = by_key[(a["image"], a["target_label"])]
+        prob_diff = float(np.max(np.abs(np.subtract(a["adv_probs"], b["adv_probs"]))))
+        max_prob_diff = max(max_prob_diff, prob_diff)
+        if any(a[f] != b[f] for f in fields) or prob_diff > prob_tolerance:
+            differing.append({
+                "image": a["image"], "target_label": a["target_label"],
+                **{f"full_{f}": a[f] for f in fields}, **{f"incremental_{f}": b[f] for f in fields},
+                "max_prob_diff": prob_diff,
+            })  # fmt: skip
+    return {
+        "attacks": len(common),
+        "same": len(common) - len(differing),
+        "success_full": sum(r["success"] for r in common),
+        "success_incremental": sum(
+            by_key[(r["image"], r["target_label"])]["success"] for r in common
+        ),  # fmt: skip
+        "max_prob_diff": max_prob_diff,
+        "differing": differing,
+    }

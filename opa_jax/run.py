@@ -8,6 +8,7 @@ a killed run resumes it; a different config on a finished workdir is refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -21,12 +22,14 @@ from absl import logging
 
 from opa_jax import attack as attack_lib
 from opa_jax import data as data_lib
-from opa_jax import de, metrics, results
+from opa_jax import de, incremental, metrics, results
 from opa_jax.errors import InputError
 from opa_jax.models import load_model
 
 # Fields that change how a run executes, never its results.
-EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds", "distributed", "cpu_devices")
+EXECUTION_FIELDS = (
+    "slots", "chunk_size", "flush_seconds", "distributed", "cpu_devices", "evaluator",
+)  # fmt: skip
 RESULTS_FILE = "results.jsonl"
 
 
@@ -131,9 +134,10 @@ def set_cpu_devices(count: int) -> None:
         logging.warning("cpu_devices=%d not applied: JAX's backends are already running", count)
 
 
-def slot_bytes(model, popsize: int) -> int:
-    """Device memory one in-flight image costs: the forward's scratch at batch
-    `popsize` (XLA's memory analysis) plus its perturbed batch, twice.
+def slot_bytes(model, popsize: int, evaluator=None) -> int:
+    """Device memory one in-flight image costs: the evaluation's scratch at batch
+    `popsize` (XLA's memory analysis) plus its perturbed batch, twice, and the
+    image's activation cache under the incremental evaluator.
 
     Measured on the CPU, the whole loop's memory per slot matches this to
     within 3% (docs/benchmarks.md). Without an analysis it falls back to 64
@@ -141,12 +145,24 @@ def slot_bytes(model, popsize: int) -> int:
     """
     h, w, c = model.image_shape
     batch_bytes = popsize * h * w * c * 4
+    program = getattr(evaluator, "program", None)
+    cache = incremental.cache_bytes(program) if program is not None else 0
     try:
-        images = jax.ShapeDtypeStruct((popsize, h, w, c), np.float32)
-        analysis = jax.jit(model.apply_fn).lower(model.params, images).compile().memory_analysis()
-        return int(analysis.temp_size_in_bytes + 2 * batch_bytes)
+        if program is None:
+            images = jax.ShapeDtypeStruct((popsize, h, w, c), np.float32)
+            compiled = jax.jit(model.apply_fn).lower(model.params, images).compile()
+        else:
+            images = jax.ShapeDtypeStruct((1, h, w, c), np.float32)
+            candidates = jax.ShapeDtypeStruct((1, popsize, 5 * program.num_pixels), np.float32)
+            activations = jax.eval_shape(evaluator.activations, model.params, images)
+            logits = functools.partial(evaluator.logits, round_rgb=True)
+            compiled = (
+                jax.jit(logits).lower(model.params, activations, images, candidates).compile()
+            )
+        analysis = compiled.memory_analysis()
+        return int(analysis.temp_size_in_bytes + 2 * batch_bytes + cache)
     except Exception:  # noqa: BLE001 - memory analysis is optional per backend
-        return 64 * batch_bytes
+        return 64 * batch_bytes + cache
 
 
 def host_available_bytes() -> int:
@@ -161,7 +177,7 @@ def host_available_bytes() -> int:
     return 0
 
 
-def auto_slots(model, popsize: int) -> int:
+def auto_slots(model, popsize: int, evaluator=None) -> int:
     """In-flight images per device: enough images per model call to fill the device.
 
     On the CPU, each core is its own device (`set_cpu_devices`), and a batch
@@ -170,7 +186,7 @@ def auto_slots(model, popsize: int) -> int:
     (docs/benchmarks.md); with more than one slot per device (small
     populations), the slots of all devices fit in half the available host
     memory. On accelerators, half the free memory is filled with slots of
-    `slot_bytes`.
+    `slot_bytes` (of `evaluator`, which counts the activation cache).
     """
     device = jax.local_devices()[0]
     if device.platform == "cpu":
@@ -178,7 +194,8 @@ def auto_slots(model, popsize: int) -> int:
         available = host_available_bytes()
         if slots > 1 and available:  # the devices share the host's memory: half of it at most
             budget = 0.5 * available / len(jax.local_devices())
-            slots = int(max(1, min(slots, budget // max(slot_bytes(model, popsize), 1))))
+            per_slot = slot_bytes(model, popsize, evaluator)
+            slots = int(max(1, min(slots, budget // max(per_slot, 1))))
         return slots
     try:
         stats = device.memory_stats() or {}
@@ -187,7 +204,8 @@ def auto_slots(model, popsize: int) -> int:
         free = 0
     if free <= 0:
         return max(1, 65536 // popsize)
-    return int(max(1, min(256, 0.5 * free // max(slot_bytes(model, popsize), 1))))
+    per_slot = slot_bytes(model, popsize, evaluator)
+    return int(max(1, min(256, 0.5 * free // max(per_slot, 1))))
 
 
 def wrap_precision(model, precision: str):
@@ -327,7 +345,10 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
     devices = jax.local_devices()
     popsize = dconf.popsize if dconf else 1
     per_device_items = max(1, -(-len(items) // len(devices)))
-    slots = config.slots or min(auto_slots(model, popsize), per_device_items)
+    evaluator = (
+        incremental.make_evaluator(config.evaluator, model, dconf.num_pixels) if dconf else None
+    )
+    slots = config.slots or min(auto_slots(model, popsize, evaluator), per_device_items)
     chunk_size = config.chunk_size or 4 * slots
     if dry_run:
         info = {
@@ -343,6 +364,7 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
             "eligible_images": the_plan["eligible"],
             "work_items": len(items),
             "devices": [str(d) for d in devices],
+            "evaluator": evaluator.name if evaluator else None,
             "slots_per_device": slots,
             "chunk_size_per_device": chunk_size,
             "chunks": -(-len(items) // (chunk_size * len(devices))),
@@ -367,8 +389,9 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
     )  # fmt: skip
     total = len(items)
     logging.info(
-        "%d work items (%d already done), %d device(s) x %d slots, chunks of %d",
+        "%d work items (%d already done), %d device(s) x %d slots, chunks of %d, %s evaluator",
         total, total - len(todo), len(devices), slots, chunk_size,
+        evaluator.name if evaluator else "no",
     )  # fmt: skip
     key = jax.random.key(config.seed)
     started = time.time()
@@ -381,7 +404,9 @@ def attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
 
             batches = baselines.fgsm_results(model, todo, dataset.read, config.fgsm.epsilon)
         else:
-            attacker = attack_lib.Attacker(model, dconf, bool(config.targeted), slots, devices)
+            attacker = attack_lib.Attacker(
+                model, dconf, bool(config.targeted), slots, devices, evaluator
+            )
             batches = attacker.run(
                 key, todo, dataset.read, chunk_size, progress, config.flush_seconds
             )
