@@ -8,6 +8,7 @@ concatenations) on non-square images; attacks give the same results with
 either evaluator.
 """
 
+import dataclasses
 import functools
 import pathlib
 
@@ -123,7 +124,7 @@ ZOO_FIELDS = {"nin": dict(width=0.125), "allconv": dict(width=0.125),
         ("allconv", 1, 6),  # conv1-conv6; conv7 (VALID, 8 -> 6) in full
         ("allconv", 3, None),
         ("vgg16", 1, 4),  # stages 1 and 2
-        ("vgg16", 5, None),
+        pytest.param("vgg16", 5, None, marks=pytest.mark.slow),
     ],
 )
 def test_zoo_models_match_the_full_forward(name, num_pixels, convs_windowed):
@@ -187,7 +188,8 @@ def test_alexnet_layer_kinds_match_the_full_forward(num_pixels):
     model = LoadedModel("alexnet-like", jax.jit(module.apply), params, shape, 7)
     candidates = placements(shape, num_pixels, 24)
     program = assert_matches_full(model, num_pixels, candidates, fraction=0.9)
-    assert windowed(program) >= 2 and windowed(program, "reduce_window_sum") >= 1  # LRN
+    assert windowed(program) >= (2 if num_pixels == 1 else 1)
+    assert windowed(program, "reduce_window_sum") >= 1  # LRN
 
 
 # ---------------------------------------------------------------------------
@@ -335,7 +337,7 @@ def random_layers(rng, shape):
     return tuple(layers)
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_architectures_match_the_full_forward(seed):
     rng = np.random.default_rng(100 + seed)
     shape = (int(rng.integers(9, 17)), int(rng.integers(9, 17)), 3)  # non-square
@@ -429,9 +431,12 @@ def assert_same_results(a: attack.Results, b: attack.Results):
 
 @pytest.mark.parametrize("preset", ["paper", "scipy"])
 def test_attacks_give_the_same_results_with_either_evaluator(preset):
-    model = small_zoo_model("nin", width=0.125)
+    base = small_zoo_model("nin", width=0.125)
+    # Sharper logits, through a user's function around the jitted module.
+    model = dataclasses.replace(base, apply_fn=lambda p, x: 30.0 * base.apply_fn(p, x))
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), np.uint8)
-    labels = attack.predict_probs(model, images).argmax(-1)
+    clean = attack.predict_probs(model, images)
+    labels = clean.argmax(-1)
     config = de.DEConfig.from_preset(preset, popsize=24, generations=6)
     runs = {
         kind: attack.attack_arrays(
@@ -447,12 +452,14 @@ def test_attacks_give_the_same_results_with_either_evaluator(preset):
         for kind in ("full", "incremental")
     }
     assert_same_results(runs["full"], runs["incremental"])
-    assert len(set(runs["full"].generations.tolist())) > 1 or runs["full"].success.any()
+    rows = np.arange(len(images))
+    # Every image's DE lowered p(true): the equal results are seven generations of selection.
+    assert (runs["full"].adv_probs[rows, labels] < clean[rows, labels] - 1e-3).all()
 
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("preset", ["paper", "scipy"])
-@pytest.mark.parametrize("name", ["lenet", "resnet"])
+@pytest.mark.parametrize("name", ["lenet", pytest.param("resnet", marks=pytest.mark.slow)])
 def test_keras_attacks_give_the_same_results_with_either_evaluator(name, preset):
     """A small version of scripts/compare_evaluators.py (200 images each, docs/results.md)."""
     model = keras_model(name)
