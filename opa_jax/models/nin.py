@@ -11,24 +11,19 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from opa_jax.models import fast_ops
 from opa_jax.models.alexnet import ceil_mode_padding
 
 CIFAR10_MEAN = (125.307, 122.95, 113.865)  # per-channel pixel mean of the CIFAR-10 train set
 CIFAR10_STD = (62.9932, 62.0887, 66.7048)
 
 
-def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, stride=1, padding=None):
+def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, fast_gradients,
+                 stride=1, padding=None):  # fmt: skip
     """Conv (no bias when followed by batch norm), optional batch norm, ReLU."""
     padding = kernel // 2 if padding is None else padding
-    x = nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=padding,
-        use_bias=not batch_norm,
-        dtype=dtype,
-        name=name,
-    )(x)
+    x = conv(features, kernel, name, dtype=dtype, fast_gradients=fast_gradients, strides=stride,
+             padding=padding, use_bias=not batch_norm)(x)  # fmt: skip
     if batch_norm:
         x = nn.BatchNorm(
             use_running_average=not train,
@@ -38,6 +33,20 @@ def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, stride=
             name=f"{name}_bn",
         )(x)
     return nn.relu(x)
+
+
+def conv(features, kernel, name, *, dtype, fast_gradients, **options) -> nn.Conv:
+    """A square `nn.Conv`; with `fast_gradients`, through `fast_ops.conv_general_dilated`
+    (the same values, and gradients that are fast on the CPU)."""
+    backend = fast_ops.conv_general_dilated if fast_gradients else None
+    return nn.Conv(features, (kernel, kernel), dtype=dtype, conv_general_dilated=backend,
+                   name=name, **options)  # fmt: skip
+
+
+def max_pool(x, window: int, stride: int, padding, *, fast_gradients):
+    """`nn.max_pool` over square windows; with `fast_gradients`, `fast_ops.max_pool`."""
+    pool = fast_ops.max_pool if fast_gradients else nn.max_pool
+    return pool(x, (window, window), (stride, stride), padding=padding)
 
 
 def normalize(images, mean, std, dtype):
@@ -69,18 +78,20 @@ class NiN(nn.Module):
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
+    fast_gradients: bool = True  # fast_ops' convolutions and pooling (the same values)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         # images: [N, H, W, 3] float RGB 0-255
         x = normalize(images, self.mean, self.std, self.dtype)
-        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
+        fast = self.fast_gradients
+        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype, fast_gradients=fast)
         w = lambda f: scaled(self.width, f)
 
         x = conv_bn_relu(x, w(192), 5, "conv1", **block)
         x = conv_bn_relu(x, w(160), 1, "cccp1", **block)
         x = conv_bn_relu(x, w(96), 1, "cccp2", **block)
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=ceil_mode_padding(x.shape[1:3], 3, 2))
+        x = max_pool(x, 3, 2, ceil_mode_padding(x.shape[1:3], 3, 2), fast_gradients=fast)
         x = nn.Dropout(self.dropout, deterministic=not train, name="drop1")(x)
 
         x = conv_bn_relu(x, w(192), 5, "conv2", **block)
@@ -97,5 +108,5 @@ class NiN(nn.Module):
 
         x = conv_bn_relu(x, w(192), 3, "conv3", **block)
         x = conv_bn_relu(x, w(192), 1, "cccp5", **block)
-        x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="cccp6")(x)
+        x = conv(self.num_classes, 1, "cccp6", dtype=self.dtype, fast_gradients=fast)(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [N, num_classes] logits
