@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.fgsm.epsilon = 8.0  # L-inf, in pixel units 0-255
     config.precision = "float32"  # float32 or bfloat16 model forward passes
     # Execution (does not change results).
+    # How candidates are evaluated: 'full' forward passes, 'incremental' (recompute only
+    # what the pixels reach, from each image's clean activations; opa_jax/incremental.py),
+    # or 'auto': incremental where XLA counts fewer FLOPs for it (docs/benchmarks.md).
+    config.evaluator = "auto"
     config.slots = 0  # in-flight images per device; 0 = choose from memory
     config.chunk_size = 0  # work items per device loop call; 0 = 4 x slots
     config.flush_seconds = 30.0  # results reach disk at least this often

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from opa_jax import attack as attack_lib
-from opa_jax import de, export, metrics
+from opa_jax import de, export, incremental, metrics
 from opa_jax import devices as devices_lib
 from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
@@ -227,6 +227,7 @@ def attack_images(
     indices=None,
     slots: int = 0,
     chunk_size: int = 0,
+    evaluator: str = "auto",
     **de_fields,
 ) -> AttackResult:
     """Attacks in-memory images with the CLI's engine; returns its records.
@@ -240,7 +241,8 @@ def attack_images(
       image's random stream, as in a run.
     - `only_correct`: attack only images the model classifies correctly (the paper's rule).
     - `devices`: the JAX devices to shard over (default: every local device); `slots`
-      and `chunk_size` per device, 0 = chosen as a run chooses them.
+      and `chunk_size` per device, 0 = chosen as a run chooses them; `evaluator`
+      ("auto", "full" or "incremental") as `config.evaluator` in a run.
     """
     images = _pixels(images, model.image_shape)
     labels = np.asarray(labels).astype(np.int64)
@@ -286,8 +288,9 @@ def attack_images(
 
     devices = list(devices or jax.local_devices())
     per_device_items = max(1, -(-len(items) // len(devices)))
-    slots = slots or min(devices_lib.auto_slots(model, config.popsize), per_device_items)
-    attacker = attack_lib.Attacker(model, config, bool(targeted), slots, devices)
+    evaluator = incremental.make_evaluator(evaluator, model, pixels)
+    slots = slots or min(devices_lib.auto_slots(model, config.popsize, evaluator), per_device_items)
+    attacker = attack_lib.Attacker(model, config, bool(targeted), slots, devices, evaluator)
     record_config = ml_collections.ConfigDict(
         {"pixels": pixels, "model": model.name, "method": "de", "de": {"preset": preset}}
     )

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opa_jax import de, engine
+from opa_jax import de, engine, incremental
 from opa_jax.errors import InputError
 
 
@@ -89,9 +89,15 @@ class Attacker:
     of the local devices along a `data` axis: every device runs its own loop
     on its share (no collectives), and parameters are replicated. An image's
     result depends only on its key, so it is the same for any device count.
+
+    `evaluator` is 'full', 'incremental', 'auto' (`incremental.make_evaluator`)
+    or an evaluator object; it never changes results beyond float rounding.
     """
 
-    def __init__(self, model, config: de.DEConfig, targeted: bool, num_slots: int, devices=None):
+    def __init__(
+        self, model, config: de.DEConfig, targeted: bool, num_slots: int, devices=None,
+        evaluator="full",
+    ):  # fmt: skip
         if num_slots < 1:
             raise InputError(f"slots={num_slots}: expected >= 1")
         self.model = model
@@ -100,7 +106,10 @@ class Attacker:
         self.devices = list(devices or jax.local_devices())
         self.num_slots = num_slots  # per device
         self.mesh = Mesh(np.asarray(self.devices), ("data",))
-        self._run_queue = _compiled_loop(model.apply_fn, config, targeted, self.mesh)
+        if isinstance(evaluator, str):
+            evaluator = incremental.make_evaluator(evaluator, model, config.num_pixels)
+        self.evaluator = evaluator
+        self._run_queue = _compiled_loop(model.apply_fn, config, targeted, self.mesh, evaluator)
         self._params = jax.device_put(model.params, NamedSharding(self.mesh, P()))
 
     def run(
@@ -202,7 +211,7 @@ class Attacker:
         num_devices = len(self.devices)
         state = engine.init_state(
             self.num_slots * num_devices, tuple(self.model.image_shape), self.model.num_classes,
-            self.config, num_devices,
+            self.config, num_devices, self.evaluator,
         )  # fmt: skip
         return jax.device_put(state, NamedSharding(self.mesh, P("data")))
 
@@ -220,11 +229,12 @@ class Attacker:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_loop(apply_fn, config: de.DEConfig, targeted: bool, mesh: Mesh):
+def _compiled_loop(apply_fn, config: de.DEConfig, targeted: bool, mesh: Mesh, evaluator=None):
     """The device loop, sharded over `mesh` and jitted; cached so repeated runs reuse it."""
     run_queue = functools.partial(
-        engine.run_queue, apply_fn=apply_fn, config=config, targeted=targeted
-    )
+        engine.run_queue, apply_fn=apply_fn, config=config, targeted=targeted,
+        evaluator=evaluator,
+    )  # fmt: skip
 
     def per_device(key, state, queue, final, params, max_iterations):
         queue = queue.replace(length=queue.length[0])
@@ -256,6 +266,7 @@ def attack_arrays(
     num_slots: int = 8,
     chunk_size: int | None = None,
     devices=None,
+    evaluator="full",
 ) -> Results:
     """Attacks in-memory images; returns results ordered like the inputs."""
     n = len(images)
@@ -268,7 +279,7 @@ def attack_arrays(
         ),
     )
     targeted = target_labels is not None
-    attacker = Attacker(model, config, targeted, num_slots, devices)
+    attacker = Attacker(model, config, targeted, num_slots, devices, evaluator)
     chunks = list(attacker.run(key, items, lambda p: images[p], chunk_size or max(n, 1)))
     return Results.concatenate(chunks).sorted_by_work_id()
 

@@ -8,12 +8,14 @@ and XLA's memory analysis of the model. docs/benchmarks.md measures both.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import numpy as np
 from absl import logging
 
+from opa_jax import incremental
 from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel
 
@@ -56,9 +58,23 @@ def forward_temp_bytes(model: LoadedModel, batch: int) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def slot_bytes(model: LoadedModel, popsize: int) -> int:
-    """Device memory one in-flight image costs: the forward's scratch at batch
-    `popsize` plus its perturbed batch, twice.
+def incremental_temp_bytes(model: LoadedModel, evaluator, popsize: int) -> int | None:
+    """Temporary bytes of the incremental pass over one image's `popsize` candidates
+    (XLA's memory analysis), or None where the backend gives no analysis."""
+    h, w, c = model.image_shape
+    images = jax.ShapeDtypeStruct((1, h, w, c), np.float32)
+    candidates = jax.ShapeDtypeStruct((1, popsize, 5 * evaluator.program.num_pixels), np.float32)
+    activations = jax.eval_shape(evaluator.activations, model.params, images)
+    logits = functools.partial(evaluator.logits, round_rgb=True)
+    compiled = jax.jit(logits).lower(model.params, activations, images, candidates).compile()
+    analysis = compiled.memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def slot_bytes(model: LoadedModel, popsize: int, evaluator=None) -> int:
+    """Device memory one in-flight image costs: the evaluation's scratch at batch
+    `popsize` plus its perturbed batch, twice, and the image's activation cache
+    under the incremental evaluator (`evaluator`, default: full forward passes).
 
     On the CPU, the whole loop's memory per slot matches this closely
     (docs/benchmarks.md). Without an analysis it falls back to 64 perturbed
@@ -66,13 +82,18 @@ def slot_bytes(model: LoadedModel, popsize: int) -> int:
     """
     h, w, c = model.image_shape
     batch_bytes = popsize * h * w * c * 4
+    program = getattr(evaluator, "program", None)
+    cache = incremental.cache_bytes(program) if program is not None else 0
     try:
-        temp_bytes = forward_temp_bytes(model, popsize)
+        if program is None:
+            temp_bytes = forward_temp_bytes(model, popsize)
+        else:
+            temp_bytes = incremental_temp_bytes(model, evaluator, popsize)
     except Exception:  # noqa: BLE001 - memory analysis is optional per backend
         temp_bytes = None
     if temp_bytes is None:
-        return 64 * batch_bytes
-    return int(temp_bytes + 2 * batch_bytes)
+        return 64 * batch_bytes + cache
+    return int(temp_bytes + 2 * batch_bytes + cache)
 
 
 def host_available_bytes() -> int:
@@ -87,7 +108,7 @@ def host_available_bytes() -> int:
     return 0
 
 
-def auto_slots(model: LoadedModel, popsize: int) -> int:
+def auto_slots(model: LoadedModel, popsize: int, evaluator=None) -> int:
     """In-flight images per device: enough images per model call to fill the device.
 
     On the CPU, each core is its own device (`set_cpu_devices`), and a batch
@@ -95,7 +116,7 @@ def auto_slots(model: LoadedModel, popsize: int) -> int:
     (docs/benchmarks.md); with more than one slot per device (small
     populations), the slots of all devices fit in half the available host
     memory. On accelerators, half the free memory is filled with slots of
-    `slot_bytes`.
+    `slot_bytes` (of `evaluator`, which counts the activation cache).
     """
     device = jax.local_devices()[0]
     if device.platform == "cpu":
@@ -103,7 +124,8 @@ def auto_slots(model: LoadedModel, popsize: int) -> int:
         available = host_available_bytes()
         if slots > 1 and available:  # the devices share the host's memory: half of it at most
             budget = 0.5 * available / len(jax.local_devices())
-            slots = int(max(1, min(slots, budget // max(slot_bytes(model, popsize), 1))))
+            per_slot = slot_bytes(model, popsize, evaluator)
+            slots = int(max(1, min(slots, budget // max(per_slot, 1))))
         return slots
     try:
         stats = device.memory_stats() or {}
@@ -112,12 +134,15 @@ def auto_slots(model: LoadedModel, popsize: int) -> int:
         free = 0
     if free <= 0:
         return max(1, 65536 // popsize)
-    return int(max(1, min(256, 0.5 * free // max(slot_bytes(model, popsize), 1))))
+    per_slot = slot_bytes(model, popsize, evaluator)
+    return int(max(1, min(256, 0.5 * free // max(per_slot, 1))))
 
 
-def slots_and_chunk(config, model: LoadedModel, popsize: int, num_items: int) -> tuple[int, int]:
+def slots_and_chunk(
+    config, model: LoadedModel, popsize: int, num_items: int, evaluator=None
+) -> tuple[int, int]:
     """In-flight images and queue items per device for a run of `num_items` work items:
     `config.slots` and `config.chunk_size`, or chosen when 0."""
     per_device_items = max(1, -(-num_items // len(jax.local_devices())))
-    slots = config.slots or min(auto_slots(model, popsize), per_device_items)
+    slots = config.slots or min(auto_slots(model, popsize, evaluator), per_device_items)
     return slots, config.chunk_size or 4 * slots

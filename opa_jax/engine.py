@@ -7,13 +7,16 @@ A slot whose image stops records its result in an output buffer and takes the
 next waiting image from the queue at the start of the next iteration, so the
 model spends nearly every evaluation on unfinished images.
 
+The model is called through an evaluator (`opa_jax.incremental`): the full
+forward pass of every perturbed image, or the incremental pass, which reads
+the activation cache that the clean pass fills when an image enters its slot.
+
 Each image's random stream is `image_key(key, dataset_index, target)`, so its
 result does not depend on the slot count, the batch or the device count.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from opa_jax import de
+from opa_jax import de, incremental
 
 
 @struct.dataclass
@@ -47,6 +50,7 @@ class EngineState:
     indices: jax.Array  # [S]
     work_ids: jax.Array  # [S], -1 when the slot is idle
     fresh: jax.Array  # [S] bool: evaluate the initial population next
+    activations: dict  # {name: [S, ...]} the slots' clean maps (incremental evaluator), or {}
     de_state: de.ImageState  # batched over [S]
     # Counters, one per device ([1] inside a device's loop) so they shard with the slots.
     evaluations: jax.Array  # [D] float32, model evaluations spent (all slots)
@@ -74,9 +78,11 @@ def image_key(key, index, target):
 
 
 def init_state(
-    num_slots: int, image_shape, num_classes: int, config: de.DEConfig, num_devices: int = 1
-) -> EngineState:
+    num_slots: int, image_shape, num_classes: int, config: de.DEConfig, num_devices: int = 1,
+    evaluator=None,
+) -> EngineState:  # fmt: skip
     empty = de.empty_image_state(config, num_classes)
+    activations = evaluator.empty_activations(num_slots) if evaluator is not None else {}
     return EngineState(
         images=jnp.zeros((num_slots, *image_shape), jnp.float32),
         true_labels=jnp.zeros((num_slots,), jnp.int32),
@@ -84,6 +90,7 @@ def init_state(
         indices=jnp.zeros((num_slots,), jnp.int32),
         work_ids=jnp.full((num_slots,), -1, jnp.int32),
         fresh=jnp.zeros((num_slots,), bool),
+        activations=activations,
         de_state=jax.tree.map(lambda x: jnp.broadcast_to(x, (num_slots, *x.shape)), empty),
         evaluations=jnp.zeros((num_devices,), jnp.float32),
         active_evaluations=jnp.zeros((num_devices,), jnp.float32),
@@ -126,21 +133,29 @@ def _refill(state: EngineState, queue: Queue, cursor):
     return state, cursor + jnp.sum(take)
 
 
-def _generation(state: EngineState, key, apply_fn, params, config, targeted, low, high):
-    """One generation for every slot: propose, one flat model call, update."""
+def _generation(state: EngineState, key, evaluator, params, config, targeted, low, high):
+    """One generation for every slot: propose, one evaluation of all candidates, update."""
     num_slots = state.work_ids.shape[0]
     active = state.work_ids >= 0
     image_keys = jax.vmap(image_key, in_axes=(None, 0, 0))(key, state.indices, state.target_labels)
     candidates = jax.vmap(de.propose, in_axes=(0, 0, 0, None, None, None))(
         image_keys, state.de_state, state.fresh, config, low, high
     )  # [S, popsize, genes]
-    perturbed = jax.vmap(
-        jax.vmap(functools.partial(de.apply_candidate, round_rgb=config.round_rgb), (None, 0)),
-        (0, 0),
-    )(state.images, candidates)  # [S, popsize, H, W, 3]
-    flat = perturbed.reshape((num_slots * config.popsize, *perturbed.shape[2:]))
-    logits = apply_fn(params, flat).astype(jnp.float32)  # [S * popsize, C]
-    logits = logits.reshape(num_slots, config.popsize, -1)
+    activations = state.activations
+    if activations:  # the clean pass, for the slots that took a new image
+        activations = jax.lax.cond(
+            jnp.any(state.fresh),
+            lambda: jax.tree.map(
+                lambda new, old: jnp.where(
+                    state.fresh.reshape((-1,) + (1,) * (new.ndim - 1)), new, old
+                ),
+                evaluator.activations(params, state.images), activations,
+            ),
+            lambda: activations,
+        )  # fmt: skip
+    logits = evaluator.logits(
+        params, activations, state.images, candidates, config.round_rgb
+    )  # [S, popsize, C]
     # Checked on the logits, not the probabilities: XLA may simplify a softmax of a
     # constant NaN row to a uniform one, so only the model's own output is a sure sign.
     nan_seen = state.nan_seen | jnp.any(active[:, None, None] & ~jnp.isfinite(logits))
@@ -157,6 +172,7 @@ def _generation(state: EngineState, key, apply_fn, params, config, targeted, low
     evaluations = float(num_slots * config.popsize)
     return state.replace(
         de_state=new_de,
+        activations=activations,
         fresh=jnp.zeros_like(state.fresh),
         evaluations=state.evaluations + evaluations,
         active_evaluations=state.active_evaluations
@@ -203,6 +219,7 @@ def run_queue(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     config: de.DEConfig,
     targeted: bool,
+    evaluator=None,
 ) -> tuple[EngineState, Finished, jax.Array]:
     """Runs generations until the queue is drained (and, when `final`, every slot is done).
 
@@ -210,8 +227,12 @@ def run_queue(
     the rest in flight for the next call with the next chunk. It also returns
     after `max_iterations` generations, so the host can write results on time;
     the third output says how many queue items were taken. Jit this with
-    `apply_fn`, `config` and `targeted` static.
+    `apply_fn`, `config`, `targeted` and `evaluator` static; `evaluator`
+    (default: the full forward pass of `apply_fn`) must match the one `state`
+    was made with.
     """
+    if evaluator is None:
+        evaluator = incremental.FullEvaluator(apply_fn)
     num_slots = state.work_ids.shape[0]
     capacity = num_slots + queue.images.shape[0]
     low, high = de.bounds(queue.images.shape[1:], config.num_pixels)
@@ -238,7 +259,7 @@ def run_queue(
     def body(carry):
         state, cursor, finished, iteration = carry
         state, cursor = _refill(state, queue, cursor)
-        state = _generation(state, key, apply_fn, params, config, targeted, low, high)
+        state = _generation(state, key, evaluator, params, config, targeted, low, high)
         state, finished = _collect(state, finished)
         return state, cursor, finished, iteration + 1
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from opa_jax import attack, de, devices
+from opa_jax import attack, de, devices, incremental
 from opa_jax import data as data_lib
 from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel, load_model, onnx_import
@@ -100,6 +101,7 @@ class Plan:
     clean_probs: dict[int, np.ndarray]  # dataset position -> clean probabilities [C]
     images_checked: int  # by the clean pass
     eligible_images: int
+    evaluator: Any  # how candidates are evaluated (opa_jax.incremental); None for FGSM
     slots: int  # in-flight images per device
     chunk_size: int  # queue items per device and loop call
 
@@ -119,6 +121,7 @@ class Plan:
             "eligible_images": self.eligible_images,
             "work_items": len(self.items),
             "devices": [str(d) for d in local_devices],
+            "evaluator": self.evaluator.name if self.evaluator else None,
             "slots_per_device": self.slots,
             "chunk_size_per_device": self.chunk_size,
             "chunks": -(-len(self.items) // (self.chunk_size * len(local_devices))),
@@ -152,8 +155,11 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
     items = work_items(dataset, eligible, targets)
     # Multi-host: each process attacks its own share.
     items = items.select(slice(jax.process_index(), None, jax.process_count()))
+    evaluator = (
+        incremental.make_evaluator(config.evaluator, model, dconf.num_pixels) if dconf else None
+    )
     slots, chunk_size = devices.slots_and_chunk(
-        config, model, dconf.popsize if dconf else 1, len(items)
+        config, model, dconf.popsize if dconf else 1, len(items), evaluator
     )
     return Plan(
         model=model,
@@ -163,6 +169,7 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
         clean_probs=clean_probs,
         images_checked=len(clean_probs),
         eligible_images=len(eligible),
+        evaluator=evaluator,
         slots=slots,
         chunk_size=chunk_size,
     )

@@ -9,6 +9,7 @@ config differs in any other field than the execution ones is refused.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from opa_jax import attack, baselines, hosts, results
+from opa_jax import attack, baselines, files, hosts, incremental, results
 from opa_jax import workdir as workdir_lib
 from opa_jax.plan import make_plan
 
@@ -59,8 +60,9 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
     todo = items.select(not_done)
     local_devices = jax.local_devices()
     logging.info(
-        "%d work items (%d already done), %d device(s) x %d slots, chunks of %d",
+        "%d work items (%d already done), %d device(s) x %d slots, chunks of %d, %s evaluator",
         len(items), len(items) - len(todo), len(local_devices), plan.slots, plan.chunk_size,
+        plan.evaluator.name if plan.evaluator else "no",
     )  # fmt: skip
     started = time.time()
     finished = len(items) - len(todo)
@@ -72,7 +74,7 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
                                              config.fgsm.epsilon)  # fmt: skip
         else:
             attacker = attack.Attacker(plan.model, plan.de_config, bool(config.targeted),
-                                       plan.slots, local_devices)  # fmt: skip
+                                       plan.slots, local_devices, plan.evaluator)  # fmt: skip
             batches = attacker.run(jax.random.key(config.seed), todo, plan.dataset.read,
                                    plan.chunk_size, counters, config.flush_seconds)  # fmt: skip
         for res in batches:
@@ -110,3 +112,20 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
         "images_checked": plan.images_checked,
         "eligible_images": plan.eligible_images,
     })  # fmt: skip
+
+
+def compare_evaluators(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs `config` with the full and with the incremental evaluator (into
+    `workdir`/full and `workdir`/incremental, each resumable), and compares their
+    records attack by attack (`incremental.compare_records`); writes and returns
+    `workdir`/comparison.json."""
+    summaries = {}
+    for kind in ("full", "incremental"):
+        with config.unlocked():
+            config.evaluator = kind
+        summaries[kind] = run_attack(config, os.path.join(workdir, kind))
+    runs = {kind: workdir_lib.read_all_results(os.path.join(workdir, kind)) for kind in summaries}
+    comparison = incremental.compare_records(runs["full"], runs["incremental"])
+    comparison["wall_seconds"] = {k: s.get("wall_seconds_this_run") for k, s in summaries.items()}
+    files.write_atomic(os.path.join(workdir, "comparison.json"), json.dumps(comparison, indent=2))
+    return comparison

@@ -33,7 +33,9 @@ from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel
 
 # Fields that change how a run executes, never its results.
-EXECUTION_FIELDS = ("slots", "chunk_size", "flush_seconds", "distributed", "cpu_devices")
+EXECUTION_FIELDS = (
+    "slots", "chunk_size", "flush_seconds", "distributed", "cpu_devices", "evaluator",
+)  # fmt: skip
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
 RUN_INFO_FILE = "run_info.json"
