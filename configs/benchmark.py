@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.de.popsize = 400
     config.de.generations = 2  # ... with few generations here; the paper runs 100
     config.precision = "float32"
+    # The main section's engine: 'full' forward passes (its efficiency is against the
+    # forward ceiling), 'incremental' or 'auto' (opa_jax/incremental.py).
+    config.evaluator = "full"
     config.slots = 0  # in-flight images per device; 0 = devices.auto_slots (1 on a CPU)
     # CPU hosts: XLA devices the cores are split into, as in attack runs (0 = one per core,
     # up to 8); the forward ceiling and the engine both run on all of them.
@@ -85,4 +88,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.xla_flags.slots = 0  # 0 = `slots`
     config.xla_flags.generations = 1
     config.xla_flags.forward_loop_calls = 2
+    # The incremental evaluator against the full one (and the forward pass), per model, at
+    # one slot of `popsize` (0 = de.popsize) per device, interleaved; `more_pixels` too for
+    # `more_pixels_models`. configs/benchmark_incremental.py runs it alone.
+    config.incremental = ml_collections.ConfigDict()
+    config.incremental.enabled = False
+    config.incremental.models = (
+        "keras:../shared/data/keras/lenet.h5",
+        "keras:../shared/data/keras/resnet.h5",
+        "random:nin",
+        "random:allconv",
+        "random:vgg16",
+        "random:alexnet",
+    )
+    config.incremental.pixels = (1,)
+    config.incremental.more_pixels_models = ("random:nin",)
+    config.incremental.more_pixels = (3, 5)
+    config.incremental.popsize = 0
+    config.incremental.repetitions = 3
+    config.incremental.loop_calls = 2
     return config

@@ -959,8 +959,9 @@ class IncrementalEvaluator:
         return logits.astype(jnp.float32)
 
 
-def flops_per_query(model, num_pixels: int) -> dict[str, float]:
-    """XLA's cost analysis of one candidate's evaluation, full and incremental.
+def query_costs(model, num_pixels: int) -> dict[str, dict[str, float]]:
+    """XLA's cost analysis of one candidate's evaluation, full and incremental:
+    {evaluator: {"flops": ..., "bytes_accessed": ...}}.
 
     Counts the model on one perturbed image against the incremental pass on one
     candidate (its image's cache given); the clean pass, once per image, is left out.
@@ -976,8 +977,17 @@ def flops_per_query(model, num_pixels: int) -> dict[str, float]:
         lowered = jax.jit(functools.partial(evaluator.logits, round_rgb=True)).lower(
             model.params, activations, images, candidates
         )
-        out[evaluator.name] = float(lowered.cost_analysis()["flops"])
+        analysis = lowered.cost_analysis()
+        out[evaluator.name] = {
+            "flops": float(analysis["flops"]),
+            "bytes_accessed": float(analysis.get("bytes accessed", float("nan"))),
+        }
     return out
+
+
+def flops_per_query(model, num_pixels: int) -> dict[str, float]:
+    """XLA's FLOPs of one candidate's evaluation, {evaluator: flops} (`query_costs`)."""
+    return {name: costs["flops"] for name, costs in query_costs(model, num_pixels).items()}
 
 
 # 'auto' takes the incremental evaluator when XLA counts at least this many times

@@ -277,3 +277,46 @@ def test_op_table_reads_the_xla_ops_line_of_an_accelerator_trace(tmp_path):
     assert [(op["name"], op["count"]) for op in table["ops"]] == [("convolution", 1), ("fusion", 2)]
     assert table["device_seconds"] == pytest.approx(100e-6)
     assert [op["share"] for op in table["ops"]] == pytest.approx([0.6, 0.4])
+
+
+def test_incremental_section_compares_the_evaluators_per_model_and_pixels(
+    tiny_keras_spec, tmp_path
+):
+    config = tiny_config()
+    config.evaluator = "incremental"  # the main section's engine
+    for name in ("early_stop", "bf16", "memory", "scaling", "profile"):
+        config[name].enabled = False
+    config.breakdown = False
+    config.baseline.enabled = False
+    config.incremental.enabled = True
+    config.incremental.models = (tiny_keras_spec,)
+    config.incremental.more_pixels_models = (tiny_keras_spec,)
+    config.incremental.more_pixels = (3,)
+    config.incremental.popsize = 8
+    config.incremental.repetitions = 1
+    config.incremental.loop_calls = 1
+    model = load_model(tiny_keras_spec)
+    report = benchmark(config, str(tmp_path), model=model, log=lambda _: None)
+
+    assert report["engine"]["evaluator"] == "incremental"
+    assert report["engine"]["runs"][0]["images"] == IMAGES
+    rows = report["incremental"]
+    assert [row["num_pixels"] for row in rows] == [1, 3]
+    for row in rows:
+        assert row["popsize"] == 8 and row["devices"] >= 1
+        for name in ("forward_qps", "full_qps", "incremental_qps", "speedup"):
+            assert row[name]["median"] > 0, name
+        # The tiny net is conv - flatten - dense: its conv runs on windows, the dense
+        # layer in full, so a query costs less than the forward pass.
+        assert row["convolutions"] == row["convolutions_windowed"] == 1
+        costs = row["costs_per_query"]
+        assert 0 < costs["incremental"]["flops"] < costs["full"]["flops"]
+        assert costs["full"]["bytes_accessed"] > 0
+        assert row["cache_bytes_per_image"] > 0
+    # More pixels reach more of the map: more FLOPs per query.
+    assert (
+        rows[1]["costs_per_query"]["incremental"]["flops"]
+        > (rows[0]["costs_per_query"]["incremental"]["flops"])
+    )
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "| model | k | devices x batch | forward q/s, in loop | full q/s |" in text

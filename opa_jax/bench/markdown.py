@@ -200,6 +200,29 @@ def xla_flags_lines(report: dict) -> list[str]:
     return lines
 
 
+def incremental_lines(report: dict) -> list[str]:
+    """One row per model and pixel count: queries/s of the forward pass and of both
+    evaluators (interleaved), XLA's GFLOP and MB per query, the cache per image."""
+    lines = ["", "| model | k | devices x batch | forward q/s, in loop | full q/s | "
+             "incremental q/s | speed-up over full | GFLOP per query, full / incr. | "
+             "MB accessed per query, full / incr. | convs on windows | cache per image | "
+             "auto |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["incremental"]:
+        costs = r["costs_per_query"]
+        full, incr = costs["full"], costs["incremental"]
+        name = r["model"] + ("" if r["trained"] else " (random)")
+        lines.append(
+            f"| {name} | {r['num_pixels']} | {r['devices']} x {r['popsize']} | "
+            f"{fmt(r['forward_qps'])} | {fmt(r['full_qps'])} | {fmt(r['incremental_qps'])} | "
+            f"**{fmt(r['speedup'], 2)}** | {full['flops'] / 1e9:.4f} / "
+            f"{incr['flops'] / 1e9:.4f} ({full['flops'] / incr['flops']:.2f}x) | "
+            f"{full['bytes_accessed'] / 1e6:.2f} / {incr['bytes_accessed'] / 1e6:.2f} | "
+            f"{r['convolutions_windowed']} of {r['convolutions']} | "
+            f"{r['cache_bytes_per_image'] / 2**20:.2f} MiB | {r['auto']} |"
+        )
+    return lines
+
+
 # Rows of the main table (scipy_baseline, early_stop), then one table per section.
 SECTION_LINES = (
     ("scipy_baseline", scipy_baseline_lines),
@@ -210,6 +233,7 @@ SECTION_LINES = (
     ("memory", memory_lines),
     ("scaling", scaling_lines),
     ("xla_flags", xla_flags_lines),
+    ("incremental", incremental_lines),
 )
 
 
@@ -236,7 +260,8 @@ def markdown(report: dict) -> str:
         f"{fmt(report['forward_ceiling']['queries_per_s'])} |",
         f"| forward ceiling, {report['forward_ceiling'].get('in_loop_calls')} calls in a jitted "
         f"loop (queries/s) | {fmt(report['forward_ceiling'].get('in_loop_queries_per_s'))} |",
-        f"| engine, early stop off (queries/s) | {fmt(report['engine']['queries_per_s'])} |",
+        f"| engine, early stop off, {report['engine'].get('evaluator', 'full')} evaluator "
+        f"(queries/s) | {fmt(report['engine']['queries_per_s'])} |",
         f"| engine, early stop off (images/s) | {fmt(report['engine']['images_per_s'], 3)} |",
         f"| efficiency = engine / one-call ceiling | {fmt(report['efficiency'], 3)} |",
         f"| efficiency against the in-loop ceiling | {fmt(report.get('efficiency_in_loop'), 3)} |",

@@ -3,7 +3,9 @@
 - `Forward`: the bare jitted forward pass (the ceiling the engine is held to);
 - `run_engine`: one timed attack through `attack.Attacker`;
 - `run_scipy`: SciPy's `differential_evolution`, one image at a time;
-- `throughput_point` and `forward_sweep`: those at one setting, interleaved.
+- `throughput_point` and `forward_sweep`: those at one setting, interleaved;
+- `Evaluation` and `evaluator_point`: the full and the incremental evaluator
+  (`opa_jax.incremental`) beside the forward pass, interleaved.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy.optimize import differential_evolution
 
-from opa_jax import attack, de, plan
+from opa_jax import attack, de, incremental, plan
 from opa_jax import data as data_lib
 from opa_jax.models import LoadedModel
 
@@ -171,7 +173,7 @@ def whole_chunk(num_images: int, num_devices: int) -> int:
 
 
 def run_engine(model, config: de.DEConfig, slots: int, workload: Workload, seed: int = 0,
-               devices=None, chunk: int | None = None) -> dict:  # fmt: skip
+               devices=None, chunk: int | None = None, evaluator="full") -> dict:  # fmt: skip
     """One timed attack of the whole workload through `attack.Attacker`.
 
     The queue holds `chunk` items per device (default: the whole workload), so
@@ -179,9 +181,9 @@ def run_engine(model, config: de.DEConfig, slots: int, workload: Workload, seed:
     `Attacker.run` times its device calls until their outputs are ready, so
     `host_seconds` (wall time outside them) is the per-call host work:
     reading images, building and sending the queue, fetching and decoding
-    results.
+    results. `evaluator` is `attack.Attacker`'s ('full', 'incremental', 'auto' or one).
     """
-    attacker = attack.Attacker(model, config, False, slots, devices)
+    attacker = attack.Attacker(model, config, False, slots, devices, evaluator)
     counters = attack.LoopCounters()
     chunk = chunk or whole_chunk(len(workload.images), len(attacker.devices))
     started, cpu = time.perf_counter(), time.process_time()
@@ -309,3 +311,90 @@ def forward_sweep(model, batches, rounds: int, seed: int = 0) -> list[dict]:
     return [{"batch": b, "forward_qps": spread(qps[b]),
              "relative_to_first": spread(np.divide(qps[b], qps[first]))}
             for b in batches]  # fmt: skip
+
+
+class Evaluation:
+    """One evaluator's logits for one slot of `popsize` candidates on every local device.
+
+    Like `Forward.time_loop`: `loop_calls` evaluations in one jitted loop per
+    timing, each on new candidates, on each device's own clean image, whose
+    activation cache is computed once before the loop (as when an image
+    enters its slot).
+    """
+
+    def __init__(self, model: LoadedModel, evaluator, popsize: int, num_pixels: int,
+                 loop_calls: int = 2, seed: int = 0):  # fmt: skip
+        devices = jax.local_devices()
+        mesh = Mesh(np.asarray(devices), ("data",))
+        sharded = NamedSharding(mesh, P("data"))
+        self.queries = popsize * len(devices) * loop_calls
+        rng = np.random.default_rng(seed)
+        images = random_images(len(devices), model.image_shape, seed).astype(np.float32)
+        low, high = de.bounds(model.image_shape, num_pixels)
+        unit = rng.random((len(devices), popsize, 5 * num_pixels))
+        candidates = np.asarray(low + unit * (high - low), np.float32)
+        self.params = jax.device_put(model.params, NamedSharding(mesh, P()))
+        self.images = jax.device_put(images, sharded)  # [D, H, W, 3]
+        self.candidates = jax.device_put(candidates, sharded)  # [D, popsize, genes]
+
+        def loop(params, images, candidates):
+            activations = evaluator.activations(params, images)
+
+            def body(i, carry):
+                candidates, total = carry
+                candidates = candidates.at[:, i % popsize, 2].add(1.0)  # new candidates
+                logits = evaluator.logits(params, activations, images, candidates, True)
+                return candidates, total + jnp.sum(logits)
+
+            return jax.lax.fori_loop(0, loop_calls, body, (candidates, 0.0))[1][None]
+
+        self.loop = jax.jit(jax.shard_map(
+            loop, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data"),
+            check_vma=False,
+        ))  # fmt: skip
+        jax.block_until_ready(self.loop(self.params, self.images, self.candidates))
+
+    def time(self) -> float:
+        """Queries per second of one timed loop."""
+        started = time.perf_counter()
+        jax.block_until_ready(self.loop(self.params, self.images, self.candidates))
+        return self.queries / (time.perf_counter() - started)
+
+
+def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitions: int,
+                    loop_calls: int = 2, seed: int = 0) -> dict:  # fmt: skip
+    """Queries/s of the forward pass, the full and the incremental evaluator at one
+    slot of `popsize` per device (interleaved repetitions); XLA's FLOPs and bytes per
+    query of both evaluators; the activation cache per in-flight image."""
+    program = incremental.program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
+    evaluators = {
+        "full": incremental.FullEvaluator(model.apply_fn),
+        "incremental": incremental.IncrementalEvaluator(program),
+    }
+    forward = Forward(model, popsize, seed, loop_calls)
+    runs = {name: Evaluation(model, e, popsize, num_pixels, loop_calls, seed)
+            for name, e in evaluators.items()}  # fmt: skip
+    rates = {"forward": [], "full": [], "incremental": []}
+    for _ in range(repetitions):
+        rates["forward"].append(forward.time_loop()["queries_per_s"])
+        for name, run in runs.items():
+            rates[name].append(run.time())
+    steps = [s for s in program.steps if s.primitive == "conv_general_dilated"]
+    return {
+        "model": model.name,
+        "trained": model.meta.get("trained", True),
+        "image_shape": list(model.image_shape),
+        "num_pixels": num_pixels,
+        "popsize": popsize,
+        "devices": len(jax.local_devices()),
+        "forward_qps": spread(rates["forward"]),
+        "full_qps": spread(rates["full"]),
+        "incremental_qps": spread(rates["incremental"]),
+        "speedup": spread(np.divide(rates["incremental"], rates["full"])),
+        "speedup_over_forward": spread(np.divide(rates["incremental"], rates["forward"])),
+        "costs_per_query": incremental.query_costs(model, num_pixels),
+        "cache_bytes_per_image": incremental.cache_bytes(program),
+        "convolutions_windowed": sum(s.mode == "window" for s in steps),
+        "convolutions": len(steps),
+        "auto": incremental.make_evaluator("auto", model, num_pixels).name,
+    }

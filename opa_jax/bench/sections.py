@@ -2,8 +2,9 @@
 
 `benchmark(config, workdir)` runs the `SECTIONS` its config enables, in order,
 and writes the report (`opa_jax.bench.markdown`). The main section times the
-forward ceiling, the engine (early stop off) and the SciPy baseline,
-interleaved; later sections reuse its runs through the shared `Bench`.
+forward ceiling, the engine (early stop off, with `config.evaluator`) and the
+SciPy baseline, interleaved; later sections reuse its runs through the shared
+`Bench`. The `incremental` section compares the evaluators model by model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from opa_jax import attack, de, devices, plan, profiling, provenance
+from opa_jax import attack, de, devices, incremental, plan, profiling, provenance
 from opa_jax.bench import children, costs, markdown, measure
 from opa_jax.models import LoadedModel, load_model
 
@@ -36,6 +37,7 @@ class Bench:
     main: measure.Workload  # the main section's images
     chunk: int  # queue items per device holding `main` in one device call
     log: Callable[[str], object]
+    evaluator: object = "full"  # the main section's engine evaluator (config.evaluator)
     model16: LoadedModel | None = None  # the bfloat16 model, when the bf16 section runs
     # Set by the main section.
     engines: list[dict] = dataclasses.field(default_factory=list)  # engine runs
@@ -69,7 +71,8 @@ def main_section(bench: Bench) -> dict:
                               config.forward_loop_calls)  # fmt: skip
     if bench.bf16:
         forward16 = measure.Forward(bench.model16, forward.batch, config.seed)
-    measure.run_engine(model, throughput, slots, main.take(1), config.seed, chunk=bench.chunk)
+    measure.run_engine(model, throughput, slots, main.take(1), config.seed, chunk=bench.chunk,
+                       evaluator=bench.evaluator)  # fmt: skip
     baseline_images = bench.workload.take(config.baseline.num_images)
     if config.baseline.enabled:  # compile
         measure.run_scipy(model, dataclasses.replace(throughput, generations=0),
@@ -77,7 +80,8 @@ def main_section(bench: Bench) -> dict:
     ceilings, loops = [forward.time()], [forward.time_loop()]
     engines, baselines = [], []
     for r in range(config.repetitions):
-        engines.append(measure.run_engine(model, throughput, slots, main, config.seed))
+        engines.append(measure.run_engine(model, throughput, slots, main, config.seed,
+                                          evaluator=bench.evaluator))  # fmt: skip
         if config.baseline.enabled:
             baselines.append(measure.run_scipy(model, throughput, baseline_images, config.seed))
         if bench.bf16:
@@ -101,6 +105,7 @@ def main_section(bench: Bench) -> dict:
             "queries_per_cpu_s": spread([forward.queries / c["cpu_seconds"] for c in ceilings]),
         },
         "engine": {
+            "evaluator": getattr(bench.evaluator, "name", bench.evaluator),
             "images": len(main.images),
             "generations": throughput.generations,
             "queries_per_s": spread([e["queries_per_s"] for e in engines]),
@@ -330,6 +335,27 @@ def xla_flags_section(bench: Bench) -> dict:
     )}  # fmt: skip
 
 
+def incremental_section(bench: Bench) -> dict:
+    """The incremental evaluator against the full one and the forward pass, per model
+    and pixel count (`measure.evaluator_point`): queries/s at the same batch and
+    device count, XLA's FLOPs and bytes per query, the activation cache per image."""
+    ic = bench.config.incremental
+    popsize = ic.popsize or bench.throughput.popsize
+    rows = []
+    for spec in ic.models:
+        model = load_model(spec).with_precision(bench.config.precision)
+        pixels = sorted({*ic.pixels, *(ic.more_pixels if spec in ic.more_pixels_models else ())})
+        for num_pixels in pixels:
+            row = measure.evaluator_point(model, num_pixels, popsize, ic.repetitions,
+                                          ic.loop_calls, bench.config.seed)  # fmt: skip
+            row["spec"] = spec
+            bench.log(f"incremental {spec} k={num_pixels}: full {row['full_qps']['median']:.1f}"
+                      f" q/s, incremental {row['incremental_qps']['median']:.1f} q/s, "
+                      f"speed-up {row['speedup']['median']:.2f}")  # fmt: skip
+            rows.append(row)
+    return {"incremental": rows}
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     name: str  # its entry in the report's section_seconds
@@ -357,6 +383,7 @@ SECTIONS = (
     Section("scaling", lambda config: _on(config, "scaling"), scaling_section),
     Section("devices", lambda c: _on(c, "scaling") and bool(c.scaling.devices), devices_section),
     Section("xla_flags", lambda config: _on(config, "xla_flags"), xla_flags_section),
+    Section("incremental", lambda config: _on(config, "incremental"), incremental_section),
 )
 
 
@@ -369,15 +396,19 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str, out: str = "",
     started = time.perf_counter()
     model = (model or load_model(config.model)).with_precision(config.precision)
     throughput = plan.de_config(config, stop="none")
-    slots = config.slots or devices.auto_slots(model, throughput.popsize)
-    log(f"model {model.name}, {slots} slots x popsize {throughput.popsize}")
+    evaluator = incremental.make_evaluator(
+        config.get("evaluator", "full"), model, throughput.num_pixels
+    )
+    slots = config.slots or devices.auto_slots(model, throughput.popsize, evaluator)
+    log(f"model {model.name}, {slots} slots x popsize {throughput.popsize}, "
+        f"{evaluator.name} evaluator")  # fmt: skip
     workload = measure.load_workload(
         model, config, max(config.num_images, config.early_stop.num_images)
     )
     main = workload.take(config.num_images)
     bench = Bench(
         config=config, workdir=workdir, model=model, throughput=throughput, slots=slots,
-        workload=workload, main=main, log=log,
+        workload=workload, main=main, log=log, evaluator=evaluator,
         chunk=measure.whole_chunk(len(main.images), len(jax.local_devices())),
         model16=model.with_precision("bfloat16") if bf16_enabled(config) else None,
     )  # fmt: skip
