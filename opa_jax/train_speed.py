@@ -4,9 +4,10 @@
 eval forward pass and a whole train step (`opa_jax.train`'s, with augmentation,
 dropout, batch norm and the SGD update) of one architecture at full width:
 with the plain lax operations (`fast_gradients=False`: XLA's own gradients)
-and with `opa_jax.models.fast_ops`, on meshes of 1, 2, ... devices. Each
-figure is the fastest of the rounds, per image. `markdown` renders the rows;
-`benchmark(config, out)` measures each configured model and writes both.
+and with the fast ones of `opa_jax.models.layers`, on meshes of 1, 2, ...
+devices. Each figure is the fastest of the rounds, per image, cells reading
+"plain / fast". `markdown` renders the rows; `benchmark(config, out)`
+measures each configured model and writes both.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -72,59 +74,57 @@ def _seconds(fn) -> float:
 
 def measure(name: str, batch_size: int = 128, device_counts=(1, 2), rounds: int = 3,
             width: float = 1.0, log=print) -> list[dict]:  # fmt: skip
-    """Per device count: seconds per image of the eval forward and of the plain and
-    fast train steps, their ratios, and hours per epoch of `EPOCH_IMAGES` images
-    (`width` < 1 only for tests)."""
+    """Per device count: seconds per image of the eval forward and of the train step,
+    with the plain and with the fast operations, the step's ratio to the forward of
+    the same operations, and hours per epoch of `EPOCH_IMAGES` images (`width` < 1
+    only for tests)."""
     arch = zoo.get_architecture(name)
     rng = np.random.default_rng(0)
     host_images = rng.integers(0, 256, (batch_size, *arch.image_shape), dtype=np.uint8)
     host_labels = rng.integers(0, arch.num_classes, batch_size, dtype=np.int32)
-    timers = {}  # (devices, what) -> a function timing one call
+    timers = {}  # (devices, "plain" | "fast", "forward" | "step") -> one call, waited for
     for count in device_counts:
         mesh = Mesh(np.asarray(jax.local_devices()[:count]), ("data",))
         sharded = NamedSharding(mesh, P("data"))
         images, labels = jax.device_put((host_images, host_labels), sharded)
         float_images = jax.device_put(host_images.astype(np.float32), sharded)
-        for fast in (False, True):
-            step_fn, state, variables = make_train_step(name, mesh, fast, width)
+        for ops in ("plain", "fast"):
+            step_fn, state, variables = make_train_step(name, mesh, ops == "fast", width)
+            forward = make_forward(zoo.build(name, width=width, fast_gradients=ops == "fast"), mesh)
+            variables = train.replicate(jax.tree.map(jnp.copy, variables), mesh)  # state is donated
             box = {"state": state}
 
             def step_once(step_fn=step_fn, box=box, images=images, labels=labels):
                 box["state"], metrics = step_fn(box["state"], images, labels)
                 return metrics
 
-            timers[count, "fast_step" if fast else "plain_step"] = step_once
-        forward = make_forward(zoo.build(name, width=width), mesh)
-        variables = train.replicate(variables, mesh)
-        timers[count, "forward"] = lambda f=forward, v=variables, x=float_images: f(v, x)
+            timers[count, ops, "step"] = step_once
+            timers[count, ops, "forward"] = lambda f=forward, v=variables, x=float_images: f(v, x)
     for key, fn in timers.items():  # compile and warm up
         started = time.perf_counter()
         jax.block_until_ready(fn())
-        log(f"{name} {key[1]} on {key[0]} devices: first call {time.perf_counter() - started:.1f}s")
+        log(f"{name} {key}: first call {time.perf_counter() - started:.1f}s")
     times = {key: [] for key in timers}
     for round_index in range(rounds):
         for key, fn in timers.items():
             times[key].append(_seconds(fn))
         log(f"{name} round {round_index + 1}/{rounds}: "
-            + ", ".join(f"{k[1]}@{k[0]} {v[-1]:.2f}s" for k, v in times.items()))  # fmt: skip
+            + ", ".join(f"{key} {values[-1]:.2f}s" for key, values in times.items()))  # fmt: skip
     rows = []
     for count in device_counts:
-        per_image = {what: min(times[count, what]) / batch_size
-                     for what in ("forward", "plain_step", "fast_step")}  # fmt: skip
-        rows.append({
-            "model": name,
-            "devices": count,
-            "batch_size": batch_size,
-            "forward_s_per_image": per_image["forward"],
-            "plain_step_s_per_image": per_image["plain_step"],
-            "fast_step_s_per_image": per_image["fast_step"],
-            "plain_ratio": per_image["plain_step"] / per_image["forward"],
-            "fast_ratio": per_image["fast_step"] / per_image["forward"],
-            "plain_hours_per_epoch": per_image["plain_step"] * EPOCH_IMAGES / 3600,
-            "fast_hours_per_epoch": per_image["fast_step"] * EPOCH_IMAGES / 3600,
-            "fast_images_per_s": 1 / per_image["fast_step"],
-            "seconds": {what: times[count, what] for what in per_image},
-        })  # fmt: skip
+        row = {"model": name, "devices": count, "batch_size": batch_size, "width": width}
+        for ops in ("plain", "fast"):
+            forward = min(times[count, ops, "forward"]) / batch_size
+            step = min(times[count, ops, "step"]) / batch_size
+            row.update({
+                f"{ops}_forward_s_per_image": forward,
+                f"{ops}_step_s_per_image": step,
+                f"{ops}_ratio": step / forward,
+                f"{ops}_images_per_s": 1 / step,
+                f"{ops}_hours_per_epoch": step * EPOCH_IMAGES / 3600,
+                f"{ops}_seconds": {what: times[count, ops, what] for what in ("forward", "step")},
+            })  # fmt: skip
+        rows.append(row)
     return rows
 
 
@@ -139,20 +139,25 @@ def host_record() -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    """One table: per model and device count, the forward and train step per image."""
+    """One table: per model and device count, the forward pass and the train step per
+    image with the plain / the fast operations."""
     lines = [
-        "| model | devices | forward ms/image | train step ms/image, plain / fast | "
-        "step / forward, plain / fast | images/s (fast) | hours per epoch, plain / fast |",
+        "| model | devices | eval forward, ms/image | train step, ms/image | step / forward "
+        "| train images/s | hours per epoch |",
         "|---|---|---|---|---|---|---|",
     ]
+    pair = lambda row, field, spec: (
+        f"{row['plain_' + field]:{spec}} / {row['fast_' + field]:{spec}}"
+    )
     for row in rows:
+        ms = {ops: {what: 1e3 * row[f"{ops}_{what}_s_per_image"] for what in ("forward", "step")}
+              for ops in ("plain", "fast")}  # fmt: skip
         lines.append(
-            f"| {row['model']} | {row['devices']} | {1e3 * row['forward_s_per_image']:.2f} "
-            f"| {1e3 * row['plain_step_s_per_image']:.1f} "
-            f"/ {1e3 * row['fast_step_s_per_image']:.1f} "
-            f"| {row['plain_ratio']:.1f} / {row['fast_ratio']:.1f} "
-            f"| {row['fast_images_per_s']:.0f} "
-            f"| {row['plain_hours_per_epoch']:.2f} / {row['fast_hours_per_epoch']:.2f} |"
+            f"| {row['model']} | {row['devices']} "
+            f"| {ms['plain']['forward']:.2f} / {ms['fast']['forward']:.2f} "
+            f"| {ms['plain']['step']:.1f} / {ms['fast']['step']:.1f} "
+            f"| {pair(row, 'ratio', '.1f')} | {pair(row, 'images_per_s', '.0f')} "
+            f"| {pair(row, 'hours_per_epoch', '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from opa_jax import train_speed
 from opa_jax.models import base, layers, zoo
 
 TOLERANCES = {"float64": 1e-12, "float32": 2e-5, "bfloat16": 3e-2}  # relative to the largest value
@@ -50,11 +51,23 @@ CONV_CASES = [
     (2, 7, 5, 4, 1, 1, ((0, 0), (0, 0))),  # 1x1: matrix products
     (2, 8, 5, 3, 1, 2, ((0, 0), (0, 0))),  # strided 1x1
     (2, 6, 3, 4, 2, 2, ((0, 1), (0, 1))),  # even kernel, ceil-mode style padding
+    (2, 2, 24, 6, 3, 1, ((1, 1), (1, 1))),  # smaller than the kernel (VGG's 2x2 convs)
+    (2, 1, 24, 6, 3, 1, ((1, 1), (1, 1))),  # and 1x1
+    (2, 2, 5, 4, 3, 2, ((1, 1), (1, 1))),
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+# float64 on every case; the low-precision types on one case of each route.
+CONV_DTYPE_CASES = [(case, "float64") for case in CONV_CASES] + [
+    (CONV_CASES[i], dtype) for i in (0, 1, 8) for dtype in ("float32", "bfloat16")
+]
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    CONV_DTYPE_CASES,
+    ids=lambda c: "x".join(map(str, c[:6])) if isinstance(c, tuple) else c,
+)
 def test_conv_matches_lax_values_and_gradients(case, dtype):
     batch, size, channels, features, kernel_size, stride, padding = case
     with jax.enable_x64(dtype == "float64"):
@@ -107,8 +120,16 @@ POOL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
-@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[:3])))
+POOL_DTYPE_CASES = [(case, "float64") for case in POOL_CASES] + [
+    (POOL_CASES[i], dtype) for i in (0, 2) for dtype in ("float32", "bfloat16")
+]
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    POOL_DTYPE_CASES,
+    ids=lambda c: "x".join(map(str, c[:3])) if isinstance(c, tuple) else c,
+)
 def test_max_pool_matches_flax_values_and_gradients(case, dtype):
     size, window, stride, padding = case
     if padding is None:
@@ -160,10 +181,12 @@ def loss_and_grads(module, variables, images, labels):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, width", [("nin", 0.0625), ("allconv", 0.0625), ("vgg16", 0.03125)])
-def test_zoo_models_train_with_the_plain_operations_gradients(name, width):
+def test_zoo_models_match_the_plain_operations(name, width):
     """Through `module.apply(..., train=True)`: the same logits, batch statistics and
-    parameter gradients as the plain operations (float64, so any wrong term shows)."""
+    parameter gradients as the plain operations; and the same inference logits (what
+    checkpoints and attacks see). In float64, so that any wrong term shows."""
     with jax.enable_x64(True):
         fast_module = zoo.build(name, width=width, dtype=jnp.float64)
         plain_module = zoo.build(name, width=width, dtype=jnp.float64, fast_gradients=False)
@@ -182,18 +205,9 @@ def test_zoo_models_train_with_the_plain_operations_gradients(name, width):
         for (path, a), b in zip(leaves, jax.tree.leaves(grads0), strict=True):
             scale = np.abs(b).max()
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * scale, err_msg=str(path))
-
-
-@pytest.mark.parametrize("name", ["nin", "allconv", "vgg16"])
-def test_zoo_forward_is_unchanged(name):
-    """Inference logits (what attacks and checkpoints see) match the plain operations."""
-    fast_module = zoo.build(name, width=0.125)
-    plain_module = zoo.build(name, width=0.125, fast_gradients=False)
-    variables = base.init_variables(plain_module, jax.random.key(0), (32, 32, 3))
-    images = jax.random.uniform(jax.random.key(2), (3, 32, 32, 3), jnp.float32, 0, 255)
-    logits = base.make_apply_fn(fast_module)(variables, images)
-    expected = base.make_apply_fn(plain_module)(variables, images)
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+        inference = base.make_apply_fn(fast_module)(variables, images)
+        expected = base.make_apply_fn(plain_module)(variables, images)
+        np.testing.assert_allclose(inference, expected, rtol=1e-10, atol=1e-10)
 
 
 def primitives(jaxpr) -> list:
@@ -223,9 +237,27 @@ def test_zoo_gradients_avoid_the_slow_cpu_operations(name):
     gradient) and no convolution over the batch: kernel gradients are matrix products."""
     module = zoo.build(name, width=0.0625)
     plain = zoo.build(name, width=0.0625, fast_gradients=False)
-    variables = base.init_variables(module, jax.random.key(0), (32, 32, 3))
+    variables = base.variable_shapes(module, (32, 32, 3))  # tracing needs no values
     images, labels = jnp.zeros((2, 32, 32, 3)), jnp.zeros(2, jnp.int32)
     jaxpr = jax.make_jaxpr(lambda v: loss_and_grads(module, v, images, labels))(variables)
     assert "select_and_scatter_add" not in {e.primitive.name for e in primitives(jaxpr.jaxpr)}
     assert batch_contracting_convs(module, variables, images, labels) == []
     assert len(batch_contracting_convs(plain, variables, images, labels)) >= 5
+
+
+@pytest.mark.slow
+def test_train_speed_rows_and_table():
+    """The benchmark's arithmetic on a real (tiny) measurement: per-image seconds, ratios
+    to the forward pass of the same operations, hours per epoch and the table."""
+    rows = train_speed.measure("nin", batch_size=4, device_counts=(1,), rounds=1, width=0.0625,
+                               log=lambda message: None)  # fmt: skip
+    (row,) = rows
+    assert row["model"] == "nin" and row["devices"] == 1
+    for ops in ("plain", "fast"):
+        forward, step = row[f"{ops}_forward_s_per_image"], row[f"{ops}_step_s_per_image"]
+        assert 0 < forward and 0 < step
+        assert row[f"{ops}_ratio"] == pytest.approx(step / forward)
+        assert row[f"{ops}_hours_per_epoch"] == pytest.approx(step * 50_000 / 3600)
+        assert min(row[f"{ops}_seconds"]["step"]) / 4 == pytest.approx(step)
+    table = train_speed.markdown(rows)
+    assert table.count("\n") == 3 and table.splitlines()[2].startswith("| nin | 1 | ")
