@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.compute_dtype = "float32"  # bfloat16: mixed precision (params stay float32)
     config.save_dtype = "float32"  # weights in the model checkpoint: float32|float16|bfloat16
 
+    # Execution (changes results only by float rounding): the XLA devices a CPU host is
+    # split into for data-parallel steps; 0 = one per core (opa_jax.devices.set_cpu_devices).
+    config.cpu_devices = 0
+
     config.log_every = 100
     config.checkpoint_every = 1000
     config.stop_after_steps = 0  # > 0: stop after this step's checkpoint, as if killed (tests)
