@@ -80,4 +80,3 @@ def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learnin
     config.augment = True
     config.save_dtype = "float16"
     config.checkpoint_every = 200  # about 10 minutes of steps on 2 cores
-

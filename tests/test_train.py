@@ -1,5 +1,6 @@
 """Training: learning on a trivially learnable set, exact resumption, clear errors."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -241,3 +242,15 @@ def test_data_parallel_steps_do_not_depend_on_the_device_count(dataset, tmp_path
         moved.append(np.abs(expected[path] - initial[path]).max() / (scale + 1e-6))
     assert max(moved) > 1e-2  # training moved the weights far beyond the tolerance
     assert one.meta["accuracies"] == sharded.meta["accuracies"]
+
+
+@pytest.mark.parametrize("name", ["nin", "allconv", "vgg16"])
+def test_cpu_recipes_are_short_one_cycle_runs_on_the_jpeg_set(name):
+    module = importlib.import_module(f"configs.train_{name}")
+    long, cpu = module.get_config(), module.get_config("cpu")
+    assert cpu.model == long.model == name
+    assert cpu.num_epochs <= 30 < long.num_epochs
+    assert (cpu.schedule, cpu.label_smoothing, cpu.save_dtype) == ("one_cycle", 0.1, "float16")
+    assert cpu.dataset == "folder:runs/data/cifar10-jpeg" and cpu.augment
+    with pytest.raises(ValueError, match=f"train_{name}.py:gpu"):
+        module.get_config("gpu")
