@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.cpu_devices = 0
 
     config.log_every = 100
+    config.eval_every_epochs = 0.0  # > 0: test accuracy this often, into <workdir>/history.jsonl
     config.checkpoint_every = 1000
     config.stop_after_steps = 0  # > 0: stop after this step's checkpoint, as if killed (tests)
     return config
@@ -80,3 +81,4 @@ def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learnin
     config.augment = True
     config.save_dtype = "float16"
     config.checkpoint_every = 200  # about 10 minutes of steps on 2 cores
+    config.eval_every_epochs = 1.0  # the epochs-to-accuracy curve

@@ -59,7 +59,9 @@ RESUME_FREE_FIELDS = (
     "data_cache_dir",
     "save_dtype",
     "cpu_devices",
+    "eval_every_epochs",
 )
+HISTORY_FILE = "history.jsonl"  # one line per periodic evaluation: the epochs-to-accuracy curve
 
 
 class TrainState(train_state.TrainState):
@@ -476,15 +478,58 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     )
 
 
+def read_history(workdir: str, up_to_step: int | None = None) -> list[dict]:
+    """The periodic evaluations in `<workdir>/history.jsonl`, those after `up_to_step`
+    (written after the last checkpoint of a killed run) left out."""
+    path = os.path.join(workdir, HISTORY_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+
+
+def _write_history(workdir: str, records: list[dict]) -> None:
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    files.write_atomic(os.path.join(workdir, HISTORY_FILE), lines)
+
+
+def periodic_evaluation(config, training: Training, state: TrainState, step: int,
+                        train_metrics: dict, train_seconds: float) -> dict:  # fmt: skip
+    """Test-split accuracy of the current weights, as one line of the history."""
+    variables = jax.device_get(_variables(state.params, state.batch_stats))
+    test = evaluate(training.eval_fn, variables, training.test_images, training.test_labels,
+                    config.eval_batch_size)  # fmt: skip
+    record = {
+        "step": step,
+        "epoch": round(step / training.steps_per_epoch, 4),
+        "train_seconds": round(train_seconds, 1),
+        "test_accuracy": test["accuracy"],
+        **{f"train_{name}": value for name, value in train_metrics.items()},
+    }
+    logging.info(
+        "epoch %.2f (step %d): test accuracy %.4f (%d/%d) after %.0fs of training",
+        record["epoch"], step, test["accuracy"], test["correct"], test["count"], train_seconds,
+    )  # fmt: skip
+    return record
+
+
 def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, dict, bool]:
-    """Steps from the restored step to the end (or `stop_after_steps`), logging and
-    checkpointing on the way; returns the state, the last logged train metrics and
-    whether it stopped early."""
+    """Steps from the restored step to the end (or `stop_after_steps`), logging,
+    evaluating every `eval_every_epochs` (into `history.jsonl`) and checkpointing on the
+    way; returns the state, the last logged train metrics and whether it stopped early."""
     state, steps_per_epoch, total_steps = (
         training.state, training.steps_per_epoch, training.total_steps,
     )  # fmt: skip
     num_train = len(training.train_labels)
     step = int(state.step)
+    history = read_history(workdir, up_to_step=step)
+    if len(history) != len(read_history(workdir)):
+        _write_history(workdir, history)  # drops evaluations newer than the restored state
+    eval_every = max(round(config.eval_every_epochs * steps_per_epoch), 1) if (
+        config.eval_every_epochs > 0) else 0  # fmt: skip
+    seconds_before = history[-1]["train_seconds"] if history else 0.0
+    segment_start = time.time()
     pending = []  # metrics since the last log line, left on device until then
     last_log_time, last_log_step = time.time(), step
     order, order_epoch = None, -1
@@ -517,6 +562,12 @@ def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, di
                 steps_per_s * config.batch_size, (total_steps - step) / max(steps_per_s, 1e-9),
             )  # fmt: skip
             last_log_time, last_log_step = now, step
+        if eval_every and step % eval_every == 0 and step < total_steps:
+            history.append(periodic_evaluation(
+                config, training, state, step, train_metrics,
+                seconds_before + time.time() - segment_start,
+            ))  # fmt: skip
+            _write_history(workdir, history)
         stopping = config.stop_after_steps > 0 and step >= config.stop_after_steps
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
             save_train_state(workdir, state, config)
@@ -589,6 +640,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "seed": config.seed,
             "train_config": config.to_dict(),
             "train_time_s": round(train_time, 1),
+            "history": read_history(workdir),
             "devices": [str(d) for d in training.mesh.devices.flat],
         },
         weights_dtype=config.save_dtype,

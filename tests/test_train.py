@@ -1,6 +1,7 @@
 """Training: learning on a trivially learnable set, exact resumption, clear errors."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -254,3 +255,25 @@ def test_cpu_recipes_are_short_one_cycle_runs_on_the_jpeg_set(name):
     assert cpu.dataset == "folder:runs/data/cifar10-jpeg" and cpu.augment
     with pytest.raises(ValueError, match=f"train_{name}.py:gpu"):
         module.get_config("gpu")
+
+
+def test_history_is_the_epochs_to_accuracy_curve_across_a_resume(dataset, uninterrupted, tmp_path):
+    """Evaluations every epoch go to history.jsonl; one written after the last checkpoint
+    of a killed run is dropped on resume and written again, so each epoch appears once."""
+    _, reference = uninterrupted
+    workdir = str(tmp_path / "history")
+    config = tiny_config(dataset, eval_every_epochs=1.0, checkpoint_every=8, stop_after_steps=12)
+    train.train_and_evaluate(config, workdir)  # checkpoints at steps 8 and 12
+    with open(os.path.join(workdir, train.HISTORY_FILE), "a") as f:  # as if killed at step 17
+        f.write(json.dumps({"step": 16, "epoch": 4.0, "train_seconds": 0.0}) + "\n")
+    result = train.train_and_evaluate(tiny_config(dataset, eval_every_epochs=1.0,
+                                                  checkpoint_every=8), workdir)  # fmt: skip
+    history = train.read_history(workdir)
+    assert [r["step"] for r in history] == [4, 8, 12, 16]  # epochs 1-4; the end is the final eval
+    assert [r["epoch"] for r in history] == [1.0, 2.0, 3.0, 4.0]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and "train_loss" in r for r in history)
+    seconds = [r["train_seconds"] for r in history]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
+    assert result["accuracies"] == reference["accuracies"]  # evaluating changes nothing
+    model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
+    assert [r["step"] for r in model.meta["history"]] == [4, 8, 12, 16]
