@@ -9,7 +9,9 @@ import ml_collections
 
 from configs import default
 
-CIFAR10_EXACT = "folder:../shared/data/cifar10-test-exact"
+# The exact test images of ../shared/data where they exist, else tfds (which downloads
+# CIFAR-10 on a machine with a network and TensorFlow); else a clear error.
+CIFAR10_EXACT = "folder:../shared/data/cifar10-test-exact|tfds:cifar10"
 
 # CIFAR-10 models by name: the paper's zoo, trained by scripts/train.py into
 # checkpoints/cifar10/<name>, and the Keras models of one-pixel-attack-keras.

@@ -11,7 +11,9 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # What to attack.
-    config.data = "folder:../shared/data/cifar10-test-exact"  # folder:PATH or tfds:NAME
+    # folder:PATH or tfds:NAME; alternatives joined by | are tried in order (a missing
+    # folder is passed over): the exact images of ../shared/data, else tfds.
+    config.data = "folder:../shared/data/cifar10-test-exact|tfds:cifar10"
     config.split = "test"
     config.data_dir = ""  # tfds data_dir (ImageNet: its downloads/manual holds the tars)
     config.resize = "none"  # none, or center_crop (resize + centre crop to the model's size)

@@ -53,7 +53,32 @@ def get_config() -> ml_collections.ConfigDict:
     config.compute_dtype = "float32"  # bfloat16: mixed precision (params stay float32)
     config.save_dtype = "float32"  # weights in the model checkpoint: float32|float16|bfloat16
 
+    # Execution (changes results only by float rounding): the XLA devices a CPU host is
+    # split into for data-parallel steps; 0 = one per core (opa_jax.devices.set_cpu_devices).
+    config.cpu_devices = 0
+
     config.log_every = 100
+    config.eval_every_epochs = 0.0  # > 0: test accuracy this often, into <workdir>/history.jsonl
     config.checkpoint_every = 1000
     config.stop_after_steps = 0  # > 0: stop after this step's checkpoint, as if killed (tests)
     return config
+
+
+# Where scripts/prepare_cifar10_jpeg.sh extracts ../shared/data/cifar10-jpeg.tar.gz.
+CPU_DATASET = "folder:runs/data/cifar10-jpeg"
+
+
+def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learning_rate: float):
+    """The short schedule for a 2-core CPU (issue 16): one-cycle to `learning_rate`,
+    label smoothing, crop and flip, the lossy-JPEG train set, float16 weights saved."""
+    config.dataset = CPU_DATASET
+    config.data_cache_dir = "runs/data/cache"  # decoded splits as .npy: restarts skip the JPEGs
+    config.num_epochs = num_epochs
+    config.schedule = "one_cycle"
+    config.learning_rate = learning_rate
+    config.one_cycle_pct_start = 0.25
+    config.label_smoothing = 0.1
+    config.augment = True
+    config.save_dtype = "float16"
+    config.checkpoint_every = 200  # about 10 minutes of steps on 2 cores
+    config.eval_every_epochs = 1.0  # the epochs-to-accuracy curve

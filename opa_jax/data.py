@@ -15,6 +15,11 @@ A dataset is chosen by a spec string:
   TensorFlow; `imagenet2012` also needs its manual-download files in
   `data_dir/downloads/manual`.
 
+Alternatives are joined with `|`: `folder:../shared/data/cifar10-test-exact|tfds:cifar10`
+reads the folder where it exists and otherwise tfds. A folder that does not exist
+is passed over; any other failure (a corrupt folder, tfds without a network) stops
+with the reasons of every alternative.
+
 Images are decoded only when a batch is asked for, so memory stays flat in
 the number of images.
 """
@@ -268,6 +273,9 @@ def load_dataset(
     spec: str, split: str = "test", image_shape=None, resize: str = "none", data_dir=None
 ) -> Dataset:
     """Loads a dataset from a spec string (see the module docstring)."""
+    alternatives = [part.strip() for part in spec.split("|")]
+    if len(alternatives) > 1:
+        return _load_first_available(spec, alternatives, split, image_shape, resize, data_dir)
     kind, sep, arg = spec.partition(":")
     if resize not in ("none", "center_crop"):
         raise InputError(f"resize={resize!r}: expected 'none' or 'center_crop'")
@@ -281,6 +289,26 @@ def load_dataset(
     if kind == "tfds":
         return load_tfds(arg, split, image_shape, resize, data_dir)
     raise InputError(f"dataset spec {spec!r}: unknown kind {kind!r}; expected folder or tfds")
+
+
+def _load_first_available(spec, alternatives, split, image_shape, resize, data_dir) -> Dataset:
+    """The first alternative of `spec` that can be read; a missing folder is passed over."""
+    reasons = []
+    for alternative in alternatives:
+        kind, _, arg = alternative.partition(":")
+        if kind == "folder" and arg and not os.path.exists(arg):
+            reasons.append(f"{alternative}: {arg!r} does not exist")
+            continue
+        try:
+            return load_dataset(alternative, split, image_shape, resize, data_dir)
+        except InputError as e:
+            if kind != "tfds":
+                raise
+            reasons.append(f"{alternative}: {e}")
+    raise InputError(
+        f"dataset spec {spec!r}: none of its alternatives can be read here. "
+        + " ".join(f"({i + 1}) {reason}" for i, reason in enumerate(reasons))
+    )
 
 
 def select(dataset: Dataset, selection: str) -> np.ndarray:

@@ -10,6 +10,13 @@ parts: `setup`, `train_loop` and `final_evaluation`.
 Resuming gives the same result as an uninterrupted run: the data order is a
 function of (seed, epoch) and each step's random key is `fold_in(key(seed),
 step)`, so nothing but the checkpointed state carries over between steps.
+
+Steps are data-parallel: each batch is sharded over a `data` mesh axis of the
+local devices (on a CPU host, one XLA device per core: `cpu_devices`), the
+state is replicated, and XLA's partitioner sums the gradients and batch-norm
+statistics across devices. Every random draw is a function of the step's key
+and not of the sharding, so the result does not depend on the device count
+beyond float rounding.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import optax
 from absl import logging
 from flax import serialization
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from opa_jax import data, files
 from opa_jax import workdir as workdir_lib
@@ -49,7 +58,10 @@ RESUME_FREE_FIELDS = (
     "exact_test_data",
     "data_cache_dir",
     "save_dtype",
+    "cpu_devices",
+    "eval_every_epochs",
 )
+HISTORY_FILE = "history.jsonl"  # one line per periodic evaluation: the epochs-to-accuracy curve
 
 
 class TrainState(train_state.TrainState):
@@ -209,20 +221,49 @@ class OptimizerSettings:
         return cls(**{field.name: config[field.name] for field in dataclasses.fields(cls)})
 
 
+def data_mesh(batch_size: int, devices=None) -> Mesh:
+    """A `data` mesh over the most local devices (all, on a CPU host split into one
+    device per core) that divide the batch evenly."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    return Mesh(np.asarray(devices[:count]), ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    """`tree` on every device of the mesh (the train state's placement)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
 @functools.lru_cache(maxsize=8)
 def make_train_step_fn(settings: OptimizerSettings, total_steps: int, steps_per_epoch: int,
-                       **step_options):  # fmt: skip
+                       mesh: Mesh, **step_options):  # fmt: skip
     """(jitted train step, optimiser, schedule); cached so that equal runs in one
-    process (resumptions, tests, notebooks) compile once."""
+    process (resumptions, tests, notebooks) compile once.
+
+    The step takes a state replicated on `mesh` (`replicate`) and a batch that it
+    shards over the `data` axis, and returns the state replicated.
+    """
     schedule = make_schedule(settings, total_steps, steps_per_epoch)
     tx = make_optimizer(settings, schedule)
-    step_fn = jax.jit(functools.partial(train_step, **step_options), donate_argnums=0)
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step_fn = jax.jit(
+        functools.partial(train_step, **step_options),
+        in_shardings=(replicated, sharded, sharded),
+        out_shardings=replicated,
+        donate_argnums=0,
+    )
     return step_fn, tx, schedule
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_fn(module):
-    return jax.jit(functools.partial(eval_step, module=module))
+def make_eval_fn(module, mesh: Mesh):
+    """The jitted eval step; its batch is sharded over the mesh's `data` axis."""
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(
+        functools.partial(eval_step, module=module),
+        in_shardings=(replicated, sharded, sharded, sharded),
+        out_shardings=replicated,
+    )
 
 
 def evaluate(eval_fn, variables, images, labels, batch_size: int) -> dict[str, float]:
@@ -334,8 +375,9 @@ class Training:
     """Everything a training run needs, read and built before its first step."""
 
     state: TrainState  # initial, or restored from the workdir
-    step_fn: Any  # (state, images, labels) -> (state, metrics), jitted
+    step_fn: Any  # (state, images, labels) -> (state, metrics), jitted, data-parallel on `mesh`
     eval_fn: Any  # (variables, images, labels, mask) -> (correct, count), jitted
+    mesh: Mesh  # the devices the train step runs on, along its `data` axis
     schedule: optax.Schedule
     train_images: np.ndarray  # [N, H, W, 3] uint8
     train_labels: np.ndarray  # [N] int32
@@ -383,10 +425,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
             f"(batch_size={config.batch_size})"
         )
     total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
+    mesh = data_mesh(config.batch_size)
     step_fn, tx, schedule = make_train_step_fn(
         OptimizerSettings.from_config(config),
         total_steps,
         steps_per_epoch,
+        mesh,
         seed=config.seed,
         augment_padding=config.crop_padding if config.augment else 0,
         label_smoothing=config.label_smoothing,
@@ -409,15 +453,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     if saved is not None:
         state = restore_train_state(saved, state, f"training checkpoint in {workdir!r}")
         logging.info("resumed from %s at step %d", workdir, int(state.step))
+    state = replicate(state, mesh)
     logging.info(
-        "%s (%d parameters) on %s: %d train / %d test images, %d steps of %d (%d per epoch)",
+        "%s (%d parameters) on %s: %d train / %d test images, %d steps of %d (%d per epoch) "
+        "on %d devices",
         config.model, base.count_params(variables), config.dataset, num_train, len(test_labels),
-        total_steps, config.batch_size, steps_per_epoch,
+        total_steps, config.batch_size, steps_per_epoch, mesh.size,
     )  # fmt: skip
     return Training(
         state=state,
         step_fn=step_fn,
-        eval_fn=make_eval_fn(eval_module),
+        eval_fn=make_eval_fn(eval_module, data_mesh(config.eval_batch_size)),
+        mesh=mesh,
         schedule=schedule,
         train_images=train_images,
         train_labels=train_labels,
@@ -431,15 +478,58 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     )
 
 
+def read_history(workdir: str, up_to_step: int | None = None) -> list[dict]:
+    """The periodic evaluations in `<workdir>/history.jsonl`, those after `up_to_step`
+    (written after the last checkpoint of a killed run) left out."""
+    path = os.path.join(workdir, HISTORY_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+
+
+def _write_history(workdir: str, records: list[dict]) -> None:
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    files.write_atomic(os.path.join(workdir, HISTORY_FILE), lines)
+
+
+def periodic_evaluation(config, training: Training, state: TrainState, step: int,
+                        train_metrics: dict, train_seconds: float) -> dict:  # fmt: skip
+    """Test-split accuracy of the current weights, as one line of the history."""
+    variables = jax.device_get(_variables(state.params, state.batch_stats))
+    test = evaluate(training.eval_fn, variables, training.test_images, training.test_labels,
+                    config.eval_batch_size)  # fmt: skip
+    record = {
+        "step": step,
+        "epoch": round(step / training.steps_per_epoch, 4),
+        "train_seconds": round(train_seconds, 1),
+        "test_accuracy": test["accuracy"],
+        **{f"train_{name}": value for name, value in train_metrics.items()},
+    }
+    logging.info(
+        "epoch %.2f (step %d): test accuracy %.4f (%d/%d) after %.0fs of training",
+        record["epoch"], step, test["accuracy"], test["correct"], test["count"], train_seconds,
+    )  # fmt: skip
+    return record
+
+
 def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, dict, bool]:
-    """Steps from the restored step to the end (or `stop_after_steps`), logging and
-    checkpointing on the way; returns the state, the last logged train metrics and
-    whether it stopped early."""
+    """Steps from the restored step to the end (or `stop_after_steps`), logging,
+    evaluating every `eval_every_epochs` (into `history.jsonl`) and checkpointing on the
+    way; returns the state, the last logged train metrics and whether it stopped early."""
     state, steps_per_epoch, total_steps = (
         training.state, training.steps_per_epoch, training.total_steps,
     )  # fmt: skip
     num_train = len(training.train_labels)
     step = int(state.step)
+    history = read_history(workdir, up_to_step=step)
+    if len(history) != len(read_history(workdir)):
+        _write_history(workdir, history)  # drops evaluations newer than the restored state
+    eval_every = max(round(config.eval_every_epochs * steps_per_epoch), 1) if (
+        config.eval_every_epochs > 0) else 0  # fmt: skip
+    seconds_before = history[-1]["train_seconds"] if history else 0.0
+    segment_start = time.time()
     pending = []  # metrics since the last log line, left on device until then
     last_log_time, last_log_step = time.time(), step
     order, order_epoch = None, -1
@@ -472,6 +562,12 @@ def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, di
                 steps_per_s * config.batch_size, (total_steps - step) / max(steps_per_s, 1e-9),
             )  # fmt: skip
             last_log_time, last_log_step = now, step
+        if eval_every and step % eval_every == 0 and step < total_steps:
+            history.append(periodic_evaluation(
+                config, training, state, step, train_metrics,
+                seconds_before + time.time() - segment_start,
+            ))  # fmt: skip
+            _write_history(workdir, history)
         stopping = config.stop_after_steps > 0 and step >= config.stop_after_steps
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
             save_train_state(workdir, state, config)
@@ -544,7 +640,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "seed": config.seed,
             "train_config": config.to_dict(),
             "train_time_s": round(train_time, 1),
-            "devices": [str(d) for d in jax.devices()],
+            "history": read_history(workdir),
+            "devices": [str(d) for d in training.mesh.devices.flat],
         },
         weights_dtype=config.save_dtype,
     )

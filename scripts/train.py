@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from opa_jax import train  # noqa: E402
+from opa_jax import devices, train  # noqa: E402
 from opa_jax.errors import exit_on_input_error  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +27,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     with exit_on_input_error():
+        devices.set_cpu_devices(_CONFIG.value.cpu_devices)  # before JAX starts
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -55,6 +55,31 @@ def test_selection_by_range_and_list(tmp_path):
         data.select(dataset, "x-y")
 
 
+def test_alternatives_read_the_first_that_exists(tmp_path):
+    write_folder(tmp_path / "second", {"a": ["00004.png"], "b": ["00002.png"]})
+    spec = f"folder:{tmp_path / 'first'}|folder:{tmp_path / 'second'}"
+    dataset = data.load_dataset(spec)
+    assert dataset.name == f"folder:{tmp_path / 'second'}"
+    np.testing.assert_array_equal(dataset.indices, [2, 4])
+
+
+def test_alternatives_none_available_names_every_reason(tmp_path):
+    spec = f"folder:{tmp_path / 'missing'}|tfds:no_such_dataset_here"
+    with pytest.raises(InputError) as error:
+        data.load_dataset(spec)
+    message = str(error.value)
+    assert "none of its alternatives" in message
+    assert f"(1) folder:{tmp_path / 'missing'}" in message and "does not exist" in message
+    assert "(2) tfds:no_such_dataset_here" in message and "unknown tfds dataset" in message
+
+
+def test_alternatives_do_not_hide_a_broken_folder(tmp_path):
+    (tmp_path / "empty" / "test" / "cat").mkdir(parents=True)
+    write_folder(tmp_path / "good", {"a": ["00000.png"]})
+    with pytest.raises(InputError, match="no images"):
+        data.load_dataset(f"folder:{tmp_path / 'empty'}|folder:{tmp_path / 'good'}")
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         data.load_dataset(f"folder:{tmp_path / 'missing'}")

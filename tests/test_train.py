@@ -1,5 +1,7 @@
 """Training: learning on a trivially learnable set, exact resumption, clear errors."""
 
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from PIL import Image
 
 from opa_jax import train
 from opa_jax.errors import InputError
-from opa_jax.models import checkpoint, load_model
+from opa_jax.models import base, checkpoint, load_model, zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # for `configs`, as scripts/train.py does
@@ -198,3 +200,80 @@ def test_model_checkpoint_records_software_and_dtype(uninterrupted):
     description = checkpoint.read_model_json(os.path.join(workdir, "model"))
     assert description["weights_dtype"] == "float32"
     assert set(description["software"]) >= {"jax", "flax", "optax", "numpy"}
+
+
+def train_script(workdir, data_dir, cpu_devices: int) -> subprocess.CompletedProcess:
+    """scripts/train.py on a tiny NiN, its CPU split into `cpu_devices` XLA devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
+         f"--config={os.path.join(REPO, 'configs', 'train_nin.py')}", f"--workdir={workdir}",
+         f"--config.dataset=folder:{data_dir}", "--config.exact_test_data=",
+         "--config.model_overrides.width=0.125", "--config.batch_size=16",
+         "--config.eval_batch_size=32", "--config.num_steps=8", "--config.warmup_epochs=0.5",
+         "--config.learning_rate=0.05", f"--config.cpu_devices={cpu_devices}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def test_data_parallel_steps_do_not_depend_on_the_device_count(dataset, tmp_path):
+    """The same run on 1 CPU device and on 3 (a batch of 16 is sharded over 2 of them):
+    batch sharded, gradients and batch-norm statistics summed across devices, so the
+    weights agree up to float rounding."""
+    models = {}
+    for cpu_devices in (1, 3):
+        workdir = tmp_path / f"devices{cpu_devices}"
+        completed = train_script(workdir, dataset, cpu_devices)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        models[cpu_devices] = load_model(f"ckpt:{workdir / 'model'}")
+    one, sharded = models[1], models[3]
+    assert len(one.meta["devices"]) == 1 and len(sharded.meta["devices"]) == 2
+    module = zoo.build("nin", width=0.125, num_classes=2)
+    initial = dict(jax.tree_util.tree_leaves_with_path(
+        base.init_variables(module, jax.random.key(0), (32, 32, 3))))  # fmt: skip
+    leaves = jax.tree_util.tree_leaves_with_path(sharded.params)
+    expected = dict(jax.tree_util.tree_leaves_with_path(one.params))
+    assert len(leaves) == len(expected) == len(initial)
+    moved = []
+    for path, value in leaves:
+        scale = np.abs(expected[path]).max()
+        np.testing.assert_allclose(value, expected[path], rtol=0, atol=1e-4 * scale + 1e-6,
+                                   err_msg=jax.tree_util.keystr(path))  # fmt: skip
+        moved.append(np.abs(expected[path] - initial[path]).max() / (scale + 1e-6))
+    assert max(moved) > 1e-2  # training moved the weights far beyond the tolerance
+    assert one.meta["accuracies"] == sharded.meta["accuracies"]
+
+
+@pytest.mark.parametrize("name", ["nin", "allconv", "vgg16"])
+def test_cpu_recipes_are_short_one_cycle_runs_on_the_jpeg_set(name):
+    module = importlib.import_module(f"configs.train_{name}")
+    long, cpu = module.get_config(), module.get_config("cpu")
+    assert cpu.model == long.model == name
+    assert cpu.num_epochs <= 30 < long.num_epochs
+    assert (cpu.schedule, cpu.label_smoothing, cpu.save_dtype) == ("one_cycle", 0.1, "float16")
+    assert cpu.dataset == "folder:runs/data/cifar10-jpeg" and cpu.augment
+    with pytest.raises(ValueError, match=f"train_{name}.py:gpu"):
+        module.get_config("gpu")
+
+
+def test_history_is_the_epochs_to_accuracy_curve_across_a_resume(dataset, uninterrupted, tmp_path):
+    """Evaluations every epoch go to history.jsonl; one written after the last checkpoint
+    of a killed run is dropped on resume and written again, so each epoch appears once."""
+    _, reference = uninterrupted
+    workdir = str(tmp_path / "history")
+    config = tiny_config(dataset, eval_every_epochs=1.0, checkpoint_every=8, stop_after_steps=12)
+    train.train_and_evaluate(config, workdir)  # checkpoints at steps 8 and 12
+    with open(os.path.join(workdir, train.HISTORY_FILE), "a") as f:  # as if killed at step 17
+        f.write(json.dumps({"step": 16, "epoch": 4.0, "train_seconds": 0.0}) + "\n")
+    result = train.train_and_evaluate(tiny_config(dataset, eval_every_epochs=1.0,
+                                                  checkpoint_every=8), workdir)  # fmt: skip
+    history = train.read_history(workdir)
+    assert [r["step"] for r in history] == [4, 8, 12, 16]  # epochs 1-4; the end is the final eval
+    assert [r["epoch"] for r in history] == [1.0, 2.0, 3.0, 4.0]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and "train_loss" in r for r in history)
+    seconds = [r["train_seconds"] for r in history]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
+    assert result["accuracies"] == reference["accuracies"]  # evaluating changes nothing
+    model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
+    assert [r["step"] for r in model.meta["history"]] == [4, 8, 12, 16]

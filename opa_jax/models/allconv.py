@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from opa_jax.models.base import CIFAR10_MEAN, CIFAR10_STD
-from opa_jax.models.layers import conv_bn_relu, normalize, scaled
+from opa_jax.models.layers import conv, conv_bn_relu, normalize, scaled
 
 
 class AllConv(nn.Module):
@@ -32,12 +32,14 @@ class AllConv(nn.Module):
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     dtype: Any = jnp.float32
+    fast_gradients: bool = True  # layers' fast_conv/fast_max_pool (same values, fast CPU gradients)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         # images: [N, H, W, 3] float RGB 0-255
         x = normalize(images, self.mean, self.std, self.dtype)
-        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
+        fast = self.fast_gradients
+        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype, fast_gradients=fast)
         w = lambda f: scaled(self.width, f)
 
         x = nn.Dropout(self.input_dropout, deterministic=not train, name="drop0")(x)
@@ -51,5 +53,5 @@ class AllConv(nn.Module):
         x = nn.Dropout(self.dropout, deterministic=not train, name="drop6")(x)
         x = conv_bn_relu(x, w(192), 3, "conv7", padding="VALID", **block)  # 8 -> 6
         x = conv_bn_relu(x, w(192), 1, "conv8", **block)
-        x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="conv9")(x)
+        x = conv(self.num_classes, 1, "conv9", dtype=self.dtype, fast_gradients=fast)(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [N, num_classes] logits

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from opa_jax.models.base import CIFAR10_MEAN, CIFAR10_STD
-from opa_jax.models.layers import ceil_mode_padding, conv_bn_relu, normalize, scaled
+from opa_jax.models.layers import ceil_mode_padding, conv, conv_bn_relu, max_pool, normalize, scaled
 
 
 class NiN(nn.Module):
@@ -34,18 +34,20 @@ class NiN(nn.Module):
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
+    fast_gradients: bool = True  # layers' fast_conv/fast_max_pool (same values, fast CPU gradients)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         # images: [N, H, W, 3] float RGB 0-255
         x = normalize(images, self.mean, self.std, self.dtype)
-        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
+        fast = self.fast_gradients
+        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype, fast_gradients=fast)
         w = lambda f: scaled(self.width, f)
 
         x = conv_bn_relu(x, w(192), 5, "conv1", **block)
         x = conv_bn_relu(x, w(160), 1, "cccp1", **block)
         x = conv_bn_relu(x, w(96), 1, "cccp2", **block)
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=ceil_mode_padding(x.shape[1:3], 3, 2))
+        x = max_pool(x, 3, 2, ceil_mode_padding(x.shape[1:3], 3, 2), fast_gradients=fast)
         x = nn.Dropout(self.dropout, deterministic=not train, name="drop1")(x)
 
         x = conv_bn_relu(x, w(192), 5, "conv2", **block)
@@ -62,5 +64,5 @@ class NiN(nn.Module):
 
         x = conv_bn_relu(x, w(192), 3, "conv3", **block)
         x = conv_bn_relu(x, w(192), 1, "cccp5", **block)
-        x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="cccp6")(x)
+        x = conv(self.num_classes, 1, "cccp6", dtype=self.dtype, fast_gradients=fast)(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [N, num_classes] logits

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from opa_jax.models.base import CIFAR10_MEAN, CIFAR10_STD
-from opa_jax.models.layers import conv_bn_relu, normalize, scaled
+from opa_jax.models.layers import conv_bn_relu, max_pool, normalize, scaled
 
 STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -30,16 +30,18 @@ class VGG16(nn.Module):
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     dtype: Any = jnp.float32
+    fast_gradients: bool = True  # layers' fast_conv/fast_max_pool (same values, fast CPU gradients)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         # images: [N, H, W, 3] float RGB 0-255
         x = normalize(images, self.mean, self.std, self.dtype)
-        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype)
+        fast = self.fast_gradients
+        block = dict(batch_norm=self.batch_norm, train=train, dtype=self.dtype, fast_gradients=fast)
         for stage, widths in enumerate(STAGES, start=1):
             for i, features in enumerate(widths, start=1):
                 x = conv_bn_relu(x, scaled(self.width, features), 3, f"conv{stage}_{i}", **block)
-            x = nn.max_pool(x, (2, 2), (2, 2))  # 32 -> 16 -> 8 -> 4 -> 2 -> 1
+            x = max_pool(x, 2, 2, "VALID", fast_gradients=fast)  # 32 -> 16 -> 8 -> 4 -> 2 -> 1
         x = x.reshape(x.shape[0], -1)  # [N, 512] for 32x32 input
         for i in (1, 2):
             x = nn.Dense(scaled(self.width, self.fc_units), dtype=self.dtype, name=f"fc{i}")(x)
