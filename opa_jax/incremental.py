@@ -610,8 +610,10 @@ class _Pass:
         return self._local(eqn, values, out_axes_of, extents, strides, pads, 0.0,
                            out_shape, apply)  # fmt: skip
 
-    def _reduce_window(self, eqn, values):
-        (operand,) = values
+    def _reduce_window(self, eqn, values, pad_value=None, constant_args=()):
+        """Pooling; `pad_value` and `constant_args` (the init value) for the generic
+        `reduce_window`, whose reducer is one max, min or add."""
+        operand = values[0]
         p = eqn.params
         if any(p["base_dilation"][a] != 1 for a in operand.axes):
             return None
@@ -623,11 +625,14 @@ class _Pass:
             return None
         padding = tuple((0, 0) if a in operand.axes else pads[a] for a in range(len(pads)))
         dtype = self.program.avals[eqn.inputs[0]].dtype
-        pad_value = _REDUCE_WINDOWS[eqn.primitive.name](dtype)
+        if pad_value is None:
+            pad_value = _REDUCE_WINDOWS[eqn.primitive.name](dtype)
 
         def apply(regions, pointwise):
             del pointwise
-            return self.per_window(eqn, [regions], [True], padding=padding)
+            args, mapped = [regions, *constant_args], [True] + [False] * len(constant_args)
+            out = self.per_window(eqn, args, mapped, padding=padding)
+            return out[0] if eqn.primitive.multiple_results else out
 
         out_shape = self.program.avals[eqn.outputs[0]].shape
         identity = {a: a for a in range(len(pads))}
@@ -637,6 +642,25 @@ class _Pass:
     rule_reduce_window_sum = _reduce_window
     rule_reduce_window_max = _reduce_window
     rule_reduce_window_min = _reduce_window
+
+    def rule_reduce_window(self, eqn, values):
+        """`lax.reduce_window` with a reducer that is one max, min or add (e.g. a max
+        pool written with a custom VJP) and a constant init value: as its
+        `reduce_window_*` namesake, padded with the init value."""
+        if len(values) != 2 or not isinstance(values[0], Window):
+            return None
+        operand, init = values
+        if isinstance(init, Window | Full):
+            return None
+        reducer = eqn.params["jaxpr"]
+        reducer_eqns = getattr(reducer, "jaxpr", reducer).eqns
+        if len(reducer_eqns) != 1 or reducer_eqns[0].primitive.name not in ("max", "min", "add"):
+            return None
+        try:
+            pad_value = float(np.asarray(init))
+        except Exception:  # noqa: BLE001 - an init value that is not a constant
+            return None
+        return self._reduce_window(eqn, [operand], pad_value, [init])
 
     def rule_reduce_sum(self, eqn, values):
         (window,) = values

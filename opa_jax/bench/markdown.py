@@ -205,7 +205,7 @@ def incremental_lines(report: dict) -> list[str]:
     evaluators (interleaved), XLA's GFLOP and MB per query, the cache per image."""
     lines = ["", "| model | k | devices x batch | forward q/s, in loop | full q/s | "
              "incremental q/s | speed-up over full | GFLOP per query, full / incr. | "
-             "MB accessed per query, full / incr. | convs on windows | cache per image | "
+             "MB accessed per query, full / incr. | convs + matmuls on windows | cache per image | "
              "auto |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["incremental"]:
         costs = r["costs_per_query"]

@@ -379,7 +379,8 @@ def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitio
         rates["forward"].append(forward.time_loop()["queries_per_s"])
         for name, run in runs.items():
             rates[name].append(run.time())
-    steps = [s for s in program.steps if s.primitive == "conv_general_dilated"]
+    # Convolutions, and the matrix products that 1x1 convolutions become (models.layers).
+    steps = [s for s in program.steps if s.primitive in ("conv_general_dilated", "dot_general")]
     return {
         "model": model.name,
         "trained": model.meta.get("trained", True),
