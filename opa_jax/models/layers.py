@@ -18,7 +18,8 @@ through `jax.custom_vjp`:
 
 The zoo's modules use them unless built with `fast_gradients=False` (the
 plain operations, for comparison), so `jax.grad` through `module.apply(...,
-train=True)` is fast for any caller.
+train=True)` is fast for any caller. Custom VJPs have no forward-mode
+derivative: `jax.jvp` needs the plain operations (`fast_gradients=False`).
 """
 
 from __future__ import annotations
