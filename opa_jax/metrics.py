@@ -6,6 +6,12 @@ number of target classes, class pairs) kept as counts and sums. Two tallies
 combine by addition (`merge`) into the tally of all their records, so partial
 tallies (of chunks, hosts or runs) need not keep their records. The summary
 and the report tally every host's records of a workdir at once.
+
+Rates carry 95% intervals: Wilson score intervals for proportions (success
+rate over attacks, and the share of images pushed to at least one class), and
+a normal interval for the mean confidence over successes. In targeted runs the
+attacks on one image are not independent, so the attack-level interval there
+is narrower than a per-image one would be.
 """
 
 from __future__ import annotations
@@ -15,6 +21,32 @@ from collections.abc import Iterable
 
 import numpy as np
 
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% by default)."""
+    if trials <= 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
+
+
+def mean_interval(total: float, total_sq: float, count: int,
+                  z: float = Z_95) -> tuple[float, float]:
+    """The normal interval of a mean from its sum and sum of squares (95% by default)."""
+    if count <= 0:
+        return (0.0, 0.0)
+    mean = total / count
+    if count == 1:
+        return (mean, mean)
+    variance = max(0.0, (total_sq - count * mean * mean) / (count - 1))
+    half = z * np.sqrt(variance / count)
+    return (float(mean - half), float(mean + half))
+
 
 @dataclasses.dataclass
 class Tally:
@@ -22,6 +54,7 @@ class Tally:
     attacks: int = 0
     successes: int = 0
     confidence_sum: float = 0.0  # adv-label probability, summed over successes
+    confidence_sq_sum: float = 0.0  # and its square, for the interval
     queries_sum: float = 0.0
     queries_success_sum: float = 0.0
     generations_success_sum: float = 0.0
@@ -53,6 +86,7 @@ class Tally:
             adv = record["adv_label"]
             self.successes += 1
             self.confidence_sum += record["adv_prob"]
+            self.confidence_sq_sum += record["adv_prob"] ** 2
             self.queries_success_sum += record["queries"]
             self.generations_success_sum += record["generations"]
             self.queries_success.append(record["queries"])
@@ -67,7 +101,7 @@ class Tally:
 
     def merge(self, other: Tally) -> Tally:
         merged = Tally(self.num_classes)
-        for f in ("attacks", "successes", "confidence_sum", "queries_sum",
+        for f in ("attacks", "successes", "confidence_sum", "confidence_sq_sum", "queries_sum",
                   "queries_success_sum", "generations_success_sum"):  # fmt: skip
             setattr(merged, f, getattr(self, f) + getattr(other, f))
         merged.queries_success = self.queries_success + other.queries_success
@@ -90,12 +124,19 @@ class Tally:
     def summary(self) -> dict:
         n, s = self.attacks, self.successes
         q = np.asarray(self.queries_success, np.float64)
+        images = len(self.attacked_images)
+        fooled = len([i for i in self.attacked_images if self.reached.get(i)])
         return {
             "attacks": n,
-            "images": len(self.attacked_images),
+            "images": images,
             "successes": s,
             "success_rate": s / n if n else 0.0,
+            "success_rate_ci95": list(wilson_interval(s, n)),
+            "images_fooled": fooled,
+            "images_fooled_rate": fooled / images if images else 0.0,
+            "images_fooled_rate_ci95": list(wilson_interval(fooled, images)),
             "confidence": self.confidence_sum / s if s else 0.0,
+            "confidence_ci95": list(mean_interval(self.confidence_sum, self.confidence_sq_sum, s)),
             "mean_queries": self.queries_sum / n if n else 0.0,
             "mean_queries_success": self.queries_success_sum / s if s else 0.0,
             "median_queries_success": float(np.median(q)) if s else 0.0,

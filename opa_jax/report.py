@@ -140,6 +140,27 @@ def summary_table(runs: Sequence[RunResults]) -> str:
     return _table(header, rows)
 
 
+def _interval(values) -> str:
+    return f"{100 * values[0]:.1f}-{100 * values[1]:.1f}%"
+
+
+def interval_table(runs: Sequence[RunResults]) -> str:
+    """95% intervals, one row per run: Wilson intervals of the success rate (over attacks)
+    and of the share of images fooled, and a normal interval of the mean confidence."""
+    header = ["run", "success rate", "95% interval", "confidence", "95% interval",
+              "images with >= 1 success", "95% interval"]  # fmt: skip
+    rows = []
+    for run in runs:
+        s = run.tally.summary()
+        rows.append([
+            run.name, _percent(s["success_rate"]), _interval(s["success_rate_ci95"]),
+            _percent(s["confidence"]) if s["successes"] else "-",
+            _interval(s["confidence_ci95"]) if s["successes"] > 1 else "-",
+            f"{s['images_fooled']}/{s['images']}", _interval(s["images_fooled_rate_ci95"]),
+        ])  # fmt: skip
+    return _table(header, rows)
+
+
 def pixel_table(runs: Sequence[RunResults]) -> str | None:
     """Success rate by pixel count, one row per model, mode and method (the paper's Table 3
     form); None unless some row has more than one pixel count."""
@@ -475,6 +496,11 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
               "targeted. Confidence is the mean probability of the adversarial class over "
               "successful attacks. Queries are model evaluations per attack.", ""]  # fmt: skip
     lines += ["## Results", "", summary_table(runs), ""]
+    lines += ["### 95% intervals", "",
+              "Wilson score intervals for the rates; a normal interval for the mean "
+              "confidence. In targeted runs an image's attacks are not independent, so the "
+              "success rate's interval is too narrow there; the per-image column is not.",
+              "", interval_table(runs), ""]  # fmt: skip
     by_pixels = pixel_table(runs)
     if by_pixels:
         lines += ["## Success rate by number of pixels", "",

@@ -89,3 +89,23 @@ def test_summary_json_of_a_workdir_holds_the_hand_computed_values(tmp_path):
     assert written["method"] == "de:scipy" and written["class_names"] == ["a", "b", "c", "d"]
     # Successes' adversarial labels (true + 1): images 0, 2, 3, 5 reach 1, 3, 0, 2.
     assert written["adv_label_counts"] == [1, 1, 1, 1]
+
+
+def test_wilson_interval_matches_published_values():
+    # Wilson 95% intervals as tabulated (Newcombe 1998, Table I: 0/10, 5/10 and 81/263).
+    for (k, n), (lo, hi) in {(0, 10): (0.0, 0.2775), (5, 10): (0.2366, 0.7634),
+                             (81, 263): (0.2553, 0.3662)}.items():  # fmt: skip
+        assert metrics.wilson_interval(k, n) == pytest.approx((lo, hi), abs=1e-4)
+    assert metrics.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_summary_intervals_of_the_hand_records():
+    summary = metrics.Tally(NUM_CLASSES).update(hand_records()).summary()
+    assert summary["success_rate_ci95"] == pytest.approx(metrics.wilson_interval(4, 6))
+    lo, hi = summary["success_rate_ci95"]
+    assert lo < 4 / 6 < hi
+    # Every image is its own, so the share of images fooled is the success rate.
+    assert summary["images_fooled"] == 4 and summary["images_fooled_rate"] == 4 / 6
+    # Confidences 0.60, 0.90, 0.75, 0.55: mean 0.70, sample sd sqrt(0.025), n 4.
+    half = metrics.Z_95 * (0.025 / 4) ** 0.5
+    assert summary["confidence_ci95"] == pytest.approx((0.70 - half, 0.70 + half))
