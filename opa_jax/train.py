@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -288,22 +289,25 @@ def evaluate(eval_fn, variables, images, labels, batch_size: int) -> dict[str, f
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_train_state(workdir: str, state: TrainState, config) -> None:
-    """Atomically writes the training state (params, batch stats, optimizer state, step)."""
+def save_train_state(workdir: str, state: TrainState, config, train_seconds: float = 0.0) -> None:
+    """Atomically writes the training state (params, batch stats, optimizer state, step)
+    and the training seconds spent to reach it, over every stop and resume."""
     directory = os.path.join(workdir, "checkpoints")
     os.makedirs(directory, exist_ok=True)
     identity = workdir_lib.config_identity(config, RESUME_FREE_FIELDS)
     payload = {
         "state": serialization.to_state_dict(jax.device_get(state)),
         "fingerprint": json.dumps(identity, sort_keys=True),
+        "train_seconds": float(train_seconds),
     }
     files.write_atomic(
         os.path.join(directory, TRAIN_STATE_FILE), serialization.msgpack_serialize(payload)
     )
 
 
-def read_train_state(workdir: str, config) -> dict | None:
-    """The saved training state as a state dict, or None when the workdir has none.
+def read_train_state(workdir: str, config) -> tuple[dict, float | None] | None:
+    """The saved training state as a state dict and the training seconds it took (None
+    when written before they were kept), or None when the workdir has none.
 
     InputError when it is corrupt or was written by a run with a different config.
     """
@@ -316,6 +320,7 @@ def read_train_state(workdir: str, config) -> dict | None:
         fingerprint = json.loads(payload["fingerprint"])
         state = payload["state"]
         state["params"]  # noqa: B018 - present in every training checkpoint
+        train_seconds = payload.get("train_seconds")
     except Exception as e:
         raise InputError(
             f"training checkpoint {path!r} is corrupt ({e}); delete it to start afresh"
@@ -328,7 +333,7 @@ def read_train_state(workdir: str, config) -> dict | None:
             f"workdir {workdir!r} holds a training checkpoint of a different run (config fields "
             f"{differing} differ); use a new --workdir, or the same config to resume"
         )
-    return state
+    return state, (None if train_seconds is None else float(train_seconds))
 
 
 def restore_train_state(saved: dict, target: TrainState, what: str) -> TrainState:
@@ -388,6 +393,7 @@ class Training:
     model_config: dict[str, Any]  # the `zoo.build` options, num_classes included
     steps_per_epoch: int
     total_steps: int
+    train_seconds: float | None = None  # spent before the restored state (None: unknown)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
@@ -450,7 +456,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         opt_state=tx.init(params),
         batch_stats=variables.get("batch_stats", {}),
     )
+    train_seconds = 0.0
     if saved is not None:
+        saved, train_seconds = saved
         state = restore_train_state(saved, state, f"training checkpoint in {workdir!r}")
         logging.info("resumed from %s at step %d", workdir, int(state.step))
     state = replicate(state, mesh)
@@ -475,6 +483,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         model_config=model_config,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        train_seconds=train_seconds,
     )
 
 
@@ -514,10 +523,12 @@ def periodic_evaluation(config, training: Training, state: TrainState, step: int
     return record
 
 
-def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, dict, bool]:
+def train_loop(config, workdir: str,
+               training: Training) -> tuple[TrainState, dict, bool, float]:  # fmt: skip
     """Steps from the restored step to the end (or `stop_after_steps`), logging,
     evaluating every `eval_every_epochs` (into `history.jsonl`) and checkpointing on the
-    way; returns the state, the last logged train metrics and whether it stopped early."""
+    way; returns the state, the last logged train metrics, whether it stopped early and
+    the training seconds spent in all (over every stop and resume)."""
     state, steps_per_epoch, total_steps = (
         training.state, training.steps_per_epoch, training.total_steps,
     )  # fmt: skip
@@ -528,7 +539,9 @@ def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, di
         _write_history(workdir, history)  # drops evaluations newer than the restored state
     eval_every = max(round(config.eval_every_epochs * steps_per_epoch), 1) if (
         config.eval_every_epochs > 0) else 0  # fmt: skip
-    seconds_before = history[-1]["train_seconds"] if history else 0.0
+    seconds_before = training.train_seconds
+    if seconds_before is None:  # a checkpoint from before they were kept: the last evaluation's
+        seconds_before = history[-1]["train_seconds"] if history else 0.0
     segment_start = time.time()
     pending = []  # metrics since the last log line, left on device until then
     last_log_time, last_log_step = time.time(), step
@@ -570,11 +583,23 @@ def train_loop(config, workdir: str, training: Training) -> tuple[TrainState, di
             _write_history(workdir, history)
         stopping = config.stop_after_steps > 0 and step >= config.stop_after_steps
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            save_train_state(workdir, state, config)
+            save_train_state(workdir, state, config, seconds_before + time.time() - segment_start)
         if stopping and step < total_steps:
             logging.info("stopping after step %d (stop_after_steps); resume to continue", step)
-            return state, train_metrics, True
-    return state, train_metrics, False
+            return state, train_metrics, True, seconds_before + time.time() - segment_start
+    return state, train_metrics, False, seconds_before + time.time() - segment_start
+
+
+def stored_variables(variables, weights_dtype: str):
+    """`variables` as a checkpoint stores them and a load returns them: floating leaves
+    cast to `weights_dtype` and back to their own dtype."""
+    dtype = checkpoint.WEIGHTS_DTYPES[weights_dtype]
+
+    def round_trip(x):
+        x = np.asarray(x)
+        return x.astype(dtype).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map(round_trip, variables)
 
 
 def final_evaluation(config, training: Training, variables) -> dict[str, dict]:
@@ -618,13 +643,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     and, at the end, the model checkpoint `<workdir>/model/`.
     """
     training = setup(config, workdir)
-    train_start = time.time()
-    state, train_metrics, stopped = train_loop(config, workdir, training)
+    state, train_metrics, stopped, train_time = train_loop(config, workdir, training)
     variables = jax.device_get(_variables(state.params, state.batch_stats))
     if stopped:
         return {"step": int(state.step), "stopped": True, "variables": variables}
-    train_time = time.time() - train_start
-    accuracies = final_evaluation(config, training, variables)
+    # The accuracies of the weights as stored (float16 by the CPU recipes), which are the
+    # ones a load returns; those of the float32 weights beside them when they differ.
+    stored = stored_variables(variables, config.save_dtype)
+    accuracies = final_evaluation(config, training, stored)
+    extra = {}
+    if config.save_dtype != "float32":
+        logging.info("the float32 weights, before the cast to %s:", config.save_dtype)
+        extra["accuracies_float32"] = final_evaluation(config, training, variables)
     checkpoint.save_model_checkpoint(
         os.path.join(workdir, "model"),
         config.model,
@@ -637,11 +667,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "accuracies": accuracies,
             "final_train_metrics": train_metrics,
             "steps": training.total_steps,
+            "epochs": round(training.total_steps / training.steps_per_epoch, 4),
             "seed": config.seed,
             "train_config": config.to_dict(),
             "train_time_s": round(train_time, 1),
             "history": read_history(workdir),
             "devices": [str(d) for d in training.mesh.devices.flat],
+            "command": " ".join(sys.argv),
+            **extra,
         },
         weights_dtype=config.save_dtype,
     )
@@ -651,5 +684,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "stopped": False,
         "accuracies": accuracies,
         "train_metrics": train_metrics,
-        "variables": variables,
+        "variables": stored,
     }
+
+
+# ----------------------------------------------------------------------------- model cards
+
+
+def _accuracy_cell(result: dict | None) -> str:
+    if not result:
+        return "-"
+    return f"{100 * result['accuracy']:.2f}% ({result['correct']}/{result['count']})"
+
+
+def model_card(path: str) -> str:
+    """A markdown model card of the model checkpoint at `path` written by this module:
+    accuracies (as stored, and in float32), recipe, epochs, wall time, devices, the exact
+    command, and the epochs-to-accuracy curve from its history."""
+    meta = checkpoint.read_model_json(path)
+    if "train_config" not in meta:
+        raise InputError(f"model checkpoint {path!r}: not written by scripts/train.py "
+                         "(no train_config in its model.json)")  # fmt: skip
+    c = meta["train_config"]
+    accuracies, float32 = meta.get("accuracies", {}), meta.get("accuracies_float32", {})
+    epochs = meta.get("epochs")
+    if epochs is None:  # written before models kept it
+        epochs = c["num_steps"] / 1.0 if c.get("num_steps", -1) > 0 else c["num_epochs"]
+    hours = meta.get("train_time_s", 0.0) / 3600
+    lines = [
+        f"### {meta['model']} ({path})",
+        "",
+        f"- **Architecture**: `{meta['model']}` with {meta.get('model_config') or {}}, "
+        f"{meta['num_params']:,} parameters, weights stored as {meta['weights_dtype']} "
+        f"(SHA-256 `{meta['weights_sha256'][:12]}...`).",
+        f"- **Data**: trained on `{meta.get('dataset')}`; images "
+        f"{'x'.join(str(d) for d in meta['image_shape'])}.",
+        "- **Accuracy** (stored weights; float32 weights in brackets):",
+    ]
+    for name in accuracies:
+        result = accuracies[name]
+        cell = _accuracy_cell(result)
+        if name in float32:
+            cell += f" [{_accuracy_cell(float32[name])}]"
+        lines.append(f"  - {name}: `{result['dataset']}` ({result['split']}): {cell}")
+    lines += [
+        f"- **Recipe**: {c['optimizer']} (momentum {c['momentum']}, nesterov {c['nesterov']}), "
+        f"lr {c['learning_rate']} with a `{c['schedule']}` schedule, weight decay "
+        f"{c['weight_decay']}, label smoothing {c.get('label_smoothing', 0.0)}, batch "
+        f"{c['batch_size']}, augmentation {'crop (pad ' + str(c['crop_padding']) + ') and flip' if c['augment'] else 'none'}, "
+        f"compute {c['compute_dtype']}, seed {meta.get('seed')}.",
+        f"- **Length**: {meta['steps']} steps of {c['batch_size']}, {epochs:g} epochs.",
+        f"- **Wall time**: {hours:.2f} h of training over every stop and resume (evaluations "
+        f"included), on {len(meta.get('devices') or [])} device(s) "
+        f"({', '.join(meta.get('devices') or [])}).",
+        f"- **Command**: `{meta.get('command', '')}` (the same command resumes after a stop).",
+        f"- **Software**: {', '.join(f'{k} {v}' for k, v in (meta.get('software') or {}).items())}.",
+    ]
+    history = meta.get("history") or []
+    if history:
+        lines += ["", "Epochs to accuracy (test split, every evaluation):", "",
+                  "| epoch | test accuracy | train accuracy | training hours |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for record in history:
+            lines.append(
+                f"| {record['epoch']:g} | {100 * record['test_accuracy']:.2f}% | "
+                f"{100 * record.get('train_accuracy', float('nan')):.2f}% | "
+                f"{record['train_seconds'] / 3600:.2f} |"
+            )
+        final = accuracies.get("test")
+        if final:
+            lines.append(f"| {epochs:g} (final) | {100 * final['accuracy']:.2f}% | - | {hours:.2f} |")
+    return "\n".join(lines) + "\n"

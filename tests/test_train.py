@@ -277,3 +277,34 @@ def test_history_is_the_epochs_to_accuracy_curve_across_a_resume(dataset, uninte
     assert result["accuracies"] == reference["accuracies"]  # evaluating changes nothing
     model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
     assert [r["step"] for r in model.meta["history"]] == [4, 8, 12, 16]
+
+
+def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path):
+    """A float16 model records the accuracy of the weights as stored (what a load gives),
+    the float32 one beside it, and the training seconds over a stop and resume; its
+    model card shows them with the epochs-to-accuracy curve."""
+    workdir = str(tmp_path / "half")
+    config = tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0, stop_after_steps=8)
+    train.train_and_evaluate(config, workdir)
+    _, seconds_at_stop = train.read_train_state(workdir, config)
+    assert seconds_at_stop > 0
+    train.train_and_evaluate(tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0),
+                             workdir)  # fmt: skip
+    model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
+    images, labels, _ = train.load_split(f"folder:{dataset}", "test", (32, 32, 3))
+    predictions = np.argmax(model.apply_fn(model.params, images.astype(np.float32)), -1)
+    meta = model.meta
+    assert meta["weights_dtype"] == "float16"
+    assert meta["accuracies"]["test"]["accuracy"] == np.mean(predictions == labels)
+    assert set(meta["accuracies_float32"]) == {"test"}
+    assert meta["train_time_s"] > seconds_at_stop and meta["epochs"] == 5.0
+    assert meta["command"]  # how it was run
+    card = train.model_card(os.path.join(workdir, "model"))
+    assert "weights stored as float16" in card and "20 steps of 16, 5 epochs" in card
+    accuracy = meta["accuracies"]["test"]
+    assert f"{100 * accuracy['accuracy']:.2f}% ({accuracy['correct']}/32)" in card
+    curve = [line for line in card.splitlines() if line.startswith("| ") and "%" in line]
+    assert [line.split(" | ")[0] for line in curve] == ["| 1", "| 2", "| 3", "| 4", "| 5 (final)"]
+    completed = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "model_card.py"),
+                                str(tmp_path / "missing")], capture_output=True, text=True)  # fmt: skip
+    assert completed.returncode != 0 and "no such directory" in completed.stderr
