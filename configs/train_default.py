@@ -82,3 +82,7 @@ def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learnin
     config.save_dtype = "float16"
     config.checkpoint_every = 200  # about 10 minutes of steps on 2 cores
     config.eval_every_epochs = 1.0  # the epochs-to-accuracy curve
+    # One XLA device: two barely beat one here (docs/models.md), and the all-reduce of a
+    # data-parallel step aborts the process when the other device's thread is starved for
+    # 40 s, which a job at `nice -n 19` on a shared machine can be.
+    config.cpu_devices = 1

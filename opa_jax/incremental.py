@@ -983,14 +983,16 @@ class IncrementalEvaluator:
         return logits.astype(jnp.float32)
 
 
-def query_costs(model, num_pixels: int) -> dict[str, dict[str, float]]:
+def query_costs(model, num_pixels: int, program=None) -> dict[str, dict[str, float]]:
     """XLA's cost analysis of one candidate's evaluation, full and incremental:
     {evaluator: {"flops": ..., "bytes_accessed": ...}}.
 
     Counts the model on one perturbed image against the incremental pass on one
     candidate (its image's cache given); the clean pass, once per image, is left out.
+    Lowered only, never compiled; `program` (of `program_for`) when already traced.
     """
-    program = program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
+    if program is None:
+        program = program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
     full = FullEvaluator(model.apply_fn)
     incremental = IncrementalEvaluator(program)
     images = jax.ShapeDtypeStruct((1, *model.image_shape), jnp.float32)
@@ -1009,9 +1011,10 @@ def query_costs(model, num_pixels: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def flops_per_query(model, num_pixels: int) -> dict[str, float]:
+def flops_per_query(model, num_pixels: int, program=None) -> dict[str, float]:
     """XLA's FLOPs of one candidate's evaluation, {evaluator: flops} (`query_costs`)."""
-    return {name: costs["flops"] for name, costs in query_costs(model, num_pixels).items()}
+    costs = query_costs(model, num_pixels, program)
+    return {name: cost["flops"] for name, cost in costs.items()}
 
 
 # 'auto' takes the incremental evaluator when XLA counts at least this many times
@@ -1035,7 +1038,7 @@ def make_evaluator(kind: str, model, num_pixels: int):
             ) from err
         return FullEvaluator(model.apply_fn)
     if kind == "auto":
-        flops = flops_per_query(model, num_pixels)
+        flops = flops_per_query(model, num_pixels, program)  # lowered, not compiled
         if flops["full"] < AUTO_MIN_FLOP_RATIO * flops["incremental"]:
             return FullEvaluator(model.apply_fn)
     return IncrementalEvaluator(program)

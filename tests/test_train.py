@@ -253,6 +253,7 @@ def test_cpu_recipes_are_short_one_cycle_runs_on_the_jpeg_set(name):
     assert cpu.num_epochs <= 30 < long.num_epochs
     assert (cpu.schedule, cpu.label_smoothing, cpu.save_dtype) == ("one_cycle", 0.1, "float16")
     assert cpu.dataset == "folder:runs/data/cifar10-jpeg" and cpu.augment
+    assert cpu.cpu_devices == 1  # no cross-device all-reduce to abort under load
     with pytest.raises(ValueError, match=f"train_{name}.py:gpu"):
         module.get_config("gpu")
 
