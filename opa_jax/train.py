@@ -370,6 +370,18 @@ def model_overrides(config) -> dict[str, Any]:
     return {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
 
 
+def _hashable(options: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def _train_module(name: str, options: tuple, compute_dtype: str):
+    """The module a train step applies, one object per (name, options, dtype): the train
+    state holds its `apply`, a static part of the step's input, so runs of one config in
+    one process (a resume, tests) reuse the compiled step instead of compiling it again."""
+    return zoo.build(name, **dict(options), dtype=COMPUTE_DTYPES[compute_dtype])
+
+
 def _exact_test_available(spec: str) -> bool:
     kind, _, path = spec.partition(":")
     return bool(spec) and (kind != "folder" or os.path.isdir(path))
@@ -420,7 +432,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         )
     num_classes = len(class_names)
     model_config = {**overrides, "num_classes": num_classes}
-    module = zoo.build(config.model, **model_config, dtype=COMPUTE_DTYPES[config.compute_dtype])
+    module = _train_module(config.model, _hashable(model_config), config.compute_dtype)
     eval_module = zoo.build(config.model, **model_config)  # float32, as attacks load it
 
     num_train = len(train_labels)
