@@ -739,18 +739,20 @@ def model_card(path: str) -> str:
         if name in float32:
             cell += f" [{_accuracy_cell(float32[name])}]"
         lines.append(f"  - {name}: `{result['dataset']}` ({result['split']}): {cell}")
+    augment = f"crop (pad {c['crop_padding']}) and flip" if c["augment"] else "none"
+    software = ", ".join(f"{k} {v}" for k, v in (meta.get("software") or {}).items())
     lines += [
         f"- **Recipe**: {c['optimizer']} (momentum {c['momentum']}, nesterov {c['nesterov']}), "
         f"lr {c['learning_rate']} with a `{c['schedule']}` schedule, weight decay "
         f"{c['weight_decay']}, label smoothing {c.get('label_smoothing', 0.0)}, batch "
-        f"{c['batch_size']}, augmentation {'crop (pad ' + str(c['crop_padding']) + ') and flip' if c['augment'] else 'none'}, "
+        f"{c['batch_size']}, augmentation {augment}, "
         f"compute {c['compute_dtype']}, seed {meta.get('seed')}.",
         f"- **Length**: {meta['steps']} steps of {c['batch_size']}, {epochs:g} epochs.",
         f"- **Wall time**: {hours:.2f} h of training over every stop and resume (evaluations "
         f"included), on {len(meta.get('devices') or [])} device(s) "
         f"({', '.join(meta.get('devices') or [])}).",
         f"- **Command**: `{meta.get('command', '')}` (the same command resumes after a stop).",
-        f"- **Software**: {', '.join(f'{k} {v}' for k, v in (meta.get('software') or {}).items())}.",
+        f"- **Software**: {software}.",
     ]
     history = meta.get("history") or []
     if history:
@@ -765,5 +767,7 @@ def model_card(path: str) -> str:
             )
         final = accuracies.get("test")
         if final:
-            lines.append(f"| {epochs:g} (final) | {100 * final['accuracy']:.2f}% | - | {hours:.2f} |")
+            lines.append(
+                f"| {epochs:g} (final) | {100 * final['accuracy']:.2f}% | - | {hours:.2f} |"
+            )
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ either evaluator.
 import dataclasses
 import functools
 import pathlib
+import zlib
 
 import flax.linen as nn
 import jax
@@ -43,7 +44,9 @@ def randomise_batch_stats(variables):
     key = jax.random.key(1)
 
     def perturb(path, x):
-        k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % (1 << 30))
+        # crc32, not hash(): str hashes change from process to process (PYTHONHASHSEED),
+        # which made the model, and whether its attacks succeed, differ between runs.
+        k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()) % (1 << 30))
         if jax.tree_util.keystr(path).endswith("['var']"):
             return jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5)
         return 0.1 * jax.random.normal(k, x.shape)

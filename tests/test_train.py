@@ -309,6 +309,7 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     assert f"{100 * accuracy['accuracy']:.2f}% ({accuracy['correct']}/32)" in card
     curve = [line for line in card.splitlines() if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in curve] == ["| 1", "| 2", "| 3", "| 4", "| 5 (final)"]
-    completed = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "model_card.py"),
-                                str(tmp_path / "missing")], capture_output=True, text=True)  # fmt: skip
+    script = os.path.join(REPO, "scripts", "model_card.py")
+    completed = subprocess.run([sys.executable, script, str(tmp_path / "missing")],
+                               capture_output=True, text=True)  # fmt: skip
     assert completed.returncode != 0 and "no such directory" in completed.stderr
