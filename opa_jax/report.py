@@ -129,12 +129,11 @@ def summary_table(runs: Sequence[RunResults]) -> str:
     rows = []
     for run in runs:
         s = run.tally.summary()
-        reached = s["images"] - (s["num_target_classes"][0] if s["num_target_classes"] else 0)
         rows.append([
             run.name, run.model, "-" if run.pixels is None else str(run.pixels), run.mode,
             run.method, str(s["images"]), str(s["attacks"]), _percent(s["success_rate"]),
             _percent(s["confidence"]),
-            _percent(reached / s["images"]) if s["images"] else "-",
+            _percent(s["images_fooled_rate"]) if s["images"] else "-",
             f"{s['mean_queries']:.0f}", f"{s['mean_queries_success']:.0f}",
         ])  # fmt: skip
     return _table(header, rows)
