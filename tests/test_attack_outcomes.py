@@ -212,7 +212,9 @@ def test_several_pixels_through_the_engine(num_pixels):
         assert len({(x, y) for x, y in pixels[:, :2]}) == num_pixels, pixels
         assert np.mean(pixels[:, 2]) > 180 and np.mean(pixels[:, 3]) < 120, pixels
         probs = model_probs(model, write_perturbation(images[i], pixels)[None])[0]
-        np.testing.assert_allclose(probs, result.adv_probs[i], atol=1e-5)
+        # A sum of 256 float32 sigmoids, batched or not: rounding moves it by ~1e-5; a
+        # pixel in the wrong genes moves the red count by ~1, p(1) by ~0.2 or more.
+        np.testing.assert_allclose(probs, result.adv_probs[i], atol=1e-4)
 
 
 def test_crossover_unrounded_colours_and_a_non_square_image_end_to_end():

@@ -9,6 +9,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from configs import benchmark as benchmark_config
 from opa_jax import attack, de, plan, profiling
@@ -224,7 +225,7 @@ def test_benchmark_script_runs_forward_and_engine_on_every_cpu_device(tiny_keras
     ]
     command += [f"--config.{k}={v}" for k, v in overrides.items()]
     env = script_env(tmp_path / "cache")
-    del env["XLA_FLAGS"]
+    env["XLA_FLAGS"] = xla_flags()  # no device count: one device per core
     done = run_script(command, env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())

@@ -18,6 +18,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import xla_flags
 from replay import expected_success, fgsm_reference, model_probs
 
 from opa_jax import attack, data, de, devices, plan, run
@@ -125,7 +126,7 @@ def script_env(cache_dir, devices=1) -> dict:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(f"--xla_force_host_platform_device_count={devices}")
     return env
 
 
@@ -355,7 +356,7 @@ def test_cpu_devices_split_the_host_and_auto_respects_xla_flags(tiny, tmp_path):
     """cpu_devices=N gives N CPU devices; 0 gives one per core (at most 8) unless
     XLA_FLAGS already forces a count; a negative count is refused."""
     without_flag = script_env(tiny["cache"])
-    del without_flag["XLA_FLAGS"]
+    without_flag["XLA_FLAGS"] = xla_flags()  # no device count
     cores = min(len(os.sched_getaffinity(0)), devices.MAX_AUTO_CPU_DEVICES)
     cases = [
         (["--config.cpu_devices=3"], script_env(tiny["cache"], devices=1), 3),  # overrides

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import xla_flags
 from PIL import Image
 
 from opa_jax import train
@@ -204,7 +205,7 @@ def test_model_checkpoint_records_software_and_dtype(uninterrupted):
 
 def train_script(workdir, data_dir, cpu_devices: int) -> subprocess.CompletedProcess:
     """scripts/train.py on a tiny NiN, its CPU split into `cpu_devices` XLA devices."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # no device count: the config sets it
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "train.py"),
