@@ -289,9 +289,11 @@ def evaluate(eval_fn, variables, images, labels, batch_size: int) -> dict[str, f
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_train_state(workdir: str, state: TrainState, config, train_seconds: float = 0.0) -> None:
+def save_train_state(workdir: str, state: TrainState, config, train_seconds: float = 0.0,
+                     cpu: tuple[float, int] | None = None) -> None:  # fmt: skip
     """Atomically writes the training state (params, batch stats, optimizer state, step)
-    and the training seconds spent to reach it, over every stop and resume."""
+    and the training seconds spent to reach it, over every stop and resume; `cpu` is
+    (process CPU seconds, the step they are counted from)."""
     directory = os.path.join(workdir, "checkpoints")
     os.makedirs(directory, exist_ok=True)
     identity = workdir_lib.config_identity(config, RESUME_FREE_FIELDS)
@@ -300,14 +302,17 @@ def save_train_state(workdir: str, state: TrainState, config, train_seconds: flo
         "fingerprint": json.dumps(identity, sort_keys=True),
         "train_seconds": float(train_seconds),
     }
+    if cpu is not None:
+        payload["cpu_seconds"], payload["cpu_from_step"] = float(cpu[0]), int(cpu[1])
     files.write_atomic(
         os.path.join(directory, TRAIN_STATE_FILE), serialization.msgpack_serialize(payload)
     )
 
 
-def read_train_state(workdir: str, config) -> tuple[dict, float | None] | None:
-    """The saved training state as a state dict and the training seconds it took (None
-    when written before they were kept), or None when the workdir has none.
+def read_train_state(workdir: str, config) -> tuple[dict, float | None, tuple | None] | None:
+    """The saved training state as a state dict, the training seconds it took and the
+    (process CPU seconds, step they are counted from) (each None when written before
+    they were kept), or None when the workdir has none.
 
     InputError when it is corrupt or was written by a run with a different config.
     """
@@ -321,6 +326,8 @@ def read_train_state(workdir: str, config) -> tuple[dict, float | None] | None:
         state = payload["state"]
         state["params"]  # noqa: B018 - present in every training checkpoint
         train_seconds = payload.get("train_seconds")
+        cpu = payload.get("cpu_seconds")
+        cpu = None if cpu is None else (float(cpu), int(payload["cpu_from_step"]))
     except Exception as e:
         raise InputError(
             f"training checkpoint {path!r} is corrupt ({e}); delete it to start afresh"
@@ -333,7 +340,7 @@ def read_train_state(workdir: str, config) -> tuple[dict, float | None] | None:
             f"workdir {workdir!r} holds a training checkpoint of a different run (config fields "
             f"{differing} differ); use a new --workdir, or the same config to resume"
         )
-    return state, (None if train_seconds is None else float(train_seconds))
+    return state, (None if train_seconds is None else float(train_seconds)), cpu
 
 
 def restore_train_state(saved: dict, target: TrainState, what: str) -> TrainState:
@@ -406,6 +413,7 @@ class Training:
     steps_per_epoch: int
     total_steps: int
     train_seconds: float | None = None  # spent before the restored state (None: unknown)
+    cpu: tuple[float, int] | None = None  # (CPU seconds, counted from step) before it
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
@@ -468,9 +476,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         opt_state=tx.init(params),
         batch_stats=variables.get("batch_stats", {}),
     )
-    train_seconds = 0.0
+    train_seconds, cpu = 0.0, (0.0, 0)
     if saved is not None:
-        saved, train_seconds = saved
+        saved, train_seconds, cpu = saved
         state = restore_train_state(saved, state, f"training checkpoint in {workdir!r}")
         logging.info("resumed from %s at step %d", workdir, int(state.step))
     state = replicate(state, mesh)
@@ -496,6 +504,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         train_seconds=train_seconds,
+        cpu=cpu,
     )
 
 
@@ -516,7 +525,7 @@ def _write_history(workdir: str, records: list[dict]) -> None:
 
 
 def periodic_evaluation(config, training: Training, state: TrainState, step: int,
-                        train_metrics: dict, train_seconds: float) -> dict:  # fmt: skip
+                        train_metrics: dict, clock: Clock) -> dict:  # fmt: skip
     """Test-split accuracy of the current weights, as one line of the history."""
     variables = jax.device_get(_variables(state.params, state.batch_stats))
     test = evaluate(training.eval_fn, variables, training.test_images, training.test_labels,
@@ -524,23 +533,43 @@ def periodic_evaluation(config, training: Training, state: TrainState, step: int
     record = {
         "step": step,
         "epoch": round(step / training.steps_per_epoch, 4),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(clock.wall(), 1),
+        "train_cpu_seconds": round(clock.cpu()[0], 1),
         "test_accuracy": test["accuracy"],
         **{f"train_{name}": value for name, value in train_metrics.items()},
     }
     logging.info(
         "epoch %.2f (step %d): test accuracy %.4f (%d/%d) after %.0fs of training",
-        record["epoch"], step, test["accuracy"], test["correct"], test["count"], train_seconds,
+        record["epoch"], step, test["accuracy"], test["correct"], test["count"],
+        record["train_seconds"],
     )  # fmt: skip
     return record
 
 
+class Clock:
+    """Training seconds (wall) and process CPU seconds (every thread: what the run cost,
+    however the machine was shared) over every stop and resume."""
+
+    def __init__(self, wall_before: float, cpu_before: float, cpu_from_step: int):
+        self.wall_before, self.cpu_before, self.cpu_from_step = (
+            wall_before, cpu_before, cpu_from_step,
+        )  # fmt: skip
+        self.wall_start, self.cpu_start = time.time(), time.process_time()
+
+    def wall(self) -> float:
+        return self.wall_before + time.time() - self.wall_start
+
+    def cpu(self) -> tuple[float, int]:
+        """(CPU seconds, the step they are counted from)."""
+        return self.cpu_before + time.process_time() - self.cpu_start, self.cpu_from_step
+
+
 def train_loop(config, workdir: str,
-               training: Training) -> tuple[TrainState, dict, bool, float]:  # fmt: skip
+               training: Training) -> tuple[TrainState, dict, bool, Clock]:  # fmt: skip
     """Steps from the restored step to the end (or `stop_after_steps`), logging,
     evaluating every `eval_every_epochs` (into `history.jsonl`) and checkpointing on the
     way; returns the state, the last logged train metrics, whether it stopped early and
-    the training seconds spent in all (over every stop and resume)."""
+    the clock of the training seconds spent in all (over every stop and resume)."""
     state, steps_per_epoch, total_steps = (
         training.state, training.steps_per_epoch, training.total_steps,
     )  # fmt: skip
@@ -554,7 +583,9 @@ def train_loop(config, workdir: str,
     seconds_before = training.train_seconds
     if seconds_before is None:  # a checkpoint from before they were kept: the last evaluation's
         seconds_before = history[-1]["train_seconds"] if history else 0.0
-    segment_start = time.time()
+    # CPU seconds are counted from the first step run by a version that kept them.
+    cpu_before, cpu_from_step = training.cpu if training.cpu is not None else (0.0, step)
+    clock = Clock(seconds_before, cpu_before, cpu_from_step)
     pending = []  # metrics since the last log line, left on device until then
     last_log_time, last_log_step = time.time(), step
     order, order_epoch = None, -1
@@ -588,18 +619,15 @@ def train_loop(config, workdir: str,
             )  # fmt: skip
             last_log_time, last_log_step = now, step
         if eval_every and step % eval_every == 0 and step < total_steps:
-            history.append(periodic_evaluation(
-                config, training, state, step, train_metrics,
-                seconds_before + time.time() - segment_start,
-            ))  # fmt: skip
+            history.append(periodic_evaluation(config, training, state, step, train_metrics, clock))
             _write_history(workdir, history)
         stopping = config.stop_after_steps > 0 and step >= config.stop_after_steps
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            save_train_state(workdir, state, config, seconds_before + time.time() - segment_start)
+            save_train_state(workdir, state, config, clock.wall(), clock.cpu())
         if stopping and step < total_steps:
             logging.info("stopping after step %d (stop_after_steps); resume to continue", step)
-            return state, train_metrics, True, seconds_before + time.time() - segment_start
-    return state, train_metrics, False, seconds_before + time.time() - segment_start
+            return state, train_metrics, True, clock
+    return state, train_metrics, False, clock
 
 
 def stored_variables(variables, weights_dtype: str):
@@ -655,7 +683,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     and, at the end, the model checkpoint `<workdir>/model/`.
     """
     training = setup(config, workdir)
-    state, train_metrics, stopped, train_time = train_loop(config, workdir, training)
+    state, train_metrics, stopped, clock = train_loop(config, workdir, training)
     variables = jax.device_get(_variables(state.params, state.batch_stats))
     if stopped:
         return {"step": int(state.step), "stopped": True, "variables": variables}
@@ -682,7 +710,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "epochs": round(training.total_steps / training.steps_per_epoch, 4),
             "seed": config.seed,
             "train_config": config.to_dict(),
-            "train_time_s": round(train_time, 1),
+            "train_time_s": round(clock.wall(), 1),
+            "train_cpu_s": round(clock.cpu()[0], 1),
+            "train_cpu_from_step": clock.cpu()[1],
             "history": read_history(workdir),
             "devices": [str(d) for d in training.mesh.devices.flat],
             "command": " ".join(sys.argv),
@@ -707,6 +737,17 @@ def _accuracy_cell(result: dict | None) -> str:
     if not result:
         return "-"
     return f"{100 * result['accuracy']:.2f}% ({result['correct']}/{result['count']})"
+
+
+def _cpu_hours(meta: dict) -> str:
+    if meta.get("train_cpu_s") is None:
+        return "not recorded (a model from before CPU time was kept)"
+    since = meta.get("train_cpu_from_step", 0)
+    counted = "over the whole run" if since == 0 else f"from step {since} on (not kept before)"
+    return (
+        f"{meta['train_cpu_s'] / 3600:.2f} h of process CPU time, every thread, "
+        f"{counted}; unlike the wall time it does not grow when the machine is shared"
+    )
 
 
 def model_card(path: str) -> str:
@@ -751,23 +792,28 @@ def model_card(path: str) -> str:
         f"- **Wall time**: {hours:.2f} h of training over every stop and resume (evaluations "
         f"included), on {len(meta.get('devices') or [])} device(s) "
         f"({', '.join(meta.get('devices') or [])}).",
+        f"- **CPU time**: {_cpu_hours(meta)}.",
         f"- **Command**: `{meta.get('command', '')}` (the same command resumes after a stop).",
         f"- **Software**: {software}.",
     ]
     history = meta.get("history") or []
     if history:
         lines += ["", "Epochs to accuracy (test split, every evaluation):", "",
-                  "| epoch | test accuracy | train accuracy | training hours |",
-                  "|---|---|---|---|"]  # fmt: skip
+                  "| epoch | test accuracy | train accuracy | training hours | CPU hours |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for record in history:
+            cpu = record.get("train_cpu_seconds")
             lines.append(
                 f"| {record['epoch']:g} | {100 * record['test_accuracy']:.2f}% | "
                 f"{100 * record.get('train_accuracy', float('nan')):.2f}% | "
-                f"{record['train_seconds'] / 3600:.2f} |"
+                f"{record['train_seconds'] / 3600:.2f} | "
+                f"{'-' if cpu is None else f'{cpu / 3600:.2f}'} |"
             )
         final = accuracies.get("test")
         if final:
+            cpu = meta.get("train_cpu_s")
             lines.append(
-                f"| {epochs:g} (final) | {100 * final['accuracy']:.2f}% | - | {hours:.2f} |"
+                f"| {epochs:g} (final) | {100 * final['accuracy']:.2f}% | - | {hours:.2f} | "
+                f"{'-' if cpu is None else f'{cpu / 3600:.2f}'} |"
             )
     return "\n".join(lines) + "\n"

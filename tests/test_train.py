@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import xla_flags
+from flax import serialization
 from PIL import Image
 
 from opa_jax import train
@@ -91,6 +92,14 @@ def test_resume_after_stop_equals_uninterrupted_run(dataset, uninterrupted, tmp_
     first = train.train_and_evaluate(tiny_config(dataset, stop_after_steps=10), workdir)
     assert first["stopped"] and first["step"] == 10
     assert not os.path.exists(os.path.join(workdir, "model"))
+    # As written before CPU seconds were kept: the resumed run counts them from step 10.
+    path = os.path.join(workdir, "checkpoints", train.TRAIN_STATE_FILE)
+    with open(path, "rb") as f:
+        payload = serialization.msgpack_restore(f.read())
+    del payload["cpu_seconds"], payload["cpu_from_step"]
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(payload))
+    assert train.read_train_state(workdir, tiny_config(dataset))[2] is None
     # The killed run's state differs from the final one; resuming reaches it exactly.
     second = train.train_and_evaluate(tiny_config(dataset), workdir)
     assert second["step"] == 20 and not second["stopped"]
@@ -102,6 +111,9 @@ def test_resume_after_stop_equals_uninterrupted_run(dataset, uninterrupted, tmp_
         np.testing.assert_allclose(value, expected[path], rtol=1e-6, atol=1e-6)
     assert any(not np.allclose(halfway[p], expected[p]) for p, _ in leaves)
     assert second["accuracies"] == reference["accuracies"]
+    meta = checkpoint.read_model_json(os.path.join(workdir, "model"))
+    assert meta["train_cpu_from_step"] == 10 and meta["train_cpu_s"] > 0
+    assert "from step 10 on (not kept before)" in train.model_card(os.path.join(workdir, "model"))
 
 
 def test_resuming_with_another_config_is_refused(dataset, uninterrupted):
@@ -291,8 +303,8 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     workdir = str(tmp_path / "half")
     config = tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0, stop_after_steps=8)
     train.train_and_evaluate(config, workdir)
-    _, seconds_at_stop = train.read_train_state(workdir, config)
-    assert seconds_at_stop > 0
+    _, seconds_at_stop, (cpu_at_stop, cpu_from_step) = train.read_train_state(workdir, config)
+    assert seconds_at_stop > 0 and cpu_at_stop > 0 and cpu_from_step == 0
     train.train_and_evaluate(tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0),
                              workdir)  # fmt: skip
     model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
@@ -303,9 +315,13 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     assert meta["accuracies"]["test"]["accuracy"] == np.mean(predictions == labels)
     assert set(meta["accuracies_float32"]) == {"test"}
     assert meta["train_time_s"] > seconds_at_stop and meta["epochs"] == 5.0
+    assert meta["train_cpu_s"] > cpu_at_stop and meta["train_cpu_from_step"] == 0
+    cpu = [r["train_cpu_seconds"] for r in meta["history"]]
+    assert cpu == sorted(cpu) and 0 < cpu[0] and cpu[-1] < meta["train_cpu_s"]
     assert meta["command"]  # how it was run
     card = train.model_card(os.path.join(workdir, "model"))
     assert "weights stored as float16" in card and "20 steps of 16, 5 epochs" in card
+    assert f"{meta['train_cpu_s'] / 3600:.2f} h of process CPU time" in card
     accuracy = meta["accuracies"]["test"]
     assert f"{100 * accuracy['accuracy']:.2f}% ({accuracy['correct']}/32)" in card
     curve = [line for line in card.splitlines() if line.startswith("| ") and "%" in line]
