@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 100
     config.eval_every_epochs = 0.0  # > 0: test accuracy this often, into <workdir>/history.jsonl
     config.checkpoint_every = 1000
+    # > 0: also checkpoint once this many seconds have passed since the last checkpoint,
+    # so that a kill loses at most that much (SIGTERM checkpoints and stops at once).
+    config.checkpoint_every_seconds = 0.0
     config.stop_after_steps = 0  # > 0: stop after this step's checkpoint, as if killed (tests)
     return config
 
@@ -80,7 +83,8 @@ def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learnin
     config.label_smoothing = 0.1
     config.augment = True
     config.save_dtype = "float16"
-    config.checkpoint_every = 200  # about 10 minutes of steps on 2 cores
+    config.checkpoint_every = 200  # about 10 minutes of steps on 2 idle cores
+    config.checkpoint_every_seconds = 300.0  # and at least every 5 minutes on a shared one
     config.eval_every_epochs = 1.0  # the epochs-to-accuracy curve
     # One XLA device: two barely beat one here (docs/models.md), and the all-reduce of a
     # data-parallel step aborts the process when the other device's thread is starved for

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -55,6 +56,7 @@ RESUME_FREE_FIELDS = (
     "stop_after_steps",
     "log_every",
     "checkpoint_every",
+    "checkpoint_every_seconds",
     "eval_batch_size",
     "exact_test_data",
     "data_cache_dir",
@@ -564,12 +566,36 @@ class Clock:
         return self.cpu_before + time.process_time() - self.cpu_start, self.cpu_from_step
 
 
-def train_loop(config, workdir: str,
-               training: Training) -> tuple[TrainState, dict, bool, Clock]:  # fmt: skip
-    """Steps from the restored step to the end (or `stop_after_steps`), logging,
-    evaluating every `eval_every_epochs` (into `history.jsonl`) and checkpointing on the
-    way; returns the state, the last logged train metrics, whether it stopped early and
-    the clock of the training seconds spent in all (over every stop and resume)."""
+class _TermSignal:
+    """Within it, SIGTERM asks the training loop to checkpoint and stop after the step it
+    is in, instead of ending the process (main thread only; elsewhere SIGTERM keeps its
+    default)."""
+
+    def __enter__(self):
+        self.received, self._installed = False, False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+
+    def __exit__(self, *exc_info):
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_loop(config, workdir: str, training: Training,
+               term: _TermSignal | None = None) -> tuple[TrainState, dict, str, Clock]:  # fmt: skip
+    """Steps from the restored step to the end (or `stop_after_steps`, or a SIGTERM),
+    logging, evaluating every `eval_every_epochs` (into `history.jsonl`) and
+    checkpointing every `checkpoint_every` steps and `checkpoint_every_seconds` on the
+    way; returns the state, the last logged train metrics, why it stopped early ('' when
+    it ran to the end) and the clock of the training seconds spent in all."""
     state, steps_per_epoch, total_steps = (
         training.state, training.steps_per_epoch, training.total_steps,
     )  # fmt: skip
@@ -590,6 +616,7 @@ def train_loop(config, workdir: str,
     last_log_time, last_log_step = time.time(), step
     order, order_epoch = None, -1
     train_metrics = {}
+    last_checkpoint = time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -621,13 +648,16 @@ def train_loop(config, workdir: str,
         if eval_every and step % eval_every == 0 and step < total_steps:
             history.append(periodic_evaluation(config, training, state, step, train_metrics, clock))
             _write_history(workdir, history)
-        stopping = config.stop_after_steps > 0 and step >= config.stop_after_steps
-        if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+        stopping = "SIGTERM" if term is not None and term.received else (
+            "stop_after_steps" if 0 < config.stop_after_steps <= step else "")  # fmt: skip
+        due = 0 < config.checkpoint_every_seconds <= time.time() - last_checkpoint
+        if step % config.checkpoint_every == 0 or step == total_steps or stopping or due:
             save_train_state(workdir, state, config, clock.wall(), clock.cpu())
+            last_checkpoint = time.time()
         if stopping and step < total_steps:
-            logging.info("stopping after step %d (stop_after_steps); resume to continue", step)
-            return state, train_metrics, True, clock
-    return state, train_metrics, False, clock
+            logging.info("stopping after step %d (%s); resume to continue", step, stopping)
+            return state, train_metrics, stopping, clock
+    return state, train_metrics, "", clock
 
 
 def stored_variables(variables, weights_dtype: str):
@@ -683,10 +713,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     and, at the end, the model checkpoint `<workdir>/model/`.
     """
     training = setup(config, workdir)
-    state, train_metrics, stopped, clock = train_loop(config, workdir, training)
+    with _TermSignal() as term:
+        state, train_metrics, stopped, clock = train_loop(config, workdir, training, term)
     variables = jax.device_get(_variables(state.params, state.batch_stats))
     if stopped:
-        return {"step": int(state.step), "stopped": True, "variables": variables}
+        return {"step": int(state.step), "stopped": True, "stop_reason": stopped,
+                "variables": variables}  # fmt: skip
     # The accuracies of the weights as stored (float16 by the CPU recipes), which are the
     # ones a load returns; those of the float32 weights beside them when they differ.
     stored = stored_variables(variables, config.save_dtype)

@@ -2,9 +2,14 @@
 
     python scripts/train.py --config=configs/train_nin.py --workdir=runs/nin \
         --config.dataset=folder:/tmp/cifar10-jpeg
+
+The same command resumes from <workdir>/checkpoints. SIGTERM checkpoints after the
+step in progress and exits with status 143; `config.checkpoint_every_seconds` bounds
+what a SIGKILL loses.
 """
 
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +33,9 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     with exit_on_input_error():
         devices.set_cpu_devices(_CONFIG.value.cpu_devices)  # before JAX starts
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if result.get("stop_reason") == "SIGTERM":
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

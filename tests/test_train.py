@@ -3,8 +3,10 @@
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -236,8 +238,17 @@ def test_data_parallel_steps_do_not_depend_on_the_device_count(dataset, tmp_path
     weights agree up to float rounding."""
     assert jax.local_device_count() == 1  # this process: the 1-device run, in process
     config = importlib.import_module("configs.train_nin").get_config()
-    config.update(dict(dataset=f"folder:{dataset}", exact_test_data="", batch_size=16,
-                       eval_batch_size=32, num_steps=8, warmup_epochs=0.5, learning_rate=0.05))
+    config.update(
+        dict(
+            dataset=f"folder:{dataset}",
+            exact_test_data="",
+            batch_size=16,
+            eval_batch_size=32,
+            num_steps=8,
+            warmup_epochs=0.5,
+            learning_rate=0.05,
+        )
+    )
     config.model_overrides.width = 0.125
     train.train_and_evaluate(config, str(tmp_path / "devices1"))
     one = load_model(f"ckpt:{tmp_path / 'devices1' / 'model'}")
@@ -330,3 +341,58 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     completed = subprocess.run([sys.executable, script, str(tmp_path / "missing")],
                                capture_output=True, text=True)  # fmt: skip
     assert completed.returncode != 0 and "no such directory" in completed.stderr
+
+
+def checkpointed_step(workdir) -> int:
+    with open(os.path.join(workdir, "checkpoints", train.TRAIN_STATE_FILE), "rb") as f:
+        return int(serialization.msgpack_restore(f.read())["state"]["step"])
+
+
+def start_long_run(workdir, data_dir, *flags) -> tuple[subprocess.Popen, list[str]]:
+    """scripts/train.py on a tiny NiN with steps to spare, once it has logged steps; and
+    the lines it logged until then."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
+         f"--config={os.path.join(REPO, 'configs', 'train_default.py')}", f"--workdir={workdir}",
+         "--config.model=nin", "--config.model_overrides.width=0.125",
+         f"--config.dataset=folder:{data_dir}", "--config.exact_test_data=",
+         "--config.batch_size=16", "--config.num_steps=100000", "--config.log_every=2",
+         "--config.cpu_devices=1", *flags],
+        stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags()),
+    )  # fmt: skip
+    lines = []
+    for line in process.stderr:  # absl logs to stderr
+        lines.append(line)
+        if "/100000 epoch" in line:
+            return process, lines
+    raise AssertionError(f"no training step logged (exit {process.wait()}): {lines[-5:]}")
+
+
+def test_sigterm_checkpoints_and_time_bounds_what_a_kill_loses(dataset, tmp_path):
+    """SIGTERM: a checkpoint after the step in progress, exit 143, and the same command
+    resumes from it. SIGKILL: `checkpoint_every_seconds` checkpointed on the way although
+    no step count was due."""
+    terminated = tmp_path / "terminated"
+    process, _ = start_long_run(terminated, dataset, "--config.checkpoint_every=100000")
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 143, rest[-2000:]
+    step = checkpointed_step(terminated)
+    assert step >= 2 and f"stopping after step {step} (SIGTERM)" in rest
+    resumed, lines = start_long_run(terminated, dataset, "--config.checkpoint_every=100000")
+    resumed.kill()
+    resumed.wait()
+    assert any(f"resumed from {terminated} at step {step}" in line for line in lines)
+
+    killed = tmp_path / "killed"
+    process, _ = start_long_run(killed, dataset, "--config.checkpoint_every=100000",
+                                "--config.checkpoint_every_seconds=0.2")  # fmt: skip
+    deadline = time.time() + 60
+    path = os.path.join(killed, "checkpoints", train.TRAIN_STATE_FILE)
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.kill()
+    process.wait()
+    assert 2 <= checkpointed_step(killed) < 100000
