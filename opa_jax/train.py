@@ -727,6 +727,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.save_dtype != "float32":
         logging.info("the float32 weights, before the cast to %s:", config.save_dtype)
         extra["accuracies_float32"] = final_evaluation(config, training, variables)
+    cpu_seconds, cpu_from_step = clock.cpu()
     checkpoint.save_model_checkpoint(
         os.path.join(workdir, "model"),
         config.model,
@@ -743,8 +744,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "seed": config.seed,
             "train_config": config.to_dict(),
             "train_time_s": round(clock.wall(), 1),
-            "train_cpu_s": round(clock.cpu()[0], 1),
-            "train_cpu_from_step": clock.cpu()[1],
+            "train_cpu_s": round(cpu_seconds, 1),
+            "train_cpu_from_step": cpu_from_step,
             "history": read_history(workdir),
             "devices": [str(d) for d in training.mesh.devices.flat],
             "command": " ".join(sys.argv),

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -388,6 +389,8 @@ def test_sigterm_checkpoints_and_time_bounds_what_a_kill_loses(dataset, tmp_path
     killed = tmp_path / "killed"
     process, _ = start_long_run(killed, dataset, "--config.checkpoint_every=100000",
                                 "--config.checkpoint_every_seconds=0.2")  # fmt: skip
+    # Keep reading its log, so that a full pipe never blocks the run before it checkpoints.
+    threading.Thread(target=process.stderr.read, daemon=True).start()
     deadline = time.time() + 60
     path = os.path.join(killed, "checkpoints", train.TRAIN_STATE_FILE)
     while not os.path.exists(path) and time.time() < deadline:
