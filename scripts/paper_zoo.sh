@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The paper's CIFAR-10 networks trained on this machine and the paper's table run on
+# them (issue 16), as one job that resumes after any stop: run the same command again.
+#
+#   bash scripts/background.sh start runs/paper_zoo_job bash scripts/paper_zoo.sh
+#
+# Order (each step resumes, and a finished step costs seconds):
+#   for NiN, All-CNN-C and VGG16: train with configs/train_<name>.py:cpu, ship the
+#     final model to checkpoints/cifar10/<name> (once; never overwritten), then the
+#     1-pixel non-targeted attack (paper preset) on 100 exact test images;
+#   then NiN's other rows: the scipy preset on the same 100 images, 3 and 5 pixels
+#     (100 images), 1 pixel targeted at all 9 other classes (30 images);
+#   then the report of every attack run (success, confidence, target classes,
+#   queries, 95% intervals) in $ZOO_RUNS/report_zoo.
+#
+# Environment (defaults in brackets):
+#   PYTHON [.venv/bin/python]  ZOO_RUNS [runs]  ZOO_CHECKPOINTS [checkpoints/cifar10]
+#   ZOO_NETWORKS ["nin allconv vgg16"]  ZOO_IMAGES [100]  ZOO_TARGETED_IMAGES [30]
+#   ZOO_TRAIN_FLAGS, ZOO_ATTACK_FLAGS: extra flags for scripts/train.py and attack.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+RUNS=${ZOO_RUNS:-runs}
+CKPTS=${ZOO_CHECKPOINTS:-checkpoints/cifar10}
+NETWORKS=${ZOO_NETWORKS:-nin allconv vgg16}
+IMAGES=${ZOO_IMAGES:-100}
+TARGETED_IMAGES=${ZOO_TARGETED_IMAGES:-30}
+read -r -a TRAIN_FLAGS <<< "${ZOO_TRAIN_FLAGS:-}"
+read -r -a ATTACK_FLAGS <<< "${ZOO_ATTACK_FLAGS:-}"
+
+say() { echo "paper_zoo: $(date -u +%FT%TZ) $*"; }
+
+for name in $NETWORKS; do
+  case $name in
+    nin | allconv | vgg16) ;;
+    *) echo "paper_zoo: ZOO_NETWORKS has '$name': expected names among nin allconv vgg16" >&2
+       exit 2 ;;
+  esac
+done
+
+train_and_ship() {  # name
+  local name=$1 workdir="$RUNS/train_$1" shipped="$CKPTS/$1"
+  if [ -f "$shipped/model.json" ]; then
+    say "$name: shipped at $shipped"
+    return
+  fi
+  if [ ! -f "$workdir/model/model.json" ]; then
+    say "$name: training in $workdir (resumes from its checkpoints)"
+    if [[ "${ZOO_TRAIN_FLAGS:-}" != *--config.dataset=* ]]; then
+      bash scripts/prepare_cifar10_jpeg.sh  # the recipes' train set, runs/data/cifar10-jpeg
+    fi
+    "$PYTHON" scripts/train.py --config="configs/train_$name.py:cpu" --workdir="$workdir" \
+      "${TRAIN_FLAGS[@]}"
+  fi
+  mkdir -p "$CKPTS"
+  rm -rf "$shipped.partial"
+  cp -r "$workdir/model" "$shipped.partial"
+  mv "$shipped.partial" "$shipped"
+  "$PYTHON" scripts/model_card.py "$shipped" > "$workdir/card.md"
+  say "$name: shipped to $shipped; model card in $workdir/card.md"
+}
+
+attack() {  # name workdir config images
+  say "attack $2 ($3, $4 images)"
+  "$PYTHON" scripts/attack.py --config="$3" --workdir="$RUNS/$2" --config.num_images="$4" \
+    --config.model="ckpt:$CKPTS/$1" "${ATTACK_FLAGS[@]}"
+}
+
+workdirs=()
+for name in $NETWORKS; do
+  train_and_ship "$name"
+  attack "$name" "zoo_${name}_1px" "configs/cifar10.py:$name,1,nontargeted" "$IMAGES"
+  workdirs+=("$RUNS/zoo_${name}_1px")
+done
+if [[ " $NETWORKS " == *" nin "* ]]; then
+  attack nin zoo_nin_1px_scipy configs/cifar10_scipy.py:nin,1,nontargeted "$IMAGES"
+  attack nin zoo_nin_3px configs/cifar10.py:nin,3,nontargeted "$IMAGES"
+  attack nin zoo_nin_5px configs/cifar10.py:nin,5,nontargeted "$IMAGES"
+  attack nin zoo_nin_1px_targeted configs/cifar10.py:nin,1,targeted "$TARGETED_IMAGES"
+  workdirs+=("$RUNS"/zoo_nin_1px_{scipy,targeted} "$RUNS"/zoo_nin_{3,5}px)
+fi
+"$PYTHON" scripts/report.py "${workdirs[@]}" --out="$RUNS/report_zoo"
+say "done: report in $RUNS/report_zoo"

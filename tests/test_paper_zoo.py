@@ -1,0 +1,99 @@
+"""scripts/paper_zoo.sh: train, ship and attack the zoo as one resumable job (issue 16),
+here on a tiny NiN and a two-class synthetic set."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import xla_flags
+from test_train import write_images
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "paper_zoo.sh")
+ATTACK_RUNS = {  # workdir -> work items: images x targets (one other class of two)
+    "zoo_nin_1px": 2, "zoo_nin_1px_scipy": 2, "zoo_nin_3px": 2, "zoo_nin_5px": 2,
+    "zoo_nin_1px_targeted": 1,
+}  # fmt: skip
+
+
+def zoo(tmp_path, data_dir, **env):
+    settings = dict(
+        PYTHON=sys.executable,
+        ZOO_RUNS=str(tmp_path / "runs"),
+        ZOO_CHECKPOINTS=str(tmp_path / "checkpoints"),
+        ZOO_NETWORKS="nin",
+        ZOO_IMAGES="2",
+        ZOO_TARGETED_IMAGES="1",
+        ZOO_TRAIN_FLAGS=" ".join([
+            f"--config.dataset=folder:{data_dir}", "--config.exact_test_data=",
+            "--config.data_cache_dir=", "--config.model_overrides.width=0.125",
+            "--config.batch_size=16", "--config.eval_batch_size=32", "--config.num_steps=4",
+        ]),
+        ZOO_ATTACK_FLAGS=" ".join([
+            f"--config.data=folder:{data_dir}", "--config.only_correct=False",
+            "--config.de.popsize=8", "--config.de.generations=2", "--config.cpu_devices=1",
+        ]),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        XLA_FLAGS=xla_flags(),
+    )  # fmt: skip
+    settings.update(env)
+    return subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, **settings), timeout=900)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("brightness"))
+    rng = np.random.default_rng(0)
+    write_images(root, "train", 64, rng, 0)
+    write_images(root, "test", 8, rng, 1000)
+    return root
+
+
+def results(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(two_classes, tmp_path):
+    first = zoo(tmp_path, two_classes)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shipped = tmp_path / "checkpoints" / "nin"
+    with open(shipped / "model.json") as f:
+        model = json.load(f)
+    assert model["model"] == "nin" and model["weights_dtype"] == "float16"
+    assert model["steps"] == 4
+    card = (tmp_path / "runs" / "train_nin" / "card.md").read_text()
+    assert "nin" in card and "CPU time" in card
+    runs = tmp_path / "runs"
+    before = {}
+    for name, items in ATTACK_RUNS.items():
+        rows = results(runs / name)
+        assert len(rows) == items, (name, rows)
+        before[name] = rows
+    assert [before[f"zoo_nin_{k}px"][0]["pixels"] for k in (1, 3, 5)] == [1, 3, 5]
+    assert {row["method"] for row in before["zoo_nin_1px_scipy"]} == {"de:scipy"}
+    assert {row["method"] for row in before["zoo_nin_1px"]} == {"de:paper"}
+    assert before["zoo_nin_1px_targeted"][0]["target_label"] is not None
+    assert {row["model"] for row in before["zoo_nin_1px"]} == {f"ckpt:{shipped}"}
+    assert (runs / "report_zoo").is_dir() and any((runs / "report_zoo").iterdir())
+
+    # The same command again: the model stays as shipped, and every run is complete.
+    mtime = os.path.getmtime(shipped / "model.json")
+    again = zoo(tmp_path, two_classes)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"nin: shipped at {shipped}" in again.stdout
+    assert "training in" not in again.stdout
+    assert os.path.getmtime(shipped / "model.json") == mtime
+    assert {name: results(runs / name) for name in ATTACK_RUNS} == before
+
+
+def test_an_unknown_network_stops_before_any_work(tmp_path):
+    done = zoo(tmp_path, "unused", ZOO_NETWORKS="nin resnet50")
+    assert done.returncode == 2
+    assert "ZOO_NETWORKS has 'resnet50': expected names among nin allconv vgg16" in done.stderr
+    assert not (tmp_path / "runs").exists()
