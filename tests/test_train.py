@@ -308,10 +308,14 @@ def test_history_is_the_epochs_to_accuracy_curve_across_a_resume(dataset, uninte
     assert [r["step"] for r in model.meta["history"]] == [4, 8, 12, 16]
 
 
-def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path):
+def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path, monkeypatch):
     """A float16 model records the accuracy of the weights as stored (what a load gives),
     the float32 one beside it, and the training seconds over a stop and resume; its
     model card shows them with the epochs-to-accuracy curve."""
+    evaluated = []  # the variables of each final evaluation, in order
+    final_evaluation = train.final_evaluation
+    monkeypatch.setattr(train, "final_evaluation", lambda config, training, variables: (
+        evaluated.append(variables) or final_evaluation(config, training, variables)))
     workdir = str(tmp_path / "half")
     config = tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0, stop_after_steps=8)
     train.train_and_evaluate(config, workdir)
@@ -326,6 +330,14 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     assert meta["weights_dtype"] == "float16"
     assert meta["accuracies"]["test"]["accuracy"] == np.mean(predictions == labels)
     assert set(meta["accuracies_float32"]) == {"test"}
+    # "accuracies" are of the weights as float16 stores them, "accuracies_float32" of the
+    # weights before the cast: every float16 weight is one the float32 ones round to.
+    as_stored, before_cast = (jax.tree_util.tree_leaves(v) for v in evaluated)
+    rounded = [np.asarray(x).astype(np.float16).astype(np.float32) for x in before_cast]
+    assert all(np.array_equal(a, r) for a, r in zip(as_stored, rounded, strict=True))
+    assert not all(np.array_equal(b, r) for b, r in zip(before_cast, rounded, strict=True))
+    loaded = jax.tree_util.tree_leaves(model.params)
+    assert all(np.array_equal(a, np.asarray(x)) for a, x in zip(as_stored, loaded, strict=True))
     assert meta["train_time_s"] > seconds_at_stop and meta["epochs"] == 5.0
     assert meta["train_cpu_s"] > cpu_at_stop and meta["train_cpu_from_step"] == 0
     cpu = [r["train_cpu_seconds"] for r in meta["history"]]
