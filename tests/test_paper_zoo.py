@@ -6,10 +6,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 from conftest import xla_flags
-from test_train import write_images
+from test_train import dataset  # noqa: F401  (the fixture: a two-class synthetic set)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "paper_zoo.sh")
@@ -45,22 +43,13 @@ def zoo(tmp_path, data_dir, **env):
                           env=dict(os.environ, **settings), timeout=900)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def two_classes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("brightness"))
-    rng = np.random.default_rng(0)
-    write_images(root, "train", 64, rng, 0)
-    write_images(root, "test", 8, rng, 1000)
-    return root
-
-
 def results(workdir) -> list[dict]:
     with open(os.path.join(workdir, "results.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(two_classes, tmp_path):
-    first = zoo(tmp_path, two_classes)
+def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(dataset, tmp_path):  # noqa: F811
+    first = zoo(tmp_path, dataset)
     assert first.returncode == 0, first.stderr[-3000:]
     shipped = tmp_path / "checkpoints" / "nin"
     with open(shipped / "model.json") as f:
@@ -84,7 +73,7 @@ def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(two_classe
 
     # The same command again: the model stays as shipped, and every run is complete.
     mtime = os.path.getmtime(shipped / "model.json")
-    again = zoo(tmp_path, two_classes)
+    again = zoo(tmp_path, dataset)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"nin: shipped at {shipped}" in again.stdout
     assert "training in" not in again.stdout
