@@ -71,6 +71,22 @@ def get_config() -> ml_collections.ConfigDict:
 CPU_DATASET = "folder:runs/data/cifar10-jpeg"
 
 
+# The short CPU recipes' variants (after the colon of --config=configs/train_<name>.py:...).
+CPU_VARIANTS = ("cpu", "session")
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str, config_file: str,
+                  epochs: dict, learning_rate: float) -> None:  # fmt: skip
+    """Applies `variant` of a training config: `long` leaves it as it is; `cpu` and
+    `session` apply the CPU recipe with `epochs[variant]` epochs (`session` is the one
+    that ends inside a single 3-hour working session on 2 idle cores)."""
+    if variant in CPU_VARIANTS:
+        apply_cpu_recipe(config, num_epochs=epochs[variant], learning_rate=learning_rate)
+    elif variant != "long":
+        choices = " or ".join(CPU_VARIANTS)
+        raise ValueError(f"{config_file}:{variant}: expected the variant long, {choices}")
+
+
 def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learning_rate: float):
     """The short schedule for a 2-core CPU (issue 16): one-cycle to `learning_rate`,
     label smoothing, crop and flip, the lossy-JPEG train set, float16 weights saved."""

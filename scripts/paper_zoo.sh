@@ -5,17 +5,23 @@
 #   bash scripts/background.sh start runs/paper_zoo_job bash scripts/paper_zoo.sh
 #
 # Order (each step resumes, and a finished step costs seconds):
-#   for NiN, All-CNN-C and VGG16: train with configs/train_<name>.py:cpu, ship the
+#   for NiN, All-CNN-C and VGG16: train with configs/train_<name>.py:$ZOO_RECIPE, ship the
 #     final model to checkpoints/cifar10/<name> (once; never overwritten), then the
 #     1-pixel non-targeted attack (paper preset) on 100 exact test images;
 #   then NiN's other rows: the scipy preset on the same 100 images, 3 and 5 pixels
 #     (100 images), 1 pixel targeted at all 9 other classes (30 images);
 #   then the report of every attack run (success, confidence, target classes,
 #   queries, 95% intervals) in $ZOO_RUNS/report_zoo.
+# Each attack run starts from the records kept in $ZOO_RECORDS (scripts/keep_runs.py)
+# when its workdir has none: a new machine continues where the committed records end.
+# `python scripts/keep_runs.py save docs/runs runs/zoo_*` keeps them before a commit.
 #
 # Environment (defaults in brackets):
 #   PYTHON [.venv/bin/python]  ZOO_RUNS [runs]  ZOO_CHECKPOINTS [checkpoints/cifar10]
 #   ZOO_NETWORKS ["nin allconv vgg16"]  ZOO_IMAGES [100]  ZOO_TARGETED_IMAGES [30]
+#   ZOO_RECIPE [session]: the training variant, session (ends inside one 3-hour working
+#     session on 2 idle cores) or cpu (the longer recipe, 7-11 h a network)
+#   ZOO_RECORDS [docs/runs]: where kept attack records are restored from
 #   ZOO_TRAIN_FLAGS, ZOO_ATTACK_FLAGS: extra flags for scripts/train.py and attack.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +31,18 @@ CKPTS=${ZOO_CHECKPOINTS:-checkpoints/cifar10}
 NETWORKS=${ZOO_NETWORKS:-nin allconv vgg16}
 IMAGES=${ZOO_IMAGES:-100}
 TARGETED_IMAGES=${ZOO_TARGETED_IMAGES:-30}
+RECIPE=${ZOO_RECIPE:-session}
+RECORDS=${ZOO_RECORDS:-docs/runs}
 read -r -a TRAIN_FLAGS <<< "${ZOO_TRAIN_FLAGS:-}"
 read -r -a ATTACK_FLAGS <<< "${ZOO_ATTACK_FLAGS:-}"
 
 say() { echo "paper_zoo: $(date -u +%FT%TZ) $*"; }
 
+case $RECIPE in
+  session | cpu) ;;
+  *) echo "paper_zoo: ZOO_RECIPE is '$RECIPE': expected session or cpu" >&2
+     exit 2 ;;
+esac
 for name in $NETWORKS; do
   case $name in
     nin | allconv | vgg16) ;;
@@ -49,7 +62,7 @@ train_and_ship() {  # name
     if [[ "${ZOO_TRAIN_FLAGS:-}" != *--config.dataset=* ]]; then
       bash scripts/prepare_cifar10_jpeg.sh  # the recipes' train set, runs/data/cifar10-jpeg
     fi
-    "$PYTHON" scripts/train.py --config="configs/train_$name.py:cpu" --workdir="$workdir" \
+    "$PYTHON" scripts/train.py --config="configs/train_$name.py:$RECIPE" --workdir="$workdir" \
       "${TRAIN_FLAGS[@]}"
   fi
   mkdir -p "$CKPTS"
@@ -62,6 +75,7 @@ train_and_ship() {  # name
 
 attack() {  # name workdir config images
   say "attack $2 ($3, $4 images)"
+  "$PYTHON" scripts/keep_runs.py restore "$RECORDS" "$RUNS/$2"
   "$PYTHON" scripts/attack.py --config="$3" --workdir="$RUNS/$2" --config.num_images="$4" \
     --config.model="ckpt:$CKPTS/$1" "${ATTACK_FLAGS[@]}"
 }

@@ -3,6 +3,7 @@ here on a tiny NiN and a two-class synthetic set."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ def zoo(tmp_path, data_dir, **env):
         ZOO_NETWORKS="nin",
         ZOO_IMAGES="2",
         ZOO_TARGETED_IMAGES="1",
+        ZOO_RECORDS=str(tmp_path / "records"),
         ZOO_TRAIN_FLAGS=" ".join([
             f"--config.dataset=folder:{data_dir}", "--config.exact_test_data=",
             "--config.data_cache_dir=", "--config.model_overrides.width=0.125",
@@ -71,7 +73,15 @@ def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(dataset, t
     assert {row["model"] for row in before["zoo_nin_1px"]} == {f"ckpt:{shipped}"}
     assert (runs / "report_zoo").is_dir() and any((runs / "report_zoo").iterdir())
 
-    # The same command again: the model stays as shipped, and every run is complete.
+    # The records kept (scripts/keep_runs.py), the attack workdirs lost as on a new
+    # machine, and the same command again: the model stays as shipped, and every run is
+    # restored complete from the records, none redone.
+    save = [sys.executable, "scripts/keep_runs.py", "save", str(tmp_path / "records")]
+    kept = subprocess.run(save + [str(runs / name) for name in ATTACK_RUNS],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert kept.returncode == 0, kept.stderr
+    for name in ATTACK_RUNS:
+        shutil.rmtree(runs / name)
     mtime = os.path.getmtime(shipped / "model.json")
     again = zoo(tmp_path, dataset)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -79,10 +89,15 @@ def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(dataset, t
     assert "training in" not in again.stdout
     assert os.path.getmtime(shipped / "model.json") == mtime
     assert {name: results(runs / name) for name in ATTACK_RUNS} == before
+    assert again.stdout.count("restored") == len(ATTACK_RUNS)
 
 
 def test_an_unknown_network_stops_before_any_work(tmp_path):
     done = zoo(tmp_path, "unused", ZOO_NETWORKS="nin resnet50")
     assert done.returncode == 2
     assert "ZOO_NETWORKS has 'resnet50': expected names among nin allconv vgg16" in done.stderr
+    assert not (tmp_path / "runs").exists()
+    done = zoo(tmp_path, "unused", ZOO_RECIPE="gpu")
+    assert done.returncode == 2
+    assert "ZOO_RECIPE is 'gpu': expected session or cpu" in done.stderr
     assert not (tmp_path / "runs").exists()

@@ -340,6 +340,45 @@ def test_a_run_extends_to_more_images_but_never_shrinks(tiny, reference, tmp_pat
     assert (workdir / "results.jsonl").read_bytes() == before
 
 
+def test_kept_records_resume_a_run_on_a_fresh_machine(tiny, reference, tmp_path):
+    """scripts/keep_runs.py: a run's records saved to a store (as committed) and restored
+    into a fresh tree resume it, and the extended run equals an uninterrupted one."""
+    machine_a, machine_b, store = tmp_path / "a", tmp_path / "b", tmp_path / "store"
+    env = script_env(tiny["cache"])
+    small = [f for f in tiny["flags"] if not f.startswith("--config.num_images=")]
+    first = run_script(attack_command(small + ["--config.num_images=2"], machine_a / "run"), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    with open(machine_a / "run" / "results.jsonl", "ab") as f:  # a record being written
+        f.write(b'{"image": 9, "target_label": 1, "succ')
+    keep = [sys.executable, str(REPO / "scripts" / "keep_runs.py")]
+    saved = subprocess.run(keep + ["save", str(store), str(machine_a / "run")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert saved.returncode == 0, saved.stderr
+    kept = (store / "run" / "results.jsonl").read_text()
+    assert kept.endswith("\n") and len(kept.splitlines()) == 2 * 9  # whole lines only
+    assert sorted(p.name for p in (store / "run").iterdir()) == [
+        "config.json", "results.jsonl", "run_info.json", "summary.json"]  # fmt: skip
+
+    restored = subprocess.run(keep + ["restore", str(store), str(machine_b / "run")],
+                              capture_output=True, text=True)  # fmt: skip
+    assert restored.returncode == 0 and "restored" in restored.stdout, restored.stderr
+    extended = run_script(attack_command(tiny["flags"], machine_b / "run"), env)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert f"{tiny['items']} work items ({2 * 9} already done)" in extended.stderr
+    lines = (machine_b / "run" / "results.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    want = [json.loads(x) for x in (reference / "results.jsonl").read_text().splitlines()]
+    assert_same_records(records, want)
+    # A run that has results is never overwritten by a restore; a bad run is named.
+    again = subprocess.run(keep + ["restore", str(store), str(machine_b / "run")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert "left as it is" in again.stdout
+    assert len((machine_b / "run" / "results.jsonl").read_text().splitlines()) == tiny["items"]
+    bad = subprocess.run(keep + ["save", str(store), str(tmp_path / "missing")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and "missing" in bad.stderr and "results*.jsonl" in bad.stderr
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path):
     workdir = tmp_path / "never_written"
     dry = run_script(attack_command(tiny["flags"], workdir, dry_run=True),
