@@ -22,7 +22,8 @@ TARGETS = {"nin": 0.86, "allconv": 0.87, "vgg16": 0.89}  # issue 16's accuracy t
 def shipped(name: str) -> str:
     path = realdata.REPO / "checkpoints" / "cifar10" / name
     if not path.is_dir():
-        pytest.skip(f"{path} is not shipped yet (trained by configs/train_{name}.py:cpu)")
+        pytest.skip(f"{path} is not shipped yet (scripts/paper_zoo.sh trains it with "
+                    f"configs/train_{name}.py:session)")  # fmt: skip
     return str(path)
 
 
