@@ -254,13 +254,21 @@ def _existing_path(path: str, workdir: str) -> str | None:
 def open_dataset(run: RunResults):
     """The run's dataset, or None (with the reason) when it cannot be read here."""
     config = run.config
-    kind, _, arg = config["data"].partition(":")
-    spec = config["data"]
-    if kind == "folder":
-        found = _existing_path(arg, run.workdir)
-        if found is None:
-            return None, f"dataset folder {arg!r} not found"
-        spec = f"folder:{found}"
+    # Each alternative of `folder:A|tfds:B` as the run read it: folders found here,
+    # relative paths resolved as the run started; the first readable one is used.
+    alternatives, missing = [], []
+    for alternative in (part.strip() for part in config["data"].split("|")):
+        kind, _, arg = alternative.partition(":")
+        if kind == "folder":
+            found = _existing_path(arg, run.workdir)
+            if found is None:
+                missing.append(arg)
+                continue
+            alternative = f"folder:{found}"
+        alternatives.append(alternative)
+    if not alternatives:
+        return None, f"dataset folder {' or '.join(repr(m) for m in missing)} not found"
+    spec = "|".join(alternatives)
     shape = run.image_shape
     if config.get("resize", "none") != "none" and shape is None:
         return None, "the images are resized, but the summary holds no model input shape"

@@ -245,3 +245,20 @@ def test_relative_data_path_is_read_from_where_the_run_started(images_setup, tmp
     (workdir / "run_info.json").write_text(json.dumps({"cwd": str(elsewhere)}))
     dataset, reason = report.open_dataset(report.load_run_results(str(workdir)))
     assert dataset is None and "not found" in reason
+
+
+def test_example_images_come_from_the_alternative_the_run_read(images_setup, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    """A config's `folder:A|tfds:B` data (the CIFAR-10 configs'): the report reads the
+    first alternative found here, as the run did, and names every folder when none is."""
+    setup, _, labels = images_setup
+    config = tiny_config({**setup, "data": "folder:data|tfds:not_prepared_here"})
+    workdir = write_workdir(tmp_path / "run", config, [make_record(0, labels[0])])
+    (workdir / "run_info.json").write_text(json.dumps({"cwd": str(tmp_path)}))
+    monkeypatch.chdir(tmp_path / "run")
+    dataset, reason = report.open_dataset(report.load_run_results(str(workdir)))
+    assert reason is None and len(dataset) == 8
+    config = tiny_config({**setup, "data": "folder:gone|folder:also_gone"})
+    workdir = write_workdir(tmp_path / "run2", config, [make_record(0, labels[0])])
+    dataset, reason = report.open_dataset(report.load_run_results(str(workdir)))
+    assert dataset is None and reason == "dataset folder 'gone' or 'also_gone' not found"
