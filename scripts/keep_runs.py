@@ -21,6 +21,10 @@ import os
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from opa_jax import files  # noqa: E402
+
 RECORD_FILES = ("config.json", "run_info.json", "summary.json", "comparison.json")
 
 
@@ -45,10 +49,7 @@ def _copy_whole_lines(src: str, dst: str) -> None:
         data = f.read()
     if src.endswith(".jsonl") and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]  # the line in progress waits for the next save
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    with open(dst + ".partial", "wb") as f:
-        f.write(data)
-    os.replace(dst + ".partial", dst)
+    files.write_atomic(dst, data)
 
 
 def save(store: str, run: str) -> str:
