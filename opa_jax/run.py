@@ -118,7 +118,17 @@ def compare_evaluators(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs `config` with the full and with the incremental evaluator (into
     `workdir`/full and `workdir`/incremental, each resumable), and compares their
     records attack by attack (`incremental.compare_records`); writes and returns
-    `workdir`/comparison.json."""
+    `workdir`/comparison.json.
+
+    `wall_seconds` is this call's time per evaluator; `wall_seconds_all_steps` adds
+    it to that of the earlier calls on the same workdir (a run extended in steps,
+    or resumed from kept records), as read from the comparison.json they left."""
+    path = os.path.join(workdir, "comparison.json")
+    earlier = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        earlier = previous.get("wall_seconds_all_steps") or previous.get("wall_seconds") or {}
     summaries = {}
     for kind in ("full", "incremental"):
         with config.unlocked():
@@ -127,5 +137,9 @@ def compare_evaluators(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runs = {kind: workdir_lib.read_all_results(os.path.join(workdir, kind)) for kind in summaries}
     comparison = incremental.compare_records(runs["full"], runs["incremental"])
     comparison["wall_seconds"] = {k: s.get("wall_seconds_this_run") for k, s in summaries.items()}
-    files.write_atomic(os.path.join(workdir, "comparison.json"), json.dumps(comparison, indent=2))
+    comparison["wall_seconds_all_steps"] = {
+        kind: (earlier.get(kind) or 0.0) + (seconds or 0.0)
+        for kind, seconds in comparison["wall_seconds"].items()
+    }
+    files.write_atomic(path, json.dumps(comparison, indent=2))
     return comparison

@@ -1,0 +1,92 @@
+"""scripts/evaluator_compare.sh: issue 14's same-results runs as one resumable job that
+keeps its records after every step, here on the tiny Keras model of test_run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import xla_flags
+from test_run import write_tiny_setup
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "evaluator_compare.sh")
+IMAGES = 5
+
+
+def compare(tmp_path, setup, **env):
+    settings = dict(
+        PYTHON=sys.executable,
+        COMPARE_RUNS=str(tmp_path / "runs"),
+        COMPARE_RECORDS=str(tmp_path / "records"),
+        COMPARE_NAME="tiny",
+        COMPARE_CONFIG="configs/default.py",
+        COMPARE_MODEL=setup["model"],
+        COMPARE_IMAGES=str(IMAGES),
+        COMPARE_STEP="2",
+        COMPARE_FLAGS=" ".join([
+            f"--config.data={setup['data']}", "--config.de.popsize=8",
+            "--config.de.generations=3", "--config.cpu_devices=1",
+        ]),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        XLA_FLAGS=xla_flags(),
+    )  # fmt: skip
+    settings.update(env)
+    return subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, **settings), timeout=900)  # fmt: skip
+
+
+def lines(path) -> list[str]:
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_the_job_compares_in_steps_keeps_records_and_resumes_on_a_new_machine(tmp_path):
+    setup = write_tiny_setup(tmp_path / "tiny")
+    first = compare(tmp_path, setup)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count(": 2 images in") == 2  # a step of 2 for each preset, then 4, 5
+    assert first.stdout.count(": 5 images in") == 2
+    for preset in ("scipy", "paper"):
+        run = tmp_path / "runs" / f"compare_tiny_{preset}"
+        comparison = json.loads((run / "comparison.json").read_text())
+        assert comparison["attacks"] == comparison["same"] == IMAGES
+        assert comparison["differing"] == []
+        steps, last = comparison["wall_seconds_all_steps"], comparison["wall_seconds"]
+        assert steps.keys() == last.keys() == {"full", "incremental"}
+        assert all(steps[k] > last[k] > 0 for k in steps)  # three steps add up
+        kept = tmp_path / "records" / f"compare_tiny_{preset}"
+        for kind in ("full", "incremental"):
+            assert lines(kept / kind / "results.jsonl") == lines(run / kind / "results.jsonl")
+            assert len(lines(kept / kind / "results.jsonl")) == IMAGES
+        assert json.loads((kept / "comparison.json").read_text()) == comparison
+
+    # A new machine: no workdirs, only the kept records. Nothing is attacked again.
+    shutil.rmtree(tmp_path / "runs")
+    again = compare(tmp_path, setup)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("restored") == 2
+    assert f"{IMAGES} work items ({IMAGES} already done)" in again.stderr
+    assert "(0 already done)" not in again.stderr
+    for preset in ("scipy", "paper"):
+        run = tmp_path / "runs" / f"compare_tiny_{preset}"
+        assert json.loads((run / "comparison.json").read_text())["same"] == IMAGES
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"COMPARE_STEP": "0"}, "COMPARE_STEP is '0': expected a positive whole number"),
+        ({"COMPARE_IMAGES": "ten"}, "COMPARE_IMAGES is 'ten': expected a positive whole number"),
+        ({"COMPARE_PRESETS": "scipy best"}, "COMPARE_PRESETS has 'best': expected presets among"),
+        ({"COMPARE_NAME": "a/b"}, "COMPARE_NAME is 'a/b'"),
+    ],
+)
+def test_bad_settings_stop_before_any_work(tmp_path, env, message):
+    setup = {"model": "keras:nowhere.h5", "data": "folder:nowhere"}
+    bad = compare(tmp_path, setup, **env)
+    assert bad.returncode == 2 and message in bad.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "records").exists()
