@@ -27,6 +27,17 @@ def xla_flags(*extra: str) -> str:
     return " ".join(flag for flag in (base_xla_flags(), *extra) if flag)
 
 
+def run_job_script(script: str, tmp_path, cwd: str, **settings) -> "subprocess.CompletedProcess":
+    """Runs a job script of scripts/ (bash) on the CPU with `settings` as environment,
+    a compilation cache in `tmp_path` and the test-wide XLA flags."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(),
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), **settings)  # fmt: skip
+    return subprocess.run(["bash", script], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=900)  # fmt: skip
+
+
 def _xla_accepts(flags: str) -> bool:
     """Whether this jaxlib starts with `flags` (XLA aborts on a flag it does not know)."""
     probe = [sys.executable, "-c", "import jax; jax.devices('cpu')"]

@@ -4,11 +4,10 @@ keeps its records after every step, here on the tiny Keras model of test_run."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
-from conftest import xla_flags
+from conftest import run_job_script
 from test_run import write_tiny_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,13 +29,9 @@ def compare(tmp_path, setup, **env):
             f"--config.data={setup['data']}", "--config.de.popsize=8",
             "--config.de.generations=3", "--config.cpu_devices=1",
         ]),
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-        XLA_FLAGS=xla_flags(),
     )  # fmt: skip
     settings.update(env)
-    return subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, **settings), timeout=900)  # fmt: skip
+    return run_job_script(SCRIPT, tmp_path, REPO, **settings)
 
 
 def lines(path) -> list[str]:

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import xla_flags
+from conftest import run_job_script
 from test_train import dataset  # noqa: F401  (the fixture: a two-class synthetic set)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +36,9 @@ def zoo(tmp_path, data_dir, **env):
             f"--config.data=folder:{data_dir}", "--config.only_correct=False",
             "--config.de.popsize=8", "--config.de.generations=2", "--config.cpu_devices=1",
         ]),
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-        XLA_FLAGS=xla_flags(),
     )  # fmt: skip
     settings.update(env)
-    return subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, **settings), timeout=900)  # fmt: skip
+    return run_job_script(SCRIPT, tmp_path, REPO, **settings)
 
 
 def results(workdir) -> list[dict]:
