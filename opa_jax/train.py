@@ -566,6 +566,9 @@ class Clock:
         return self.cpu_before + time.process_time() - self.cpu_start, self.cpu_from_step
 
 
+MAX_STEPS_IN_FLIGHT = 2  # train steps dispatched ahead of the one the device has finished
+
+
 class _TermSignal:
     """Within it, SIGTERM asks the training loop to checkpoint and stop after the step it
     is in, instead of ending the process (main thread only; elsewhere SIGTERM keeps its
@@ -627,6 +630,11 @@ def train_loop(config, workdir: str, training: Training,
         )
         pending.append(metrics)
         step += 1
+        # Dispatch is asynchronous: unchecked, this loop would run up to `log_every` steps
+        # ahead of the device, and a SIGTERM or checkpoint would wait for all of them
+        # (minutes of CPU steps). Two in flight keep the device as busy.
+        if len(pending) >= MAX_STEPS_IN_FLIGHT:
+            jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT])
 
         if step % config.log_every == 0 or step == total_steps:
             totals = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *pending))

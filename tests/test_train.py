@@ -89,6 +89,25 @@ def test_training_learns_and_writes_a_loadable_model(dataset, uninterrupted):
     assert model.meta["seed"] == 0 and model.meta["model_config"]["num_classes"] == 2
 
 
+def test_the_loop_runs_at_most_two_steps_ahead_of_the_device(dataset, tmp_path):
+    """A SIGTERM or checkpoint waits for every step already dispatched, so the loop may
+    not queue up to `log_every` of them (minutes of CPU steps on the zoo's networks)."""
+    config = tiny_config(dataset, num_steps=12, log_every=12, checkpoint_every=12)
+    training = train.setup(config, str(tmp_path))
+    step_fn, outputs, unfinished = training.step_fn, [], []
+
+    def watched_step_fn(*args):
+        unfinished.append(sum(not leaf.is_ready() for leaf in outputs))
+        state, metrics = step_fn(*args)
+        outputs.append(metrics["loss_sum"])
+        return state, metrics
+
+    training.step_fn = watched_step_fn
+    state, _, stopped, _ = train.train_loop(config, str(tmp_path), training)
+    assert not stopped and int(state.step) == 12 and len(unfinished) == 12
+    assert train.MAX_STEPS_IN_FLIGHT == 2 and max(unfinished) <= 1, unfinished
+
+
 def test_resume_after_stop_equals_uninterrupted_run(dataset, uninterrupted, tmp_path):
     _, reference = uninterrupted
     workdir = str(tmp_path / "resumed")
