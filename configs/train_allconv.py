@@ -20,6 +20,7 @@ def get_config(variant: str = "long"):
     config.learning_rate = 0.05
     config.weight_decay = 5e-4
     # cpu: about 11 h on a 2-core machine of sessions 5-8; session: about 2 h on session 9's.
+    # session: about 3.4 h on an AVX2-only machine (session 11, 31 images/s).
     train_default.apply_variant(config, variant, "configs/train_allconv.py",
                                 {"cpu": 25, "session": 8}, learning_rate=0.1)  # fmt: skip
     return config

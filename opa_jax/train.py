@@ -63,6 +63,7 @@ RESUME_FREE_FIELDS = (
     "save_dtype",
     "cpu_devices",
     "eval_every_epochs",
+    "max_hours",
 )
 HISTORY_FILE = "history.jsonl"  # one line per periodic evaluation: the epochs-to-accuracy curve
 
@@ -594,7 +595,8 @@ class _TermSignal:
 
 def train_loop(config, workdir: str, training: Training,
                term: _TermSignal | None = None) -> tuple[TrainState, dict, str, Clock]:  # fmt: skip
-    """Steps from the restored step to the end (or `stop_after_steps`, or a SIGTERM),
+    """Steps from the restored step to the end (or `stop_after_steps`, a SIGTERM, or a
+    first log line that projects the run past `max_hours`),
     logging, evaluating every `eval_every_epochs` (into `history.jsonl`) and
     checkpointing every `checkpoint_every` steps and `checkpoint_every_seconds` on the
     way; returns the state, the last logged train metrics, why it stopped early ('' when
@@ -619,7 +621,8 @@ def train_loop(config, workdir: str, training: Training,
     last_log_time, last_log_step = time.time(), step
     order, order_epoch = None, -1
     train_metrics = {}
-    last_checkpoint = time.time()
+    last_checkpoint = loop_start = last_log_time
+    over_time = False  # set at this process's first log line (see `config.max_hours`)
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -652,11 +655,23 @@ def train_loop(config, workdir: str, training: Training,
                 train_metrics["accuracy"], float(training.schedule(step - 1)),
                 steps_per_s * config.batch_size, (total_steps - step) / max(steps_per_s, 1e-9),
             )  # fmt: skip
+            if last_log_time == loop_start and config.max_hours > 0:
+                eta = (total_steps - step) / max(steps_per_s, 1e-9)
+                projected = (now - loop_start + eta) / 3600
+                over_time = projected > config.max_hours
+                if over_time:
+                    logging.warning(
+                        "at %.0f images/s this run needs %.2f h more in all (elapsed included), "
+                        "over max_hours=%g: stopping with its checkpoint, to resume on a faster "
+                        "machine or with a larger max_hours",
+                        steps_per_s * config.batch_size, projected, config.max_hours,
+                    )  # fmt: skip
             last_log_time, last_log_step = now, step
         if eval_every and step % eval_every == 0 and step < total_steps:
             history.append(periodic_evaluation(config, training, state, step, train_metrics, clock))
             _write_history(workdir, history)
         stopping = "SIGTERM" if term is not None and term.received else (
+            "max_hours" if over_time else
             "stop_after_steps" if 0 < config.stop_after_steps <= step else "")  # fmt: skip
         due = 0 < config.checkpoint_every_seconds <= time.time() - last_checkpoint
         if step % config.checkpoint_every == 0 or step == total_steps or stopping or due:

@@ -22,6 +22,10 @@
 #   ZOO_RECIPE [session]: the training variant, session (ends inside one 3-hour working
 #     session on 2 idle cores) or cpu (the longer recipe, 7-11 h a network)
 #   ZOO_RECORDS [docs/runs]: where kept attack records are restored from
+#   ZOO_TRAIN_HOURS [2.5]: a training run projected (at its first log line) to need more
+#     hours than this on this machine stops with its checkpoint (train.py's max_hours);
+#     the job then skips that network's attacks, goes on with the rest, and exits 3 at
+#     the end. 0: no limit.
 #   ZOO_TRAIN_FLAGS, ZOO_ATTACK_FLAGS: extra flags for scripts/train.py and attack.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +37,7 @@ IMAGES=${ZOO_IMAGES:-100}
 TARGETED_IMAGES=${ZOO_TARGETED_IMAGES:-30}
 RECIPE=${ZOO_RECIPE:-session}
 RECORDS=${ZOO_RECORDS:-docs/runs}
+TRAIN_HOURS=${ZOO_TRAIN_HOURS:-2.5}
 read -r -a TRAIN_FLAGS <<< "${ZOO_TRAIN_FLAGS:-}"
 read -r -a ATTACK_FLAGS <<< "${ZOO_ATTACK_FLAGS:-}"
 
@@ -43,6 +48,10 @@ case $RECIPE in
   *) echo "paper_zoo: ZOO_RECIPE is '$RECIPE': expected session or cpu" >&2
      exit 2 ;;
 esac
+if ! [[ $TRAIN_HOURS =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+  echo "paper_zoo: ZOO_TRAIN_HOURS is '$TRAIN_HOURS': expected a number of hours (0: no limit)" >&2
+  exit 2
+fi
 for name in $NETWORKS; do
   case $name in
     nin | allconv | vgg16) ;;
@@ -51,8 +60,9 @@ for name in $NETWORKS; do
   esac
 done
 
-train_and_ship() {  # name
-  local name=$1 workdir="$RUNS/train_$1" shipped="$CKPTS/$1"
+train_and_ship() {  # name; sets over_time=1 when its training cannot end within $TRAIN_HOURS
+  local name=$1 workdir="$RUNS/train_$1" shipped="$CKPTS/$1" status=0
+  over_time=0
   if [ -f "$shipped/model.json" ]; then
     say "$name: shipped at $shipped"
     return
@@ -63,7 +73,15 @@ train_and_ship() {  # name
       bash scripts/prepare_cifar10_jpeg.sh  # the recipes' train set, runs/data/cifar10-jpeg
     fi
     "$PYTHON" scripts/train.py --config="configs/train_$name.py:$RECIPE" --workdir="$workdir" \
-      "${TRAIN_FLAGS[@]}"
+      --config.max_hours="$TRAIN_HOURS" "${TRAIN_FLAGS[@]}" || status=$?
+    if [ "$status" -eq 3 ]; then
+      say "$name: its training cannot end within ZOO_TRAIN_HOURS=$TRAIN_HOURS h on this machine;" \
+        "skipped with its checkpoint in $workdir (the same command resumes it)"
+      over_time=1
+      return
+    elif [ "$status" -ne 0 ]; then
+      exit "$status"
+    fi
   fi
   mkdir -p "$CKPTS"
   rm -rf "$shipped.partial"
@@ -80,18 +98,29 @@ attack() {  # name workdir config images
     --config.model="ckpt:$CKPTS/$1" "${ATTACK_FLAGS[@]}"
 }
 
-workdirs=()
+workdirs=() skipped=()
 for name in $NETWORKS; do
   train_and_ship "$name"
+  if [ "$over_time" -eq 1 ]; then
+    skipped+=("$name")
+    continue
+  fi
   attack "$name" "zoo_${name}_1px" "configs/cifar10.py:$name,1,nontargeted" "$IMAGES"
   workdirs+=("$RUNS/zoo_${name}_1px")
 done
-if [[ " $NETWORKS " == *" nin "* ]]; then
+if [[ " $NETWORKS " == *" nin "* && " ${skipped[*]} " != *" nin "* ]]; then
   attack nin zoo_nin_1px_scipy configs/cifar10_scipy.py:nin,1,nontargeted "$IMAGES"
   attack nin zoo_nin_3px configs/cifar10.py:nin,3,nontargeted "$IMAGES"
   attack nin zoo_nin_5px configs/cifar10.py:nin,5,nontargeted "$IMAGES"
   attack nin zoo_nin_1px_targeted configs/cifar10.py:nin,1,targeted "$TARGETED_IMAGES"
   workdirs+=("$RUNS"/zoo_nin_1px_{scipy,targeted} "$RUNS"/zoo_nin_{3,5}px)
 fi
-"$PYTHON" scripts/report.py "${workdirs[@]}" --out="$RUNS/report_zoo"
-say "done: report in $RUNS/report_zoo"
+if [ ${#workdirs[@]} -gt 0 ]; then
+  "$PYTHON" scripts/report.py "${workdirs[@]}" --out="$RUNS/report_zoo"
+  say "report of the attack runs in $RUNS/report_zoo"
+fi
+if [ ${#skipped[@]} -gt 0 ]; then
+  say "not done: ${skipped[*]} (training over ZOO_TRAIN_HOURS=$TRAIN_HOURS h here)"
+  exit 3
+fi
+say "done"

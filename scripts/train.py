@@ -5,7 +5,8 @@
 
 The same command resumes from <workdir>/checkpoints. SIGTERM checkpoints after the
 step in progress and exits with status 143; `config.checkpoint_every_seconds` bounds
-what a SIGKILL loses.
+what a SIGKILL loses. A run that `config.max_hours` says cannot end in time stops at
+its first log line with a checkpoint and exits with status 3.
 """
 
 import os
@@ -19,6 +20,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from opa_jax import devices, train  # noqa: E402
 from opa_jax.errors import exit_on_input_error  # noqa: E402
+
+EXIT_OVER_TIME = 3  # the run was projected past config.max_hours
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/train_default.py", "Training config file.", lock_config=True
@@ -36,6 +39,12 @@ def main(argv):
         result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if result.get("stop_reason") == "SIGTERM":
         sys.exit(128 + signal.SIGTERM)
+    if result.get("stop_reason") == "max_hours":
+        print(f"train.py: stopped at step {result['step']}: at this machine's speed the run "
+              f"would take more than --config.max_hours={_CONFIG.value.max_hours:g} h "
+              f"(the log gives the projection); its checkpoint in {_WORKDIR.value} resumes "
+              "with the same command", file=sys.stderr)  # fmt: skip
+        sys.exit(EXIT_OVER_TIME)
 
 
 if __name__ == "__main__":

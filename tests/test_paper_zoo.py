@@ -18,8 +18,8 @@ ATTACK_RUNS = {  # workdir -> work items: images x targets (one other class of t
 }  # fmt: skip
 
 
-def zoo(tmp_path, data_dir, **env):
-    settings = dict(
+def zoo_settings(tmp_path, data_dir) -> dict[str, str]:
+    return dict(
         PYTHON=sys.executable,
         ZOO_RUNS=str(tmp_path / "runs"),
         ZOO_CHECKPOINTS=str(tmp_path / "checkpoints"),
@@ -37,6 +37,10 @@ def zoo(tmp_path, data_dir, **env):
             "--config.de.popsize=8", "--config.de.generations=2", "--config.cpu_devices=1",
         ]),
     )  # fmt: skip
+
+
+def zoo(tmp_path, data_dir, **env):
+    settings = zoo_settings(tmp_path, data_dir)
     settings.update(env)
     return run_job_script(SCRIPT, tmp_path, REPO, **settings)
 
@@ -88,6 +92,20 @@ def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(dataset, t
     assert again.stdout.count("restored") == len(ATTACK_RUNS)
 
 
+def test_a_training_that_cannot_end_in_time_is_skipped_with_its_checkpoint(dataset, tmp_path):  # noqa: F811
+    flags = zoo_settings(tmp_path, dataset)["ZOO_TRAIN_FLAGS"].replace(
+        "--config.num_steps=4", "--config.num_steps=8 --config.log_every=2")  # fmt: skip
+    done = zoo(tmp_path, dataset, ZOO_TRAIN_HOURS="0.000001", ZOO_TRAIN_FLAGS=flags)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "nin: its training cannot end within ZOO_TRAIN_HOURS=0.000001 h" in done.stdout
+    assert "not done: nin" in done.stdout
+    assert "stopped at step 2" in done.stderr and "--config.max_hours=1e-06 h" in done.stderr
+    train_dir = tmp_path / "runs" / "train_nin"
+    assert (train_dir / "checkpoints").is_dir() and not (train_dir / "model").exists()
+    assert not (tmp_path / "checkpoints" / "nin").exists()
+    assert not any(name in ATTACK_RUNS for name in os.listdir(tmp_path / "runs"))
+
+
 def test_an_unknown_network_stops_before_any_work(tmp_path):
     done = zoo(tmp_path, "unused", ZOO_NETWORKS="nin resnet50")
     assert done.returncode == 2
@@ -96,4 +114,8 @@ def test_an_unknown_network_stops_before_any_work(tmp_path):
     done = zoo(tmp_path, "unused", ZOO_RECIPE="gpu")
     assert done.returncode == 2
     assert "ZOO_RECIPE is 'gpu': expected session or cpu" in done.stderr
+    assert not (tmp_path / "runs").exists()
+    done = zoo(tmp_path, "unused", ZOO_TRAIN_HOURS="two")
+    assert done.returncode == 2
+    assert "ZOO_TRAIN_HOURS is 'two': expected a number of hours" in done.stderr
     assert not (tmp_path / "runs").exists()

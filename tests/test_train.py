@@ -138,6 +138,18 @@ def test_resume_after_stop_equals_uninterrupted_run(dataset, uninterrupted, tmp_
     assert "from step 10 on (not kept before)" in train.model_card(os.path.join(workdir, "model"))
 
 
+def test_a_run_projected_past_max_hours_stops_at_its_first_log_line(dataset, tmp_path):
+    """`max_hours`: a run that cannot end in time stops with a checkpoint at its first log
+    line (step 4 here), and resumes with another limit, which does not change results."""
+    workdir = str(tmp_path / "run")
+    first = train.train_and_evaluate(tiny_config(dataset, max_hours=1e-9), workdir)
+    assert first["stopped"] and first["stop_reason"] == "max_hours" and first["step"] == 4
+    assert train.read_train_state(workdir, tiny_config(dataset)) is not None
+    assert not os.path.exists(os.path.join(workdir, "model"))
+    second = train.train_and_evaluate(tiny_config(dataset, max_hours=1000.0), workdir)
+    assert not second["stopped"] and second["step"] == 20
+
+
 def test_resuming_with_another_config_is_refused(dataset, uninterrupted):
     workdir, _ = uninterrupted
     with pytest.raises(InputError, match=r"different run.*model_overrides"):
