@@ -122,24 +122,40 @@ def compare_evaluators(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     `wall_seconds` is this call's time per evaluator; `wall_seconds_all_steps` adds
     it to that of the earlier calls on the same workdir (a run extended in steps,
-    or resumed from kept records), as read from the comparison.json they left."""
+    or resumed from kept records), as read from the comparison.json they left.
+    `cpu_seconds` and `cpu_seconds_all_steps` are the same for this process's CPU time
+    (every thread), which a paused job or a shared machine does not inflate; they are
+    counted from the attack `cpu_seconds_from_attack` on (the comparisons before it did
+    not keep them)."""
     path = os.path.join(workdir, "comparison.json")
-    earlier = {}
+    previous = {}
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        earlier = previous.get("wall_seconds_all_steps") or previous.get("wall_seconds") or {}
-    summaries = {}
+    earlier = previous.get("wall_seconds_all_steps") or previous.get("wall_seconds") or {}
+    summaries, cpu_seconds = {}, {}
     for kind in ("full", "incremental"):
         with config.unlocked():
             config.evaluator = kind
+        cpu_start = time.process_time()
         summaries[kind] = run_attack(config, os.path.join(workdir, kind))
+        cpu_seconds[kind] = time.process_time() - cpu_start
     runs = {kind: workdir_lib.read_all_results(os.path.join(workdir, kind)) for kind in summaries}
     comparison = incremental.compare_records(runs["full"], runs["incremental"])
     comparison["wall_seconds"] = {k: s.get("wall_seconds_this_run") for k, s in summaries.items()}
     comparison["wall_seconds_all_steps"] = {
         kind: (earlier.get(kind) or 0.0) + (seconds or 0.0)
         for kind, seconds in comparison["wall_seconds"].items()
+    }
+    comparison["cpu_seconds"] = cpu_seconds
+    if "cpu_seconds_all_steps" in previous:
+        earlier_cpu = previous["cpu_seconds_all_steps"]
+        comparison["cpu_seconds_from_attack"] = previous["cpu_seconds_from_attack"]
+    else:
+        earlier_cpu = {}
+        comparison["cpu_seconds_from_attack"] = previous.get("attacks", 0)
+    comparison["cpu_seconds_all_steps"] = {
+        kind: earlier_cpu.get(kind, 0.0) + seconds for kind, seconds in cpu_seconds.items()
     }
     files.write_atomic(path, json.dumps(comparison, indent=2))
     return comparison

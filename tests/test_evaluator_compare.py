@@ -53,6 +53,10 @@ def test_the_job_compares_in_steps_keeps_records_and_resumes_on_a_new_machine(tm
         steps, last = comparison["wall_seconds_all_steps"], comparison["wall_seconds"]
         assert steps.keys() == last.keys() == {"full", "incremental"}
         assert all(steps[k] > last[k] > 0 for k in steps)  # three steps add up
+        cpu_steps, cpu_last = comparison["cpu_seconds_all_steps"], comparison["cpu_seconds"]
+        assert cpu_steps.keys() == cpu_last.keys() == {"full", "incremental"}
+        assert all(cpu_steps[k] > cpu_last[k] > 0 for k in steps)
+        assert comparison["cpu_seconds_from_attack"] == 0  # kept from the first step on
         kept = tmp_path / "records" / f"compare_tiny_{preset}"
         for kind in ("full", "incremental"):
             assert lines(kept / kind / "results.jsonl") == lines(run / kind / "results.jsonl")
@@ -60,6 +64,10 @@ def test_the_job_compares_in_steps_keeps_records_and_resumes_on_a_new_machine(tm
         assert json.loads((kept / "comparison.json").read_text()) == comparison
 
     # A new machine: no workdirs, only the kept records. Nothing is attacked again.
+    # The scipy records as kept before CPU seconds were: counted from here on.
+    path = tmp_path / "records" / "compare_tiny_scipy" / "comparison.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("cpu")}
+    path.write_text(json.dumps(old))
     shutil.rmtree(tmp_path / "runs")
     again = compare(tmp_path, setup)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -68,7 +76,9 @@ def test_the_job_compares_in_steps_keeps_records_and_resumes_on_a_new_machine(tm
     assert "(0 already done)" not in again.stderr
     for preset in ("scipy", "paper"):
         run = tmp_path / "runs" / f"compare_tiny_{preset}"
-        assert json.loads((run / "comparison.json").read_text())["same"] == IMAGES
+        comparison = json.loads((run / "comparison.json").read_text())
+        assert comparison["same"] == IMAGES
+        assert comparison["cpu_seconds_from_attack"] == (IMAGES if preset == "scipy" else 0)
 
 
 @pytest.mark.parametrize(
