@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Augmentation on device: random crop after zero padding, horizontal flip.
     config.augment = True
     config.crop_padding = 4
+    # Progressive resizing: "SIZE:UNTIL,..." trains on images resized to SIZE pixels high
+    # until the fraction UNTIL of the steps, then at the next size, the native one last,
+    # e.g. "16:0.35,24:0.6"; "" = off. Fully convolutional models only (NiN, All-CNN-C).
+    config.progressive_resizing = ""
 
     config.compute_dtype = "float32"  # bfloat16: mixed precision (params stay float32)
     config.save_dtype = "float32"  # weights in the model checkpoint: float32|float16|bfloat16

@@ -120,6 +120,36 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def resizing_phases(spec: str, image_shape, total_steps: int) -> tuple[tuple[int, tuple], ...]:
+    """`config.progressive_resizing` ("SIZE:UNTIL,...", e.g. "16:0.35,24:0.6": train on
+    images resized to 16 pixels high until 35% of the steps, then 24 until 60%, then at
+    the native size) as ((end step, (height, width)), ...) for the phases before the
+    native one; () for "". A width follows its height in the image's aspect ratio.
+
+    InputError when the spec is malformed, a size is not below the native height, or
+    the fractions do not increase within (0, 1).
+    """
+    if not spec.strip():
+        return ()
+    height, width = image_shape[:2]
+    expected = (
+        f"expected SIZE:UNTIL,... with whole sizes below the native height {height} and "
+        "fractions of the steps increasing within (0, 1), e.g. '16:0.35,24:0.6'"
+    )
+    phases, last = [], 0.0
+    for part in spec.split(","):
+        try:
+            size_text, until_text = part.split(":")
+            size, until = int(size_text), float(until_text)
+        except ValueError:
+            raise InputError(f"config.progressive_resizing={spec!r}: {expected}") from None
+        if not (0 < size < height and last < until < 1):
+            raise InputError(f"config.progressive_resizing={spec!r}: {expected}")
+        last = until
+        phases.append((round(until * total_steps), (size, max(round(size * width / height), 1))))
+    return tuple(phases)
+
+
 def augment_image(key, image, padding: int):
     """Random crop after zero-padding by `padding`, and a random horizontal flip."""
     crop_key, flip_key = jax.random.split(key)
@@ -170,14 +200,19 @@ def _variables(params, batch_stats):
 
 
 def train_step(state: TrainState, images, labels, *, seed, augment_padding, label_smoothing,
-               num_classes):  # fmt: skip
-    """One SGD step on a batch of uint8 images [B, H, W, 3] and int labels [B]."""
+               num_classes, train_size: tuple[int, int] | None = None):  # fmt: skip
+    """One SGD step on a batch of uint8 images [B, H, W, 3] and int labels [B]; with
+    `train_size` (height, width), the augmented images are resized to it (antialiased
+    linear) before the model sees them: progressive resizing's early phases."""
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     augment_key, dropout_key = jax.random.split(key)
     images = images.astype(jnp.float32)
     if augment_padding:
         keys = jax.random.split(augment_key, images.shape[0])
         images = jax.vmap(augment_image, in_axes=(0, 0, None))(keys, images, augment_padding)
+    if train_size is not None:
+        shape = (images.shape[0], *train_size, images.shape[-1])
+        images = jax.image.resize(images, shape, "linear", antialias=True)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
     def loss_fn(params):
@@ -373,6 +408,11 @@ def _check_config(config) -> None:
         raise InputError("config.batch_size and config.eval_batch_size must be positive")
     if config.num_steps <= 0 and config.num_epochs <= 0:
         raise InputError("set config.num_steps or config.num_epochs to a positive number")
+    if not isinstance(config.progressive_resizing, str):
+        raise InputError(
+            f"config.progressive_resizing={config.progressive_resizing!r}: expected a string "
+            "such as '16:0.35,24:0.6' ('' = off)"
+        )
 
 
 def model_overrides(config) -> dict[str, Any]:
@@ -397,12 +437,35 @@ def _exact_test_available(spec: str) -> bool:
     return bool(spec) and (kind != "folder" or os.path.isdir(path))
 
 
+def _check_resizable(module, image_shape, size: tuple[int, int], config) -> None:
+    """InputError unless `module` takes images of `size` with the variables of its native
+    `image_shape` (a fully convolutional network with global pooling does; one whose
+    dense layer reads a flattened map, such as VGG16, does not)."""
+    native = jax.tree_util.tree_map(lambda x: x.shape, base.variable_shapes(module, image_shape))
+    try:
+        resized = base.variable_shapes(module, (*size, image_shape[2]))
+        resized = jax.tree_util.tree_map(lambda x: x.shape, resized)
+    except Exception as e:  # a map pooled or convolved to nothing
+        resized = f"an error: {e}"
+    if resized != native:
+        raise InputError(
+            f"config.progressive_resizing={config.progressive_resizing!r}: model "
+            f"{config.model!r} cannot train on {size[0]}x{size[1]} images with the weights "
+            f"of its {image_shape[0]}x{image_shape[1]} ones (expected the same variable "
+            "shapes at both sizes, as a fully convolutional network with global pooling has); "
+            "set it to '' for this model"
+        )
+
+
 @dataclasses.dataclass
 class Training:
     """Everything a training run needs, read and built before its first step."""
 
     state: TrainState  # initial, or restored from the workdir
     step_fn: Any  # (state, images, labels) -> (state, metrics), jitted, data-parallel on `mesh`
+    # Progressive resizing's phases before the native one: (end step, (height, width), the
+    # step function that resizes to it); empty when `config.progressive_resizing` is "".
+    resized: tuple[tuple[int, tuple[int, int], Any], ...]
     eval_fn: Any  # (variables, images, labels, mask) -> (correct, count), jitted
     mesh: Mesh  # the devices the train step runs on, along its `data` axis
     schedule: optax.Schedule
@@ -417,6 +480,17 @@ class Training:
     total_steps: int
     train_seconds: float | None = None  # spent before the restored state (None: unknown)
     cpu: tuple[float, int] | None = None  # (CPU seconds, counted from step) before it
+
+    def cost(self, start: int, stop: int) -> float:
+        """Steps `start` to `stop` in native-size steps: a resized step counts as its share
+        of the native pixels (the ETA's and `max_hours`' estimate of its time)."""
+        total, begin = 0.0, start
+        height, width = self.image_shape[:2]
+        for end, (h, w), _ in self.resized:
+            count = max(min(stop, end) - begin, 0)
+            total += count * h * w / (height * width)
+            begin += count
+        return total + max(stop - begin, 0)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
@@ -455,16 +529,23 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         )
     total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
     mesh = data_mesh(config.batch_size)
-    step_fn, tx, schedule = make_train_step_fn(
-        OptimizerSettings.from_config(config),
-        total_steps,
-        steps_per_epoch,
-        mesh,
+    step_options = dict(
         seed=config.seed,
         augment_padding=config.crop_padding if config.augment else 0,
         label_smoothing=config.label_smoothing,
         num_classes=num_classes,
     )
+    settings = OptimizerSettings.from_config(config)
+    step_fn, tx, schedule = make_train_step_fn(
+        settings, total_steps, steps_per_epoch, mesh, **step_options
+    )
+    resized = []
+    for end, size in resizing_phases(config.progressive_resizing, image_shape, total_steps):
+        _check_resizable(eval_module, image_shape, size, config)
+        resized_fn, _, _ = make_train_step_fn(
+            settings, total_steps, steps_per_epoch, mesh, train_size=size, **step_options
+        )
+        resized.append((end, size, resized_fn))
 
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, default=str)
@@ -494,6 +575,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     return Training(
         state=state,
         step_fn=step_fn,
+        resized=tuple(resized),
         eval_fn=make_eval_fn(eval_module, data_mesh(config.eval_batch_size)),
         mesh=mesh,
         schedule=schedule,
@@ -628,9 +710,8 @@ def train_loop(config, workdir: str, training: Training,
         if epoch != order_epoch:
             order, order_epoch = epoch_permutation(config.seed, epoch, num_train), epoch
         batch = order[position * config.batch_size : (position + 1) * config.batch_size]
-        state, metrics = training.step_fn(
-            state, training.train_images[batch], training.train_labels[batch]
-        )
+        step_fn = next((fn for end, _, fn in training.resized if step < end), training.step_fn)
+        state, metrics = step_fn(state, training.train_images[batch], training.train_labels[batch])
         pending.append(metrics)
         step += 1
         # Dispatch is asynchronous: unchecked, this loop would run up to `log_every` steps
@@ -644,6 +725,9 @@ def train_loop(config, workdir: str, training: Training,
             pending = []
             now = time.time()
             steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
+            # The ETA in native-size steps: a resized step costs its share of the pixels.
+            cost_per_s = training.cost(last_log_step, step) / max(now - last_log_time, 1e-9)
+            eta = training.cost(step, total_steps) / max(cost_per_s, 1e-9)
             train_metrics = {
                 "loss": float(totals["loss_sum"] / totals["count"]),
                 "accuracy": float(totals["correct"] / totals["count"]),
@@ -653,10 +737,9 @@ def train_loop(config, workdir: str, training: Training,
                 "ETA %.0fs",
                 step, total_steps, step / steps_per_epoch, train_metrics["loss"],
                 train_metrics["accuracy"], float(training.schedule(step - 1)),
-                steps_per_s * config.batch_size, (total_steps - step) / max(steps_per_s, 1e-9),
+                steps_per_s * config.batch_size, eta,
             )  # fmt: skip
             if last_log_time == loop_start and config.max_hours > 0:
-                eta = (total_steps - step) / max(steps_per_s, 1e-9)
                 projected = (now - loop_start + eta) / 3600
                 over_time = projected > config.max_hours
                 if over_time:
@@ -837,6 +920,8 @@ def model_card(path: str) -> str:
             cell += f" [{_accuracy_cell(float32[name])}]"
         lines.append(f"  - {name}: `{result['dataset']}` ({result['split']}): {cell}")
     augment = f"crop (pad {c['crop_padding']}) and flip" if c["augment"] else "none"
+    if c.get("progressive_resizing"):
+        augment += f", progressive resizing `{c['progressive_resizing']}`"
     software = ", ".join(f"{k} {v}" for k, v in (meta.get("software") or {}).items())
     lines += [
         f"- **Recipe**: {c['optimizer']} (momentum {c['momentum']}, nesterov {c['nesterov']}), "

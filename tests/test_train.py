@@ -150,6 +150,85 @@ def test_a_run_projected_past_max_hours_stops_at_its_first_log_line(dataset, tmp
     assert not second["stopped"] and second["step"] == 20
 
 
+def test_progressive_resizing_trains_its_early_phases_on_smaller_images(dataset, tmp_path):
+    """"16:0.25,24:0.5": steps 0-4 see 16x16 images, 5-9 24x24, 10-19 the native 32x32;
+    the run learns, and a stop inside the resized phases resumes to the same weights."""
+    config = tiny_config(dataset, progressive_resizing="16:0.25,24:0.5")
+    workdir = str(tmp_path / "whole")
+    training = train.setup(config, workdir)
+    assert [(end, size) for end, size, _ in training.resized] == [(5, (16, 16)), (10, (24, 24))]
+    assert training.cost(0, 20) == pytest.approx(5 * 0.25 + 5 * 0.5625 + 10)
+    assert training.cost(7, 12) == pytest.approx(3 * 0.5625 + 2)
+    seen = []
+
+    def watched(fn, size):
+        def step_fn(*args):
+            seen.append(size)
+            return fn(*args)
+
+        return step_fn
+
+    training.resized = tuple((end, size, watched(fn, size)) for end, size, fn in training.resized)
+    training.step_fn = watched(training.step_fn, (32, 32))
+    state, _, stopped, _ = train.train_loop(config, workdir, training)
+    assert not stopped and int(state.step) == 20
+    assert seen == [(16, 16)] * 5 + [(24, 24)] * 5 + [(32, 32)] * 10
+
+    whole = train.train_and_evaluate(config, str(tmp_path / "again"))
+    assert whole["accuracies"]["test"]["accuracy"] >= 0.9  # evaluated at the native size
+    resumed = str(tmp_path / "resumed")
+    first = train.train_and_evaluate(tiny_config(dataset, progressive_resizing="16:0.25,24:0.5",
+                                                 stop_after_steps=7), resumed)  # fmt: skip
+    assert first["stopped"] and first["step"] == 7
+    second = train.train_and_evaluate(config, resumed)
+    for (path, value), (_, expected) in zip(
+        jax.tree_util.tree_leaves_with_path(second["variables"]),
+        jax.tree_util.tree_leaves_with_path(whole["variables"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=str(path))
+    card = train.model_card(os.path.join(resumed, "model"))
+    assert "progressive resizing `16:0.25,24:0.5`" in card
+
+
+def test_a_resized_train_step_feeds_the_model_antialiased_smaller_images():
+    module = zoo.build("nin", width=0.125, num_classes=2)
+    variables = base.init_variables(module, jax.random.key(0), (32, 32, 3))
+    shapes = []
+
+    def apply_fn(variables, images, **kwargs):
+        shapes.append(images.shape)
+        return module.apply(variables, images, **kwargs)
+
+    state = train.TrainState.create(apply_fn=apply_fn, params=variables["params"],
+                                    tx=optax.sgd(0.1), batch_stats={})  # fmt: skip
+    images = np.full((4, 32, 32, 3), 200, np.uint8)
+    options = dict(seed=0, augment_padding=0, label_smoothing=0.0, num_classes=2)
+    _, metrics = train.train_step(state, images, np.zeros(4, np.int32), train_size=(16, 12),
+                                  **options)  # fmt: skip
+    assert shapes == [(4, 16, 12, 3)] and int(metrics["count"]) == 4
+    resized = jax.image.resize(images.astype(np.float32), (4, 16, 12, 3), "linear", antialias=True)
+    np.testing.assert_allclose(resized, 200.0, atol=1e-3)  # a flat image stays flat
+
+
+@pytest.mark.parametrize(
+    "spec, model, message",
+    [
+        ("16", "nin", "expected SIZE:UNTIL"),
+        ("16:0.5,24:0.4", "nin", "fractions of the steps increasing"),
+        ("32:0.5", "nin", "below the native height 32"),
+        ("16:1.0", "nin", "within \\(0, 1\\)"),
+        ("16:0.5", "vgg16", "'vgg16' cannot train on 16x16 images"),
+    ],
+)
+def test_bad_progressive_resizing_is_refused_before_any_step(dataset, tmp_path, spec, model,
+                                                             message):  # fmt: skip
+    config = tiny_config(dataset, progressive_resizing=spec, model=model)
+    with pytest.raises(InputError, match=message):
+        train.setup(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 def test_resuming_with_another_config_is_refused(dataset, uninterrupted):
     workdir, _ = uninterrupted
     with pytest.raises(InputError, match=r"different run.*model_overrides"):
