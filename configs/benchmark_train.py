@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 128
     config.device_counts = (1, 2)  # meshes measured; at most the devices the host is split into
     config.width = 1.0  # the paper's networks (smaller only for tests)
+    # Progressive resizing (configs/train_default.py): the train step also at these heights,
+    # for models that take them (fully convolutional: nin, allconv); () = skip.
+    config.train_sizes = ()
     config.rounds = 3  # timed calls of each function, interleaved; the fastest counts
     config.cpu_devices = 0  # CPU hosts: XLA devices (0 = one per core, as in training)
     return config

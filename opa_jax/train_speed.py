@@ -47,14 +47,17 @@ def make_forward(module, mesh: Mesh):
     return jax.jit(forward, in_shardings=(replicated, sharded), out_shardings=sharded)
 
 
-def make_train_step(name: str, mesh: Mesh, fast_gradients: bool, width: float = 1.0):
+def make_train_step(name: str, mesh: Mesh, fast_gradients: bool, width: float = 1.0,
+                    train_size: tuple[int, int] | None = None):  # fmt: skip
     """`step(state, images, labels) -> (state, metrics)` of `opa_jax.train`, its
-    initial state replicated on `mesh`, and the initial variables."""
+    initial state replicated on `mesh`, and the initial variables; with `train_size`,
+    the step of progressive resizing's phase at that (height, width)."""
     arch = zoo.get_architecture(name)
     module = zoo.build(name, fast_gradients=fast_gradients, width=width)
     step_fn, tx, _ = train.make_train_step_fn(
         SETTINGS, 1000, 100, mesh,
         seed=0, augment_padding=4, label_smoothing=0.0, num_classes=arch.num_classes,
+        train_size=train_size,
     )  # fmt: skip
     variables = base.init_variables(module, jax.random.key(0), arch.image_shape)
     state = train.TrainState.create(
@@ -128,6 +131,63 @@ def measure(name: str, batch_size: int = 128, device_counts=(1, 2), rounds: int 
     return rows
 
 
+def measure_sizes(name: str, sizes, batch_size: int = 128, rounds: int = 3,
+                  width: float = 1.0, log=print) -> list[dict]:  # fmt: skip
+    """Progressive resizing's price list: the train step (fast operations, one device) at
+    the native size and at each of `sizes` (heights; widths in the image's aspect ratio),
+    timed in interleaved rounds, with each size's speed-up over the native step beside
+    its share of the native pixels (the cost `opa_jax.train` assumes for its ETA)."""
+    arch = zoo.get_architecture(name)
+    height, width_px = arch.image_shape[:2]
+    rng = np.random.default_rng(0)
+    mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
+    images, labels = jax.device_put((
+        rng.integers(0, 256, (batch_size, *arch.image_shape), dtype=np.uint8),
+        rng.integers(0, arch.num_classes, batch_size, dtype=np.int32),
+    ))  # fmt: skip
+    shapes = [(height, width_px)] + [(s, max(round(s * width_px / height), 1)) for s in sizes]
+    timers = {}
+    for shape in shapes:
+        size = None if shape == (height, width_px) else shape
+        step_fn, state, _ = make_train_step(name, mesh, True, width, train_size=size)
+        box = {"state": state}
+
+        def step_once(step_fn=step_fn, box=box):
+            box["state"], metrics = step_fn(box["state"], images, labels)
+            return metrics
+
+        jax.block_until_ready(step_once())  # compile and warm up
+        timers[shape] = step_once
+    times = {shape: [] for shape in shapes}
+    for round_index in range(rounds):
+        for shape, fn in timers.items():
+            times[shape].append(_seconds(fn))
+        log(f"{name} sizes, round {round_index + 1}/{rounds}: "
+            + ", ".join(f"{h}x{w} {t[-1]:.2f}s" for (h, w), t in times.items()))  # fmt: skip
+    native = min(times[shapes[0]])
+    return [{
+        "model": name, "height": h, "width": w, "batch_size": batch_size,
+        "images_per_s": batch_size / min(times[h, w]),
+        "speedup": native / min(times[h, w]),
+        "pixel_share": h * w / (height * width_px),
+        "seconds": times[h, w],
+    } for h, w in shapes]  # fmt: skip
+
+
+def sizes_markdown(rows: list[dict]) -> str:
+    """The table of `measure_sizes` rows."""
+    lines = [
+        "| model | train size | train images/s | speed-up over native | native pixels / pixels |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['height']}x{row['width']} | {row['images_per_s']:.0f} "
+            f"| {row['speedup']:.2f}x | {1 / row['pixel_share']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def host_record() -> dict:
     """What the figures depend on: versions, devices, cores and the machine's load."""
     return {
@@ -177,14 +237,30 @@ def benchmark(config, out: str, log=print) -> str:
     for name in config.models:
         zoo.get_architecture(name)  # an unknown name fails before any measurement
     host = host_record()
-    rows = []
+    sizes = tuple(config.train_sizes)
+    arch_heights = {name: zoo.get_architecture(name).image_shape[0] for name in config.models}
+    for name, height in arch_heights.items():
+        if any(not 0 < s < height for s in sizes):
+            raise InputError(
+                f"config.train_sizes={sizes}: expected heights from 1 to {height - 1}, "
+                f"below {name}'s native {height}"
+            )
+    rows, size_rows = [], []
     for name in config.models:
         rows += measure(name, config.batch_size, counts, config.rounds, config.width, log=log)
+        if sizes:
+            size_rows += measure_sizes(name, sizes, config.batch_size, config.rounds,
+                                       config.width, log=log)  # fmt: skip
     host["load_average_after"] = os.getloadavg()
     table = markdown(rows)
+    if size_rows:
+        table += "\nProgressive resizing: the train step by image size\n\n" + sizes_markdown(
+            size_rows
+        )
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "train_speed.json"), "w") as f:
-        json.dump({"config": config.to_dict(), "host": host, "rows": rows}, f, indent=2)
+        record = {"config": config.to_dict(), "host": host, "rows": rows, "sizes": size_rows}
+        json.dump(record, f, indent=2)
     with open(os.path.join(out, "train_speed.md"), "w") as f:
         f.write(table)
     return table

@@ -7,6 +7,7 @@ shows), and in float32 and bfloat16 at those types' precision.
 """
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,7 @@ import pytest
 from jax import lax
 
 from opa_jax import train_speed
+from opa_jax.errors import InputError
 from opa_jax.models import base, layers, zoo
 
 TOLERANCES = {"float64": 1e-12, "float32": 2e-5, "bfloat16": 3e-2}  # relative to the largest value
@@ -264,3 +266,30 @@ def test_train_speed_rows_and_table():
         assert min(row[f"{ops}_seconds"]["step"]) / 4 == pytest.approx(step)
     table = train_speed.markdown(rows)
     assert table.count("\n") == 3 and table.splitlines()[2].startswith("| nin | 1 | ")
+
+
+def test_train_speed_by_size_rows_and_table():
+    """Progressive resizing's price list on a real (tiny) measurement: a row for the
+    native size and each requested one, speed-ups relative to the native step."""
+    rows = train_speed.measure_sizes("nin", (16, 24), batch_size=4, rounds=1, width=0.0625,
+                                     log=lambda message: None)  # fmt: skip
+    assert [(r["height"], r["width"]) for r in rows] == [(32, 32), (16, 16), (24, 24)]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["pixel_share"] == 0.25
+    for row in rows:
+        assert row["images_per_s"] == pytest.approx(4 / min(row["seconds"]))
+        assert row["speedup"] == pytest.approx(min(rows[0]["seconds"]) / min(row["seconds"]))
+    table = train_speed.sizes_markdown(rows)
+    assert table.count("\n") == 5 and table.splitlines()[3].startswith("| nin | 16x16 | ")
+    assert table.splitlines()[3].endswith("| 4.00x |")
+
+
+def test_train_speed_refuses_sizes_a_model_cannot_take(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = importlib.import_module("configs.benchmark_train").get_config()
+    config.models, config.device_counts, config.train_sizes = ("nin",), (1,), (16, 32)
+    expected = r"config.train_sizes=\(16, 32\): expected heights from 1 to 31, below nin's"
+    with pytest.raises(InputError, match=expected):
+        train_speed.benchmark(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
