@@ -704,7 +704,9 @@ def train_loop(config, workdir: str, training: Training,
     order, order_epoch = None, -1
     train_metrics = {}
     last_checkpoint = loop_start = last_log_time
+    compiled = False  # set after this process's first step
     over_time = False  # set at this process's first log line (see `config.max_hours`)
+    over_time_checked = False
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -714,6 +716,12 @@ def train_loop(config, workdir: str, training: Training,
         state, metrics = step_fn(state, training.train_images[batch], training.train_labels[batch])
         pending.append(metrics)
         step += 1
+        if not compiled:
+            # The first step compiles (tens of seconds for the zoo's networks on a CPU): time
+            # the rate from its end, or the first log line (and `max_hours`) overestimates.
+            jax.block_until_ready(metrics)
+            last_log_time = loop_start = time.time()
+            last_log_step, compiled = step, True
         # Dispatch is asynchronous: unchecked, this loop would run up to `log_every` steps
         # ahead of the device, and a SIGTERM or checkpoint would wait for all of them
         # (minutes of CPU steps). Two in flight keep the device as busy.
@@ -739,7 +747,8 @@ def train_loop(config, workdir: str, training: Training,
                 train_metrics["accuracy"], float(training.schedule(step - 1)),
                 steps_per_s * config.batch_size, eta,
             )  # fmt: skip
-            if last_log_time == loop_start and config.max_hours > 0:
+            if not over_time_checked and config.max_hours > 0 and step > last_log_step:
+                over_time_checked = True
                 projected = (now - loop_start + eta) / 3600
                 over_time = projected > config.max_hours
                 if over_time:

@@ -229,6 +229,24 @@ def test_bad_progressive_resizing_is_refused_before_any_step(dataset, tmp_path, 
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+def test_max_hours_does_not_count_the_first_steps_compilation(dataset, tmp_path):
+    """The first step compiles (here: a 3 s sleep); timed with it, 20 steps at 4 per 3 s
+    would project past max_hours (7.2 s), and the run would stop at step 4."""
+    config = tiny_config(dataset, max_hours=0.002)
+    training = train.setup(config, str(tmp_path))
+    step_fn, calls = training.step_fn, []
+
+    def compiling_step_fn(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3.0)
+        return step_fn(*args)
+
+    training.step_fn = compiling_step_fn
+    state, _, stopped, _ = train.train_loop(config, str(tmp_path), training)
+    assert stopped == "" and int(state.step) == 20
+
+
 def test_resuming_with_another_config_is_refused(dataset, uninterrupted):
     workdir, _ = uninterrupted
     with pytest.raises(InputError, match=r"different run.*model_overrides"):
