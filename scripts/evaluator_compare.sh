@@ -61,6 +61,14 @@ print(max(sizes))
 PY
 }
 
+compared() {  # workdir: the attacks its comparison.json tallies (0 when it has none)
+  "$PYTHON" - "$1" <<'PY'
+import json, os, sys
+path = os.path.join(sys.argv[1], "comparison.json")
+print(json.load(open(path))["attacks"] if os.path.exists(path) else 0)
+PY
+}
+
 step() {  # preset workdir images
   say "$1: $3 images in $2"
   "$PYTHON" scripts/compare_evaluators.py --config="$CONFIG" --config.model="$MODEL" \
@@ -72,7 +80,10 @@ for preset in $PRESETS; do
   workdir="$RUNS/compare_${NAME}_$preset"
   "$PYTHON" scripts/keep_runs.py restore "$RECORDS" "$workdir"
   n=$(started "$workdir")  # a run is extended, never shrunk: finish its last step first
-  [ "$n" -gt 0 ] && step "$preset" "$workdir" "$n"
+  # (a finished one is not run again: each run adds its start-up to the wall-time tally)
+  if [ "$n" -gt 0 ] && [ "$(compared "$workdir")" -lt "$n" ]; then
+    step "$preset" "$workdir" "$n"
+  fi
   while [ "$n" -lt "$IMAGES" ]; do
     n=$((n + STEP > IMAGES ? IMAGES : n + STEP))
     step "$preset" "$workdir" "$n"

@@ -63,22 +63,31 @@ def test_the_job_compares_in_steps_keeps_records_and_resumes_on_a_new_machine(tm
             assert len(lines(kept / kind / "results.jsonl")) == IMAGES
         assert json.loads((kept / "comparison.json").read_text()) == comparison
 
-    # A new machine: no workdirs, only the kept records. Nothing is attacked again.
-    # The scipy records as kept before CPU seconds were: counted from here on.
+    # A new machine: no workdirs, only the kept records, and one image more. Only it is
+    # attacked. The scipy records as kept before CPU seconds were: counted from here on.
     path = tmp_path / "records" / "compare_tiny_scipy" / "comparison.json"
     old = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("cpu")}
     path.write_text(json.dumps(old))
     shutil.rmtree(tmp_path / "runs")
-    again = compare(tmp_path, setup)
+    again = compare(tmp_path, setup, COMPARE_IMAGES=str(IMAGES + 1))
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("restored") == 2
-    assert f"{IMAGES} work items ({IMAGES} already done)" in again.stderr
+    assert f"{IMAGES + 1} work items ({IMAGES} already done)" in again.stderr
     assert "(0 already done)" not in again.stderr
+    tallies = {}
     for preset in ("scipy", "paper"):
         run = tmp_path / "runs" / f"compare_tiny_{preset}"
-        comparison = json.loads((run / "comparison.json").read_text())
-        assert comparison["same"] == IMAGES
-        assert comparison["cpu_seconds_from_attack"] == (IMAGES if preset == "scipy" else 0)
+        tallies[preset] = json.loads((run / "comparison.json").read_text())
+        assert tallies[preset]["same"] == IMAGES + 1
+        assert tallies[preset]["cpu_seconds_from_attack"] == (IMAGES if preset == "scipy" else 0)
+
+    # Finished: the same command runs nothing, so the wall-time tallies do not grow.
+    done = compare(tmp_path, setup, COMPARE_IMAGES=str(IMAGES + 1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images in" not in done.stdout
+    for preset in ("scipy", "paper"):
+        run = tmp_path / "runs" / f"compare_tiny_{preset}"
+        assert json.loads((run / "comparison.json").read_text()) == tallies[preset]
 
 
 @pytest.mark.parametrize(
