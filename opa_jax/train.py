@@ -707,6 +707,10 @@ def train_loop(config, workdir: str, training: Training,
     compiled = False  # set after this process's first step
     over_time = False  # set at this process's first log line (see `config.max_hours`)
     over_time_checked = False
+    # Seconds spent on evaluations and checkpoints since the last log line: the logged rate
+    # is of train steps alone, and the ETA adds the evaluations still due at the last one's
+    # cost (before, an epoch's evaluation showed as a slow interval, and the ETA then).
+    paused, eval_seconds = 0.0, 0.0
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -732,10 +736,15 @@ def train_loop(config, workdir: str, training: Training,
             totals = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *pending))
             pending = []
             now = time.time()
-            steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
+            stepping = max(now - last_log_time - paused, 1e-9)
+            steps_per_s = (step - last_log_step) / stepping
             # The ETA in native-size steps: a resized step costs its share of the pixels.
-            cost_per_s = training.cost(last_log_step, step) / max(now - last_log_time, 1e-9)
-            eta = training.cost(step, total_steps) / max(cost_per_s, 1e-9)
+            cost_per_s = training.cost(last_log_step, step) / stepping
+            # Evaluations follow the log line of their step: those at steps step..total-1.
+            evaluations_due = (total_steps - 1) // eval_every - (step - 1) // eval_every if (
+                eval_every) else 0  # fmt: skip
+            eta = training.cost(step, total_steps) / max(cost_per_s, 1e-9) + (
+                evaluations_due * eval_seconds)  # fmt: skip
             train_metrics = {
                 "loss": float(totals["loss_sum"] / totals["count"]),
                 "accuracy": float(totals["correct"] / totals["count"]),
@@ -758,17 +767,22 @@ def train_loop(config, workdir: str, training: Training,
                         "machine or with a larger max_hours",
                         steps_per_s * config.batch_size, projected, config.max_hours,
                     )  # fmt: skip
-            last_log_time, last_log_step = now, step
+            last_log_time, last_log_step, paused = now, step, 0.0
         if eval_every and step % eval_every == 0 and step < total_steps:
+            started = time.time()
             history.append(periodic_evaluation(config, training, state, step, train_metrics, clock))
             _write_history(workdir, history)
+            eval_seconds = time.time() - started
+            paused += eval_seconds
         stopping = "SIGTERM" if term is not None and term.received else (
             "max_hours" if over_time else
             "stop_after_steps" if 0 < config.stop_after_steps <= step else "")  # fmt: skip
         due = 0 < config.checkpoint_every_seconds <= time.time() - last_checkpoint
         if step % config.checkpoint_every == 0 or step == total_steps or stopping or due:
+            started = time.time()
             save_train_state(workdir, state, config, clock.wall(), clock.cpu())
             last_checkpoint = time.time()
+            paused += last_checkpoint - started
         if stopping and step < total_steps:
             logging.info("stopping after step %d (%s); resume to continue", step, stopping)
             return state, train_metrics, stopping, clock
