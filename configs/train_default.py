@@ -68,9 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
     # so that a kill loses at most that much (SIGTERM checkpoints and stops at once).
     config.checkpoint_every_seconds = 0.0
     config.stop_after_steps = 0  # > 0: stop after this step's checkpoint, as if killed (tests)
-    # > 0: at this process's first log line, stop with a checkpoint (scripts/train.py exits
-    # 3) when the elapsed time plus the ETA exceeds this many hours, so that a run that
-    # cannot end inside a time slot on this machine gives up in minutes, not at the slot's end.
+    # > 0: stop with a checkpoint (scripts/train.py exits 3) when the elapsed time plus the
+    # ETA exceeds this many hours at the first log line by 2x, or at each of the first three
+    # at the fastest rate seen, so that a run that cannot end inside a time slot on this
+    # machine gives up in minutes, not at the slot's end.
     config.max_hours = 0.0
     return config
 

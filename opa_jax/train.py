@@ -651,6 +651,11 @@ class Clock:
 
 MAX_STEPS_IN_FLIGHT = 2  # train steps dispatched ahead of the one the device has finished
 
+# `max_hours` is judged at up to this many of a process's first log lines, at the fastest
+# rate among them: a run slowed only for a while (another job's burst on a shared
+# machine) goes on; one over at every such line, or over twice the limit at any, stops.
+MAX_HOURS_LOG_LINES = 3
+
 
 class _TermSignal:
     """Within it, SIGTERM asks the training loop to checkpoint and stop after the step it
@@ -677,8 +682,8 @@ class _TermSignal:
 
 def train_loop(config, workdir: str, training: Training,
                term: _TermSignal | None = None) -> tuple[TrainState, dict, str, Clock]:  # fmt: skip
-    """Steps from the restored step to the end (or `stop_after_steps`, a SIGTERM, or a
-    first log line that projects the run past `max_hours`),
+    """Steps from the restored step to the end (or `stop_after_steps`, a SIGTERM, or
+    early log lines that project the run past `max_hours`: `MAX_HOURS_LOG_LINES`),
     logging, evaluating every `eval_every_epochs` (into `history.jsonl`) and
     checkpointing every `checkpoint_every` steps and `checkpoint_every_seconds` on the
     way; returns the state, the last logged train metrics, why it stopped early ('' when
@@ -705,8 +710,8 @@ def train_loop(config, workdir: str, training: Training,
     train_metrics = {}
     last_checkpoint = loop_start = last_log_time
     compiled = False  # set after this process's first step
-    over_time = False  # set at this process's first log line (see `config.max_hours`)
-    over_time_checked = False
+    over_time = False  # set at one of this process's first log lines (`MAX_HOURS_LOG_LINES`)
+    over_time_checks, fastest = 0, 0.0  # log lines judged so far, their fastest cost rate
     # Seconds spent on evaluations and checkpoints since the last log line: the logged rate
     # is of train steps alone, and the ETA adds the evaluations still due at the last one's
     # cost (before, an epoch's evaluation showed as a slow interval, and the ETA then).
@@ -756,16 +761,27 @@ def train_loop(config, workdir: str, training: Training,
                 train_metrics["accuracy"], float(training.schedule(step - 1)),
                 steps_per_s * config.batch_size, eta,
             )  # fmt: skip
-            if not over_time_checked and config.max_hours > 0 and step > last_log_step:
-                over_time_checked = True
-                projected = (now - loop_start + eta) / 3600
-                over_time = projected > config.max_hours
-                if over_time:
+            if (0 <= over_time_checks < MAX_HOURS_LOG_LINES and config.max_hours > 0
+                    and step > last_log_step):  # fmt: skip
+                over_time_checks += 1
+                fastest = max(fastest, cost_per_s)
+                projected = (now - loop_start + training.cost(step, total_steps) / fastest + (
+                    evaluations_due * eval_seconds)) / 3600  # fmt: skip
+                if projected <= config.max_hours:
+                    over_time_checks = -1  # judged: it ends in time
+                elif over_time_checks == MAX_HOURS_LOG_LINES or projected > 2 * config.max_hours:
+                    over_time = True
                     logging.warning(
-                        "at %.0f images/s this run needs %.2f h more in all (elapsed included), "
-                        "over max_hours=%g: stopping with its checkpoint, to resume on a faster "
-                        "machine or with a larger max_hours",
-                        steps_per_s * config.batch_size, projected, config.max_hours,
+                        "at %.0f images/s (its fastest, at the native size) this run needs "
+                        "%.2f h in all (elapsed included), over max_hours=%g: stopping with its "
+                        "checkpoint, to resume on a faster machine or with a larger max_hours",
+                        fastest * config.batch_size, projected, config.max_hours,
+                    )  # fmt: skip
+                else:
+                    logging.info(
+                        "projected %.2f h in all, over max_hours=%g: judged again at the next "
+                        "log line (%d of %d)", projected, config.max_hours, over_time_checks,
+                        MAX_HOURS_LOG_LINES,
                     )  # fmt: skip
             last_log_time, last_log_step, paused = now, step, 0.0
         if eval_every and step % eval_every == 0 and step < total_steps:

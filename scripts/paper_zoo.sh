@@ -22,7 +22,7 @@
 #   ZOO_RECIPE [session]: the training variant, session (ends inside one 3-hour working
 #     session on 2 idle cores) or cpu (the longer recipe, 7-11 h a network)
 #   ZOO_RECORDS [docs/runs]: where kept attack records are restored from
-#   ZOO_TRAIN_HOURS [2.5]: a training run projected (at its first log line) to need more
+#   ZOO_TRAIN_HOURS [2.5]: a training run projected (at its first log lines) to need more
 #     hours than this on this machine stops with its checkpoint (train.py's max_hours);
 #     the job then skips that network's attacks, goes on with the rest, and exits 3 at
 #     the end. 0: no limit.

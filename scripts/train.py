@@ -6,7 +6,7 @@
 The same command resumes from <workdir>/checkpoints. SIGTERM checkpoints after the
 step in progress and exits with status 143; `config.checkpoint_every_seconds` bounds
 what a SIGKILL loses. A run that `config.max_hours` says cannot end in time stops at
-its first log line with a checkpoint and exits with status 3.
+one of its first log lines with a checkpoint and exits with status 3.
 """
 
 import os

@@ -141,8 +141,8 @@ def test_resume_after_stop_equals_uninterrupted_run(dataset, uninterrupted, tmp_
 
 
 def test_a_run_projected_past_max_hours_stops_at_its_first_log_line(dataset, tmp_path):
-    """`max_hours`: a run that cannot end in time stops with a checkpoint at its first log
-    line (step 4 here), and resumes with another limit, which does not change results."""
+    """`max_hours`: a run projected past twice its limit stops with a checkpoint at its
+    first log line (step 4 here), and resumes with another limit."""
     workdir = str(tmp_path / "run")
     first = train.train_and_evaluate(tiny_config(dataset, max_hours=1e-9), workdir)
     assert first["stopped"] and first["stop_reason"] == "max_hours" and first["step"] == 4
@@ -247,6 +247,46 @@ def test_max_hours_does_not_count_the_first_steps_compilation(dataset, tmp_path)
     training.step_fn = compiling_step_fn
     state, _, stopped, _ = train.train_loop(config, str(tmp_path), training)
     assert stopped == "" and int(state.step) == 20
+
+
+def _slowed(training, seconds_at):
+    """`training` with steps slowed: step n (1-based) sleeps `seconds_at(n)` seconds."""
+    step_fn, calls = training.step_fn, []
+
+    def slow_step_fn(*args):
+        calls.append(1)
+        time.sleep(seconds_at(len(calls)))
+        return step_fn(*args)
+
+    training.step_fn = slow_step_fn
+    return training
+
+
+def test_a_run_slowed_only_at_its_first_log_line_is_judged_again_and_goes_on(
+        dataset, tmp_path, caplog):  # fmt: skip
+    """Steps 2-4 sleep 0.5 s (another job's burst), the rest take milliseconds: the first
+    log line projects about 9.5 s (19 steps at its rate; 11-15 s if steps are slow), over
+    max_hours (8 s) but under twice it, so the run is judged again at the next line,
+    which projects about 2-4 s, and runs to the end."""
+    config = tiny_config(dataset, max_hours=8 / 3600)
+    training = _slowed(train.setup(config, str(tmp_path)), lambda n: 0.5 if 2 <= n <= 4 else 0)
+    with caplog.at_level(logging.INFO):
+        state, _, stopped, _ = train.train_loop(config, str(tmp_path), training)
+    assert stopped == "" and int(state.step) == 20
+    assert "judged again at the next log line (1 of 3)" in caplog.text
+
+
+def test_a_run_over_max_hours_at_each_of_its_first_log_lines_stops_at_the_third(
+        dataset, tmp_path, caplog):  # fmt: skip
+    """Every step sleeps 0.5 s: each log line (every 2 steps) projects the 7 steps after
+    the first at that rate, about 3.5 s (up to 5.6 s if steps take 0.3 s more), over
+    max_hours (3 s) but under twice it, so the run stops at the third line (step 6)."""
+    config = tiny_config(dataset, max_hours=3 / 3600, log_every=2, num_steps=8)
+    training = _slowed(train.setup(config, str(tmp_path)), lambda n: 0.5)
+    with caplog.at_level(logging.INFO):
+        state, _, stopped, _ = train.train_loop(config, str(tmp_path), training)
+    assert stopped == "max_hours" and int(state.step) == 6
+    assert "(2 of 3)" in caplog.text and "over max_hours=0.000833333: stopping" in caplog.text
 
 
 def test_the_logged_rate_leaves_out_evaluations_and_the_eta_adds_those_due(
