@@ -291,14 +291,15 @@ def test_a_run_over_max_hours_at_each_of_its_first_log_lines_stops_at_the_third(
 
 def test_the_logged_rate_leaves_out_evaluations_and_the_eta_adds_those_due(
         dataset, tmp_path, monkeypatch, caplog):  # fmt: skip
-    """An evaluation every 4 steps that takes 2 s: the step-8 log line's images/s is of the
-    train steps alone, and its ETA counts the 2 evaluations still due (steps 8 and 12)."""
+    """An evaluation every 4 steps that takes over 4 s: the step-8 log line's images/s is
+    of the train steps alone, and its ETA counts the 2 evaluations still due (steps 8 and
+    12). The bounds hold for train steps of up to 0.5 s (a loaded machine)."""
     config = tiny_config(dataset, num_steps=16, log_every=8, checkpoint_every=100,
                          eval_every_epochs=1.0)  # fmt: skip
     evaluate = train.periodic_evaluation
 
     def slow_evaluation(*args):
-        time.sleep(2.0)
+        time.sleep(4.0)
         return evaluate(*args)
 
     monkeypatch.setattr(train, "periodic_evaluation", slow_evaluation)
@@ -308,9 +309,9 @@ def test_the_logged_rate_leaves_out_evaluations_and_the_eta_adds_those_due(
     assert stopped == "" and int(state.step) == 16
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 8/16"))
     rate, eta = re.search(r"([0-9.]+) images/s, ETA ([0-9.]+)s", line).groups()
-    # Counted with the 2 s evaluation, 7 steps of 16 images would log under 56 images/s.
-    assert float(rate) > 112, line
-    assert 4.0 <= float(eta) < 8.0, line
+    # Counted with the 4 s evaluation, 7 steps of 16 images would log under 28 images/s.
+    assert float(rate) > 28, line
+    assert 8.0 <= float(eta) < 14.0, line
 
 
 def test_resuming_with_another_config_is_refused(dataset, uninterrupted):
