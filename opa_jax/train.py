@@ -748,8 +748,9 @@ def train_loop(config, workdir: str, training: Training,
             # Evaluations follow the log line of their step: those at steps step..total-1.
             evaluations_due = (total_steps - 1) // eval_every - (step - 1) // eval_every if (
                 eval_every) else 0  # fmt: skip
-            eta = training.cost(step, total_steps) / max(cost_per_s, 1e-9) + (
+            steps_left, evaluations_left = training.cost(step, total_steps), (
                 evaluations_due * eval_seconds)  # fmt: skip
+            eta = steps_left / max(cost_per_s, 1e-9) + evaluations_left
             train_metrics = {
                 "loss": float(totals["loss_sum"] / totals["count"]),
                 "accuracy": float(totals["correct"] / totals["count"]),
@@ -761,14 +762,13 @@ def train_loop(config, workdir: str, training: Training,
                 train_metrics["accuracy"], float(training.schedule(step - 1)),
                 steps_per_s * config.batch_size, eta,
             )  # fmt: skip
-            if (0 <= over_time_checks < MAX_HOURS_LOG_LINES and config.max_hours > 0
+            if (over_time_checks < MAX_HOURS_LOG_LINES and config.max_hours > 0
                     and step > last_log_step):  # fmt: skip
                 over_time_checks += 1
                 fastest = max(fastest, cost_per_s)
-                projected = (now - loop_start + training.cost(step, total_steps) / fastest + (
-                    evaluations_due * eval_seconds)) / 3600  # fmt: skip
+                projected = (now - loop_start + steps_left / fastest + evaluations_left) / 3600
                 if projected <= config.max_hours:
-                    over_time_checks = -1  # judged: it ends in time
+                    over_time_checks = MAX_HOURS_LOG_LINES  # judged: it ends in time
                 elif over_time_checks == MAX_HOURS_LOG_LINES or projected > 2 * config.max_hours:
                     over_time = True
                     logging.warning(
