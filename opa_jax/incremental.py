@@ -146,6 +146,7 @@ class Program:
     num_pixels: int
     max_window_fraction: float
     depends: frozenset  # vars that depend on the image
+    delta_convolutions: bool = True  # stride-1 convolutions as clean output + change
     cache_keys: tuple = ()  # the clean maps the incremental pass reads (CacheKey)
     steps: tuple = ()  # how each input-dependent equation is computed (Step)
 
@@ -206,6 +207,7 @@ def trace(
     image_shape,
     num_pixels: int,
     max_window_fraction: float = DEFAULT_MAX_WINDOW_FRACTION,
+    delta_convolutions: bool = True,
 ) -> Program:
     """The program of `apply_fn` for one image of `image_shape`, and its cache keys."""
     param_structs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
@@ -229,6 +231,7 @@ def trace(
         num_pixels=num_pixels,
         max_window_fraction=max_window_fraction,
         depends=frozenset(depends),
+        delta_convolutions=delta_convolutions,
     )
     cache_keys, steps = _record(program, param_structs)
     return dataclasses.replace(program, cache_keys=cache_keys, steps=steps)
@@ -607,8 +610,109 @@ class _Pass:
             return out
 
         out_shape = self.program.avals[eqn.outputs[0]].shape
+        if self.program.delta_convolutions:
+            out = self._delta_convolution(eqn, lhs, rhs, extents, strides, pads, out_axes_of)
+            if out is not None:
+                return out
         return self._local(eqn, values, out_axes_of, extents, strides, pads, 0.0,
                            out_shape, apply)  # fmt: skip
+
+    def _delta_convolution(self, eqn, lhs: Window, rhs, extents, strides, pads, out_axes_of):
+        """A stride-1 convolution on one pixel's window, as the clean output plus the
+        convolution of the window's change.
+
+        The change is zero outside the input window, so it costs (input window
+        positions) x (kernel taps) multiply-adds per channel pair, where the
+        output window computed from its patched region costs (output window
+        positions) x (kernel taps): NiN's conv2 reads a 4x4 window under a 5x5
+        kernel, 16 against 64 positions. The change is multiplied by every
+        kernel tap in one matrix product and the products are added into place
+        (col2im). One pixel only: with k windows, the k x k shifted reads of
+        each other's changes cost more than they save (docs/benchmarks.md).
+        """
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
+        if (
+            self.k != 1
+            or p["feature_group_count"] != 1
+            or any(d != 1 for d in p["rhs_dilation"])
+            or set(lhs.axes) != set(lhs_spatial)
+            or any(strides[a] != 1 for a in lhs_spatial)
+            or all(extents[a] == 1 for a in lhs_spatial)
+            or self.program.avals[eqn.inputs[0]].shape[dn.lhs_spec[0]] != 1
+        ):
+            return None
+        order = [lhs.axes.index(a) for a in lhs_spatial]  # spatial axis -> window span
+        out_shape = self.program.avals[eqn.outputs[0]].shape
+        out_spans = [
+            lhs.spans[i].grown(extents[a], 1, pads[a][0], out_shape[out_axes_of[a]])
+            for i, a in zip(order, lhs_spatial, strict=True)
+        ]
+        if not self.fits(out_spans):
+            return None
+        # The change in canonical layout [h, w, C_in].
+        in_starts = [span.start(self.pixels) for span in lhs.spans]
+        clean_in = self.slices(self.lookup(CacheKey(eqn.inputs[0])), lhs.axes, in_starts,
+                               [span.count for span in lhs.spans])  # fmt: skip
+        batch, feature = dn.lhs_spec[0], dn.lhs_spec[1]
+        change = jnp.transpose((lhs.data - clean_in)[0], (batch, *lhs_spatial, feature))[0]
+        kernel = jnp.transpose(rhs, (*rhs_spatial, dn.rhs_spec[1], dn.rhs_spec[0]))
+        taps = kernel.shape[:-2]
+        # Every position's change times every tap: [h, w, *taps, C_out].
+        products = jnp.tensordot(change, kernel, axes=[[change.ndim - 1], [len(taps)]])
+        # col2im: position i under tap t lands at i + (taps - 1 - t) of the buffer, whose
+        # position u is the output position start_in + pad_low - (taps - 1) + u.
+        buffer = None
+        for tap in np.ndindex(*taps):
+            index = (slice(None),) * len(taps) + tuple(tap)
+            config = [(n - 1 - t, t, 0) for n, t in zip(taps, tap, strict=True)] + [(0, 0, 0)]
+            term = lax.pad(products[index], jnp.zeros((), products.dtype), config)
+            buffer = term if buffer is None else buffer + term
+        # The output window: its clean values plus the buffer read at its place from a
+        # margin of zeros (a window's start is clamped into the map; the buffer's is not).
+        out_counts = [span.count for span in out_spans]
+        margin = [(c, c, 0) for c in out_counts] + [(0, 0, 0)]
+        padded = lax.pad(buffer, jnp.zeros((), buffer.dtype), margin)
+        index = []
+        for d, a in enumerate(lhs_spatial):
+            base = in_starts[order[d]][0] + pads[a][0] - (taps[d] - 1)
+            start = out_spans[d].start(self.pixels)[0]
+            index.append(jnp.clip(start - base + out_counts[d], 0,
+                                  padded.shape[d] - out_counts[d]))  # fmt: skip
+        change_out = lax.dynamic_slice(padded, [*index, 0], [*out_counts, padded.shape[-1]])
+        out_spec = dn.out_spec
+        canonical = (out_spec[0], *out_spec[2:], out_spec[1])  # batch, spatial, feature
+        change_out = jnp.transpose(change_out[None], [canonical.index(d)
+                                                      for d in range(len(canonical))])  # fmt: skip
+        out_axes = tuple(out_axes_of[a] for a in lhs.axes)
+        spans = tuple(out_spans[lhs_spatial.index(a)] for a in lhs.axes)
+        clean_out = self.slices(self.lookup(CacheKey(eqn.outputs[0])), out_axes,
+                                [span.start(self.pixels) for span in spans],
+                                [span.count for span in spans])  # fmt: skip
+        data = clean_out + change_out[None].astype(clean_out.dtype)
+        return [Window(data, out_axes, spans)]
+
+    def _first_cover(self, window: Window) -> jax.Array:
+        """[k, *window shape]: whether each window position is in no earlier window."""
+        starts = self.starts(window)
+        counts = [span.count for span in window.spans]
+        shape = window.data.shape
+        keep = jnp.ones(shape, bool)
+        for j in range(1, self.k):
+            covered = jnp.zeros(shape[1:], bool)
+            for earlier in range(j):
+                inside = None
+                for i, axis in enumerate(window.axes):
+                    position = starts[i][j] + jnp.arange(counts[i])
+                    hit = (position >= starts[i][earlier]) & (
+                        position < starts[i][earlier] + counts[i]
+                    )
+                    hit = hit.reshape([-1 if d == axis else 1 for d in range(len(shape) - 1)])
+                    inside = hit if inside is None else inside & hit
+                covered = covered | inside
+            keep = keep.at[j].set(~covered)
+        return keep
 
     def _reduce_window(self, eqn, values, pad_value=None, constant_args=()):
         """Pooling; `pad_value` and `constant_args` (the init value) for the generic
@@ -680,21 +784,7 @@ class _Pass:
         clean_windows = self.slices(clean, window.axes, starts, counts)
         change = window.data - clean_windows  # [k, ...]
         if self.k > 1:  # a position inside an earlier window is counted there
-            keep = jnp.ones(change.shape, bool)
-            for j in range(1, self.k):
-                covered = jnp.zeros(change.shape[1:], bool)
-                for earlier in range(j):
-                    inside = None
-                    for i, axis in enumerate(window.axes):
-                        position = starts[i][j] + jnp.arange(counts[i])
-                        hit = (position >= starts[i][earlier]) & (
-                            position < starts[i][earlier] + counts[i]
-                        )
-                        hit = hit.reshape([-1 if d == axis else 1 for d in range(change.ndim - 1)])
-                        inside = hit if inside is None else inside & hit
-                    covered = covered | inside
-                keep = keep.at[j].set(~covered)
-            change = jnp.where(keep, change, 0)
+            change = jnp.where(self._first_cover(window), change, 0)
         self.delta = True
         total = jnp.sum(change, axis=0)
         delta = jnp.sum(total, axis=tuple(sorted(reduced))).astype(window.data.dtype)

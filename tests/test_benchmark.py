@@ -305,7 +305,8 @@ def test_incremental_section_compares_the_evaluators_per_model_and_pixels(
     assert [row["num_pixels"] for row in rows] == [1, 3]
     for row in rows:
         assert row["popsize"] == 8 and row["devices"] >= 1
-        for name in ("forward_qps", "full_qps", "incremental_qps", "speedup"):
+        for name in ("forward_qps", "full_qps", "incremental_qps", "speedup", "windows_qps",
+                     "speedup_over_windows"):
             assert row[name]["median"] > 0, name
         # The tiny net is conv - flatten - dense: its conv runs on windows, the dense
         # layer's matmul in full, so a query costs less than the forward pass.

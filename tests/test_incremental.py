@@ -153,6 +153,37 @@ def test_nin_updates_its_global_average_pool_from_the_window():
     assert windowed(program) == 9  # every convolution on windows
 
 
+def test_one_pixel_convolutions_are_the_clean_output_plus_the_change():
+    model = small_zoo_model("nin", width=0.125)
+    candidates = placements(model.image_shape, 1, 24, seed=3)
+    delta = assert_matches_full(model, 1, candidates)
+    windows = incremental.trace(model.apply_fn, model.params, model.image_shape, 1,
+                                delta_convolutions=False)  # fmt: skip
+    assert delta.delta_convolutions and not windows.delta_convolutions
+    # The same windows, read from the cached clean outputs of conv1 and conv2 ...
+    assert [s.window for s in delta.steps] == [s.window for s in windows.steps]
+    names = {key.name for key in delta.cache_keys} - {key.name for key in windows.cache_keys}
+    assert len(names) >= 2
+    # ... at fewer FLOPs: conv2's 5x5 kernel reads a 4x4 window's change, not 12x12 inputs.
+    flops = incremental.flops_per_query(model, 1, delta)["incremental"]
+    assert flops < 0.8 * incremental.flops_per_query(model, 1, windows)["incremental"]
+
+
+@pytest.mark.parametrize("seed", [3, 4, 8, 12, 19])  # those with stride-1 convs on windows
+def test_random_architectures_match_the_full_forward_with_one_pixel(seed):
+    rng = np.random.default_rng(200 + seed)
+    shape = (int(rng.integers(9, 17)), int(rng.integers(9, 17)), 3)
+    layers = random_layers(rng, shape)
+    module = RandomNet(layers, str(rng.choice(["mean", "max", "flatten"])))
+    variables = randomise_batch_stats(module.init(jax.random.key(seed), jnp.zeros((1, *shape))))
+    model = LoadedModel("random-net", jax.jit(module.apply), variables, shape, 5)
+    candidates = placements(shape, 1, 32, seed=seed)
+    program = assert_matches_full(model, 1, candidates, fraction=0.95, seed=seed)
+    windows = incremental.trace(model.apply_fn, model.params, shape, 1, 0.95,
+                                delta_convolutions=False)  # fmt: skip
+    assert len(program.cache_keys) > len(windows.cache_keys)  # a convolution's clean output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nin", "allconv", "vgg16"])
 def test_full_width_zoo_models_match_the_full_forward(name):
@@ -405,8 +436,11 @@ def test_cache_bytes_count_the_activations():
     activations = incremental.clean_activations(program, model.params, image)
     assert set(activations) == {key.name for key in program.cache_keys}
     assert incremental.cache_bytes(program) == sum(x.nbytes for x in activations.values())
-    # conv1's input padded by 2, pool1's by (0, 1) with -inf, and the global sum.
-    assert activations[program.cache_keys[0].name].shape == (1, 36, 36, 3)
+    # conv1's input and output (for its change), pool1's input padded by (0, 1) with
+    # -inf, conv2's input and output, and the global sum.
+    shapes = [activations[key.name].shape for key in program.cache_keys]
+    assert shapes[:2] == [(1, 32, 32, 3), (1, 32, 32, 24)]
+    assert (1, 16, 16, 12) in shapes and (1, 8, 8, 24) in shapes
     assert any(key.value == -np.inf for key in program.cache_keys)
 
 

@@ -364,17 +364,22 @@ class Evaluation:
 def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitions: int,
                     loop_calls: int = 2, seed: int = 0) -> dict:  # fmt: skip
     """Queries/s of the forward pass, the full and the incremental evaluator at one
-    slot of `popsize` per device (interleaved repetitions); XLA's FLOPs and bytes per
-    query of both evaluators; the activation cache per in-flight image."""
+    slot of `popsize` per device (interleaved repetitions), and of the incremental
+    evaluator without its delta convolutions ("windows": every convolution from its
+    patched region); XLA's FLOPs and bytes per query of the full and incremental
+    evaluators; the activation cache per in-flight image."""
     program = incremental.program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
+    windows = incremental.program_for(model.apply_fn, model.params, model.image_shape,
+                                      num_pixels, delta_convolutions=False)  # fmt: skip
     evaluators = {
         "full": incremental.FullEvaluator(model.apply_fn),
         "incremental": incremental.IncrementalEvaluator(program),
+        "windows": incremental.IncrementalEvaluator(windows),
     }
     forward = Forward(model, popsize, seed, loop_calls)
     runs = {name: Evaluation(model, e, popsize, num_pixels, loop_calls, seed)
             for name, e in evaluators.items()}  # fmt: skip
-    rates = {"forward": [], "full": [], "incremental": []}
+    rates = {"forward": [], "full": [], "incremental": [], "windows": []}
     for _ in range(repetitions):
         rates["forward"].append(forward.time_loop()["queries_per_s"])
         for name, run in runs.items():
@@ -393,6 +398,8 @@ def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitio
         "incremental_qps": spread(rates["incremental"]),
         "speedup": spread(np.divide(rates["incremental"], rates["full"])),
         "speedup_over_forward": spread(np.divide(rates["incremental"], rates["forward"])),
+        "windows_qps": spread(rates["windows"]),
+        "speedup_over_windows": spread(np.divide(rates["incremental"], rates["windows"])),
         "costs_per_query": incremental.query_costs(model, num_pixels),
         "cache_bytes_per_image": incremental.cache_bytes(program),
         "convolutions_windowed": sum(s.mode == "window" for s in steps),
