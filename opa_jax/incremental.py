@@ -16,7 +16,10 @@ from the jaxpr of `apply_fn(params, images)` traced for one image:
   cached maps are re-windowed from the cache). Convolutions and pooling
   (`conv_general_dilated`, `reduce_window_*`) grow it by their kernel, stride,
   dilation and padding, and compute on a slice of the patched input, read from
-  the cached clean map. A global sum over the window's axes (global average
+  the cached clean map. With one pixel, a stride-1 convolution is instead
+  the cached clean output plus the convolution of the window's change, which
+  is zero outside the input window: (input window) x (taps) multiply-adds,
+  not (output window) x (taps). A global sum over the window's axes (global average
   pooling) is updated from the window alone: clean sum + the window's change.
   Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, `remat`, ...) are
   inlined. Any other operation on a windowed value, and any layer whose
@@ -97,6 +100,13 @@ _REDUCE_WINDOWS = {
 
 # Windows whose total size is above this share of the map are computed in full.
 DEFAULT_MAX_WINDOW_FRACTION = 0.5
+
+# A one-pixel convolution is the clean output plus the change's convolution when its
+# input window has at most this share of its output window's positions (NiN's conv2:
+# 4x4 under 8x8). Above it (3x3 kernels on grown windows, e.g. ResNet's 5x5 -> 7x7),
+# the matrix product and col2im on small maps measured slower than the window rule
+# (docs/benchmarks.md, "Delta convolutions").
+DELTA_MAX_INPUT_SHARE = 0.25
 
 
 def _lowest(dtype):
@@ -650,6 +660,11 @@ class _Pass:
             for i, a in zip(order, lhs_spatial, strict=True)
         ]
         if not self.fits(out_spans):
+            return None
+        in_positions = math.prod(span.count for span in lhs.spans)
+        if in_positions == 1:  # the pixel itself (a first layer): its window rule is as cheap
+            return None
+        if in_positions > DELTA_MAX_INPUT_SHARE * math.prod(span.count for span in out_spans):
             return None
         # The change in canonical layout [h, w, C_in].
         in_starts = [span.start(self.pixels) for span in lhs.spans]

@@ -169,19 +169,43 @@ def test_one_pixel_convolutions_are_the_clean_output_plus_the_change():
     assert flops < 0.8 * incremental.flops_per_query(model, 1, windows)["incremental"]
 
 
-@pytest.mark.parametrize("seed", [3, 4, 8, 12, 19])  # those with stride-1 convs on windows
-def test_random_architectures_match_the_full_forward_with_one_pixel(seed):
-    rng = np.random.default_rng(200 + seed)
-    shape = (int(rng.integers(9, 17)), int(rng.integers(9, 17)), 3)
-    layers = random_layers(rng, shape)
-    module = RandomNet(layers, str(rng.choice(["mean", "max", "flatten"])))
-    variables = randomise_batch_stats(module.init(jax.random.key(seed), jnp.zeros((1, *shape))))
-    model = LoadedModel("random-net", jax.jit(module.apply), variables, shape, 5)
-    candidates = placements(shape, 1, 32, seed=seed)
-    program = assert_matches_full(model, 1, candidates, fraction=0.95, seed=seed)
+def _conv(features, kernel, padding):
+    opts = dict(features=features, kh=kernel[0], kw=kernel[1], stride=1, padding=padding,
+                dilation=1, tanh=False)  # fmt: skip
+    return ("conv", tuple(sorted(opts.items())))
+
+
+def _pool(kind, window, stride, padding="VALID"):
+    opts = dict(window=window, stride=stride, padding=padding)
+    if kind == "avg_pool":
+        opts["include_pad"] = False
+    return (kind, tuple(sorted(opts.items())))
+
+
+@pytest.mark.parametrize(
+    "padding, head",
+    [
+        ("SAME", "mean"),
+        ("VALID", "flatten"),
+        (((2, 1), (0, 3)), "max"),  # asymmetric
+        (((4, 4), (4, 4)), "mean"),  # wider than the kernel's reach: the change spills out
+    ],
+)
+def test_delta_convolutions_match_the_full_forward_at_every_padding(padding, head):
+    # A pool shrinks the pixel's window to 2x2, under which a 5x5 kernel takes the delta
+    # form (4 input positions against 36 output ones), on a non-square map.
+    layers = (_conv(4, (3, 3), "SAME"), _pool("max_pool", (2, 2), (2, 2)),
+              _conv(5, (5, 5), padding), ("batch_norm", ()),
+              _pool("avg_pool", (2, 2), (1, 1)), _conv(3, (5, 4), padding))  # fmt: skip
+    shape = (23, 26, 3)
+    module = RandomNet(layers, head)
+    variables = randomise_batch_stats(module.init(jax.random.key(0), jnp.zeros((1, *shape))))
+    model = LoadedModel("delta-net", jax.jit(module.apply), variables, shape, 5)
+    program = assert_matches_full(model, 1, placements(shape, 1, 40, seed=5), fraction=0.95)
     windows = incremental.trace(model.apply_fn, model.params, shape, 1, 0.95,
                                 delta_convolutions=False)  # fmt: skip
     assert len(program.cache_keys) > len(windows.cache_keys)  # a convolution's clean output
+    assert windowed(program, "conv_general_dilated") == windowed(windows, "conv_general_dilated")
 
 
 @pytest.mark.slow
@@ -436,11 +460,11 @@ def test_cache_bytes_count_the_activations():
     activations = incremental.clean_activations(program, model.params, image)
     assert set(activations) == {key.name for key in program.cache_keys}
     assert incremental.cache_bytes(program) == sum(x.nbytes for x in activations.values())
-    # conv1's input and output (for its change), pool1's input padded by (0, 1) with
-    # -inf, conv2's input and output, and the global sum.
+    # conv1's input padded by 2, pool1's by (0, 1) with -inf, conv2's input and output
+    # (its delta form), and the global sum.
     shapes = [activations[key.name].shape for key in program.cache_keys]
-    assert shapes[:2] == [(1, 32, 32, 3), (1, 32, 32, 24)]
-    assert (1, 16, 16, 12) in shapes and (1, 8, 8, 24) in shapes
+    assert shapes[0] == (1, 36, 36, 3)
+    assert (1, 16, 16, 12) in shapes and (1, 16, 16, 24) in shapes and (1, 8, 8, 24) in shapes
     assert any(key.value == -np.inf for key in program.cache_keys)
 
 
