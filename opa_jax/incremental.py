@@ -58,6 +58,7 @@ from jax import lax
 
 from opa_jax import de
 from opa_jax.errors import InputError
+from opa_jax.models import layers
 
 try:  # jax >= 0.4.30
     from jax.extend import core as jax_core
@@ -674,16 +675,17 @@ class _Pass:
         change = jnp.transpose((lhs.data - clean_in)[0], (batch, *lhs_spatial, feature))[0]
         kernel = jnp.transpose(rhs, (*rhs_spatial, dn.rhs_spec[1], dn.rhs_spec[0]))
         taps = kernel.shape[:-2]
-        # Every position's change times every tap: [h, w, *taps, C_out].
-        products = jnp.tensordot(change, kernel, axes=[[change.ndim - 1], [len(taps)]])
-        # col2im: position i under tap t lands at i + (taps - 1 - t) of the buffer, whose
+        # Every position's change times every tap, the kernel flipped so that tap t of
+        # position i lands at buffer position i + t: [h, w, *taps, C_out]. The buffer's
         # position u is the output position start_in + pad_low - (taps - 1) + u.
-        buffer = None
-        for tap in np.ndindex(*taps):
-            index = (slice(None),) * len(taps) + tuple(tap)
-            config = [(n - 1 - t, t, 0) for n, t in zip(taps, tap, strict=True)] + [(0, 0, 0)]
-            term = lax.pad(products[index], jnp.zeros((), products.dtype), config)
-            buffer = term if buffer is None else buffer + term
+        flipped = kernel[tuple(slice(None, None, -1) for _ in taps)]
+        products = jnp.tensordot(change, flipped, axes=[[change.ndim - 1], [len(taps)]])
+        sizes, channels = change.shape[:-1], kernel.shape[-1]
+        buffer = layers.col2im(
+            products.reshape(1, *sizes, -1),
+            (1, *(s + n - 1 for s, n in zip(sizes, taps, strict=True)), channels),
+            (*taps, channels, channels), (1,) * len(taps), ((0, 0),) * len(taps),
+        )[0]  # fmt: skip
         # The output window: its clean values plus the buffer read at its place from a
         # margin of zeros (a window's start is clamped into the map; the buffer's is not).
         out_counts = [span.count for span in out_spans]

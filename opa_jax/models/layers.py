@@ -195,8 +195,13 @@ def _im2col(images, kernel_shape, strides, padding):
     return jnp.concatenate(windows, axis=-1)
 
 
-def _col2im(patch_grads, images_shape, kernel_shape, strides, padding):
-    """The transpose of `_im2col`: each window column added back where it was read."""
+def col2im(patch_grads, images_shape, kernel_shape, strides, padding):
+    """The transpose of `_im2col`: each window column added back where it was read.
+
+    patch_grads [N, Ho, Wo, kh * kw * C], columns ordered (i, j, c); images_shape
+    [N, H, W, C]; kernel_shape [kh, kw, C, ...]. Also the incremental evaluator's
+    delta convolutions (opa_jax/incremental.py).
+    """
     kh, kw, channels, _ = kernel_shape
     out_spatial = patch_grads.shape[1:3]
     padded_spatial = tuple(
@@ -270,7 +275,7 @@ def _input_gradient(kernel, cotangent, images_shape, strides, padding):
         return _matmul(cotangent, kernel[0, 0].T, cotangent.dtype)
     if _is_smaller_than_kernel(images_shape, kernel.shape):
         patch_grads = _matmul(cotangent, kernel.reshape(-1, kernel.shape[-1]).T, cotangent.dtype)
-        return _col2im(patch_grads, images_shape, kernel.shape, strides, padding)
+        return col2im(patch_grads, images_shape, kernel.shape, strides, padding)
     images = jax.ShapeDtypeStruct(images_shape, cotangent.dtype)
     (grad,) = jax.linear_transpose(lambda x: _plain_conv(x, kernel, strides, padding), images)(
         cotangent
