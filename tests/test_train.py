@@ -220,7 +220,6 @@ def test_a_resized_train_step_feeds_the_model_antialiased_smaller_images():
         ("16:0.5,24:0.4", "nin", "fractions of the steps increasing"),
         ("32:0.5", "nin", "below the native height 32"),
         ("16:1.0", "nin", "within \\(0, 1\\)"),
-        ("16:0.5", "vgg16", "'vgg16' cannot train on 16x16 images"),
     ],
 )
 def test_bad_progressive_resizing_is_refused_before_any_step(dataset, tmp_path, spec, model,
@@ -229,6 +228,32 @@ def test_bad_progressive_resizing_is_refused_before_any_step(dataset, tmp_path, 
     with pytest.raises(InputError, match=message):
         train.setup(config, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_a_model_whose_dense_layer_reads_a_flattened_map_cannot_be_resized(dataset):
+    """AlexNet's fc6 reads its last pool's map flattened: 6x6x256 at 227x227, 2x2x256 at
+    67x67, so the weights of one size do not fit the other."""
+    config = tiny_config(dataset, progressive_resizing="67:0.5", model="alexnet")
+    module = zoo.build("alexnet", num_classes=10)
+    with pytest.raises(InputError, match="'alexnet' cannot train on 67x67 images"):
+        train._check_resizable(module, (227, 227, 3), (67, 67), config)
+
+
+def test_vgg16_trains_at_progressive_resizings_sizes_with_its_native_weights(dataset, tmp_path):
+    """VGG16's five pools take 32 to 1; at 16 and 24 the map is one position before the
+    last pool (or two), which passes it as it is, so fc1 reads 512 values at every size."""
+    module = zoo.build("vgg16", width=0.125, num_classes=10)
+    variables = base.init_variables(module, jax.random.key(0), (32, 32, 3))
+    for size in (16, 24, 32):
+        shapes = base.variable_shapes(module, (size, size, 3))
+        assert jax.tree_util.tree_map(np.shape, shapes) == jax.tree_util.tree_map(
+            np.shape, variables
+        ), size
+        logits = module.apply(variables, np.full((2, size, size, 3), 128.0, np.float32))
+        assert logits.shape == (2, 10) and np.isfinite(logits).all()
+    config = tiny_config(dataset, progressive_resizing="16:0.3,24:0.6", model="vgg16")
+    training = train.setup(config, str(tmp_path / "w"))
+    assert [(end, size) for end, size, _ in training.resized] == [(6, (16, 16)), (12, (24, 24))]
 
 
 def test_max_hours_does_not_count_the_first_steps_compilation(dataset, tmp_path):

@@ -41,7 +41,10 @@ class VGG16(nn.Module):
         for stage, widths in enumerate(STAGES, start=1):
             for i, features in enumerate(widths, start=1):
                 x = conv_bn_relu(x, scaled(self.width, features), 3, f"conv{stage}_{i}", **block)
-            x = max_pool(x, 2, 2, "VALID", fast_gradients=fast)  # 32 -> 16 -> 8 -> 4 -> 2 -> 1
+            if x.shape[1] > 1 or x.shape[2] > 1:  # 32 -> 16 -> 8 -> 4 -> 2 -> 1
+                x = max_pool(x, 2, 2, "VALID", fast_gradients=fast)
+            # else the map is already one position (images under 32x32, such as progressive
+            # resizing's 16 and 24): a pool would leave nothing, so it passes as it is.
         x = x.reshape(x.shape[0], -1)  # [N, 512] for 32x32 input
         for i in (1, 2):
             x = nn.Dense(scaled(self.width, self.fc_units), dtype=self.dtype, name=f"fc{i}")(x)
