@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from conftest import xla_flags
 from configs import benchmark as benchmark_config
 from opa_jax import attack, de, plan, profiling
 from opa_jax.bench import benchmark, children, markdown, measure, sections
-from opa_jax.models import LoadedModel, load_model
+from opa_jax.models import LoadedModel, layers, load_model, zoo
+from opa_jax.models.base import init_variables, make_apply_fn
 
 POPSIZE, GENERATIONS, SLOTS, IMAGES = 10, 2, 2, 2  # one wave: scaling reuses the loop
 
@@ -322,3 +324,30 @@ def test_incremental_section_compares_the_evaluators_per_model_and_pixels(
     )
     text = (tmp_path / "benchmark.md").read_text()
     assert "| model | k | devices x batch | forward q/s, in loop | full q/s |" in text
+
+
+def test_evaluator_point_times_the_valid_taps_route_against_the_previous_one():
+    """A narrow VGG16 (its 4x4 and 2x2 maps take the valid-taps route): the point also
+    times both evaluators without the route, and the report gives their speed-ups."""
+    module = zoo.build("vgg16", width=0.03125)
+    model = LoadedModel(
+        name="tiny-vgg16",
+        apply_fn=make_apply_fn(module),
+        params=init_variables(module, jax.random.key(0), (32, 32, 3)),
+        image_shape=(32, 32, 3),
+        num_classes=10,
+        class_names=tuple(str(i) for i in range(10)),
+        meta={"trained": False},
+    )
+    without = layers.without_valid_taps(model.apply_fn)
+    assert measure._traced(model.apply_fn, model) != measure._traced(without, model)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.apply_fn(model.params, images),
+                               without(model.params, images), rtol=1e-4, atol=1e-4)  # fmt: skip
+
+    row = measure.evaluator_point(model, 1, popsize=4, repetitions=1, loop_calls=1)
+    for name in ("no_taps_full_qps", "no_taps_incremental_qps", "valid_taps_speedup_full",
+                 "valid_taps_speedup_incremental"):  # fmt: skip
+        assert row[name]["median"] > 0, name
+    text = "\n".join(markdown.incremental_lines({"incremental": [row]}))
+    assert "| tiny-vgg16 | 1 | " in text and "one product per valid tap" in text

@@ -56,14 +56,42 @@ CONV_CASES = [
     (2, 2, 24, 6, 3, 1, ((1, 1), (1, 1))),  # smaller than the kernel (VGG's 2x2 convs)
     (2, 1, 24, 6, 3, 1, ((1, 1), (1, 1))),  # and 1x1
     (2, 2, 5, 4, 3, 2, ((1, 1), (1, 1))),
+    (2, 4, 24, 6, 3, 1, ((1, 1), (1, 1))),  # mostly padding: one product per valid tap
+    (2, 3, 5, 4, 5, 1, ((2, 1), (0, 3))),  # the same, asymmetric; some taps read nothing
 ]
 
 
-# float64 on every case; the low-precision types on the three routes (whole-window
-# im2col, a product per kernel row, a map smaller than the kernel), one type each.
+# float64 on every case; the low-precision types on the four routes (whole-window
+# im2col, a product per kernel row, a map smaller than the kernel, valid taps).
 CONV_DTYPE_CASES = [(case, "float64") for case in CONV_CASES] + [
-    (CONV_CASES[0], "float32"), (CONV_CASES[1], "bfloat16"), (CONV_CASES[8], "float32"),
+    (CONV_CASES[0], "float32"),
+    (CONV_CASES[1], "bfloat16"),
+    (CONV_CASES[8], "float32"),
+    (CONV_CASES[11], "bfloat16"),
 ]
+
+
+def test_valid_taps_route_is_taken_where_most_pairs_read_padding():
+    share = lambda size, kernel, stride=1, pad=1: layers._padding_share(
+        (1, size, size, 1), (kernel, kernel, 1, 1), (stride, stride), ((pad, pad), (pad, pad))
+    )
+    # VGG16's 3x3 'SAME' convolutions: 32x32 to 8x8 keep the convolution, 4x4 and 2x2 do not.
+    assert share(8, 3) == pytest.approx(1 - (22 / 24) ** 2)
+    assert share(4, 3) == pytest.approx(1 - (10 / 12) ** 2)
+    assert share(2, 3) == pytest.approx(1 - (4 / 6) ** 2)
+    threshold = layers.VALID_TAPS_MIN_PADDING_SHARE
+    assert share(32, 3) < share(8, 3) < threshold < share(4, 3) < share(2, 3)
+    assert share(1, 3) == pytest.approx(1 - 1 / 9)  # only the centre tap reads the image
+    assert share(4, 3, stride=2) == 0.0 and share(4, 3, pad=0) == 0.0  # strided; VALID
+    # The route's program has matrix products, not convolutions, and no custom VJP.
+    images, kernel = jnp.ones((2, 4, 4, 3)), jnp.ones((3, 3, 3, 5))
+    conv = functools.partial(layers.fast_conv, padding=((1, 1), (1, 1)))
+    names = {e.primitive.name for e in jax.make_jaxpr(conv)(images, kernel).eqns}
+    assert "dot_general" in names and "conv_general_dilated" not in names
+    assert not any("custom" in name for name in names)
+    out = conv(images, kernel)
+    edge, inner = [12, 18, 18, 12], [18, 27, 27, 18]  # 4, 6 or 9 taps read the image, x3
+    np.testing.assert_allclose(out[0, :, :, 0], [edge, inner, inner, edge])
 
 
 @pytest.mark.parametrize(

@@ -222,6 +222,24 @@ def incremental_lines(report: dict) -> list[str]:
             f"{r['convolutions_windowed']} of {r['convolutions']} | "
             f"{r['cache_bytes_per_image'] / 2**20:.2f} MiB | {r['auto']} |"
         )
+    taps = [r for r in report["incremental"] if "valid_taps_speedup_full" in r]
+    if taps:
+        lines += [
+            "",
+            "Convolutions on mostly padding as one product per valid tap (models.layers), "
+            "against their previous routes, interleaved:",
+            "",
+            "| model | k | full q/s, without / with | speed-up | "
+            "incremental q/s, without / with | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in taps:
+            lines.append(
+                f"| {r['model']} | {r['num_pixels']} | {fmt(r['no_taps_full_qps'])} / "
+                f"{fmt(r['full_qps'])} | **{fmt(r['valid_taps_speedup_full'], 2)}** | "
+                f"{fmt(r['no_taps_incremental_qps'])} / {fmt(r['incremental_qps'])} | "
+                f"**{fmt(r['valid_taps_speedup_incremental'], 2)}** |"
+            )
     return lines
 
 

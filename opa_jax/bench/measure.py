@@ -23,7 +23,7 @@ from scipy.optimize import differential_evolution
 
 from opa_jax import attack, de, incremental, plan
 from opa_jax import data as data_lib
-from opa_jax.models import LoadedModel
+from opa_jax.models import LoadedModel, layers
 
 
 def spread(values) -> dict:
@@ -361,13 +361,20 @@ class Evaluation:
         return self.queries / (time.perf_counter() - started)
 
 
+def _traced(apply_fn, model: LoadedModel) -> str:
+    """The jaxpr of `apply_fn` on one image, as text: equal for equal programs."""
+    image = jax.ShapeDtypeStruct((1, *model.image_shape), jnp.float32)
+    return str(jax.make_jaxpr(apply_fn)(model.params, image))
+
+
 def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitions: int,
                     loop_calls: int = 2, seed: int = 0) -> dict:  # fmt: skip
     """Queries/s of the forward pass, the full and the incremental evaluator at one
     slot of `popsize` per device (interleaved repetitions), and of the incremental
     evaluator without its delta convolutions ("windows": every convolution from its
-    patched region); XLA's FLOPs and bytes per query of the full and incremental
-    evaluators; the activation cache per in-flight image."""
+    patched region); for a model with convolutions on the valid-taps route, both
+    evaluators without it too ("no_taps"); XLA's FLOPs and bytes per query of the full
+    and incremental evaluators; the activation cache per in-flight image."""
     program = incremental.program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
     windows = incremental.program_for(model.apply_fn, model.params, model.image_shape,
                                       num_pixels, delta_convolutions=False)  # fmt: skip
@@ -376,17 +383,36 @@ def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitio
         "incremental": incremental.IncrementalEvaluator(program),
         "windows": incremental.IncrementalEvaluator(windows),
     }
+    # Models with convolutions on the valid-taps route (models.layers: VGG16's 4x4 and 2x2
+    # maps) are also timed with those convolutions on their previous routes.
+    plain_fn = layers.without_valid_taps(model.apply_fn)
+    taps = _traced(model.apply_fn, model) != _traced(plain_fn, model)
+    if taps:
+        plain = incremental.program_for(plain_fn, model.params, model.image_shape, num_pixels)
+        evaluators["full_no_taps"] = incremental.FullEvaluator(plain_fn)
+        evaluators["incremental_no_taps"] = incremental.IncrementalEvaluator(plain)
     forward = Forward(model, popsize, seed, loop_calls)
     runs = {name: Evaluation(model, e, popsize, num_pixels, loop_calls, seed)
             for name, e in evaluators.items()}  # fmt: skip
-    rates = {"forward": [], "full": [], "incremental": [], "windows": []}
+    rates = {"forward": [], **{name: [] for name in evaluators}}
     for _ in range(repetitions):
         rates["forward"].append(forward.time_loop()["queries_per_s"])
         for name, run in runs.items():
             rates[name].append(run.time())
     # Convolutions, and the matrix products that 1x1 convolutions become (models.layers).
     steps = [s for s in program.steps if s.primitive in ("conv_general_dilated", "dot_general")]
+    valid_taps = {}
+    if taps:
+        valid_taps = {
+            "no_taps_full_qps": spread(rates["full_no_taps"]),
+            "no_taps_incremental_qps": spread(rates["incremental_no_taps"]),
+            "valid_taps_speedup_full": spread(np.divide(rates["full"], rates["full_no_taps"])),
+            "valid_taps_speedup_incremental": spread(
+                np.divide(rates["incremental"], rates["incremental_no_taps"])
+            ),
+        }
     return {
+        **valid_taps,
         "model": model.name,
         "trained": model.meta.get("trained", True),
         "image_shape": list(model.image_shape),

@@ -353,6 +353,10 @@ def incremental_section(bench: Bench) -> dict:
                       f" q/s, incremental {row['incremental_qps']['median']:.1f} q/s, "
                       f"speed-up {row['speedup']['median']:.2f}; without delta convolutions "
                       f"{row['windows_qps']['median']:.1f} q/s")  # fmt: skip
+            if "valid_taps_speedup_full" in row:
+                bench.log(f"incremental {spec} k={num_pixels}: valid taps' speed-up, full "
+                          f"{row['valid_taps_speedup_full']['median']:.2f}, incremental "
+                          f"{row['valid_taps_speedup_incremental']['median']:.2f}")  # fmt: skip
             rows.append(row)
     return {"incremental": rows}
 
