@@ -109,6 +109,12 @@ DEFAULT_MAX_WINDOW_FRACTION = 0.5
 # (docs/benchmarks.md, "Delta convolutions").
 DELTA_MAX_INPUT_SHARE = 0.25
 
+# A convolution whose output windows would cover too much of the map is the full clean
+# output plus the windows' changes convolved (`_Pass._delta_into_full`) when the k input
+# windows hold at most this share of the output map's positions (NiN's conv2 at k = 3:
+# 48 of 256); otherwise it runs in full.
+DELTA_FULL_MAX_INPUT_SHARE = 0.25
+
 
 def _lowest(dtype):
     dtype = np.dtype(dtype)
@@ -625,8 +631,87 @@ class _Pass:
             out = self._delta_convolution(eqn, lhs, rhs, extents, strides, pads, out_axes_of)
             if out is not None:
                 return out
-        return self._local(eqn, values, out_axes_of, extents, strides, pads, 0.0,
-                           out_shape, apply)  # fmt: skip
+        out = self._local(eqn, values, out_axes_of, extents, strides, pads, 0.0,
+                          out_shape, apply)  # fmt: skip
+        if out is None and self.program.delta_convolutions:
+            out = self._delta_into_full(eqn, lhs, rhs, extents, strides, pads)
+        return out
+
+    def _delta_into_full(self, eqn, lhs: Window, rhs, extents, strides, pads):
+        """A stride-1 convolution whose output windows would cover too much of its map
+        (k pixels, or grown windows), as the full clean output plus every window's
+        change convolved and added into place.
+
+        The windows' changes (each input position counted in its first window only)
+        are zero elsewhere, so this costs k x (input window positions) x (kernel taps)
+        multiply-adds per channel pair, where the full convolution costs (output map
+        positions) x (kernel taps): NiN's conv2 at k = 3 reads three 4x4 windows of
+        pool1's 16x16 map under a 5x5 kernel, 48 against 256 positions. Taken when
+        that share is at most `DELTA_FULL_MAX_INPUT_SHARE`.
+        """
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
+        out_shape = self.program.avals[eqn.outputs[0]].shape
+        out_sizes = [out_shape[a] for a in dn.out_spec[2:]]
+        if (
+            p["feature_group_count"] != 1
+            or any(d != 1 for d in p["rhs_dilation"])
+            or set(lhs.axes) != set(lhs_spatial)
+            or any(strides[a] != 1 for a in lhs_spatial)
+            or all(extents[a] == 1 for a in lhs_spatial)
+            or self.program.avals[eqn.inputs[0]].shape[dn.lhs_spec[0]] != 1
+            or len(lhs_spatial) != 2
+        ):
+            return None
+        in_positions = self.k * math.prod(span.count for span in lhs.spans)
+        if in_positions > DELTA_FULL_MAX_INPUT_SHARE * math.prod(out_sizes):
+            return None
+        order = [lhs.axes.index(a) for a in lhs_spatial]  # spatial axis -> window span
+        in_starts = self.starts(lhs)
+        clean_in = self.slices(self.lookup(CacheKey(eqn.inputs[0])), lhs.axes, in_starts,
+                               [span.count for span in lhs.spans])  # fmt: skip
+        change = lhs.data - clean_in  # [k, ...]
+        if self.k > 1:  # a position inside an earlier window is counted there
+            change = jnp.where(self._first_cover(lhs), change, 0)
+        batch, feature = (1 + d for d in dn.lhs_spec[:2])
+        change = jnp.transpose(change, (0, batch, *(1 + a for a in lhs_spatial), feature))[:, 0]
+        kernel = jnp.transpose(rhs, (*rhs_spatial, dn.rhs_spec[1], dn.rhs_spec[0]))
+        taps = kernel.shape[:-2]
+        # As `_delta_convolution`, the kernel flipped: tap t of position i lands at
+        # buffer position i + t, output position start_in + pad_low - (taps - 1) + i + t.
+        flipped = kernel[tuple(slice(None, None, -1) for _ in taps)]
+        products = jnp.tensordot(change, flipped, axes=[[change.ndim - 1], [len(taps)]])
+        sizes = change.shape[1:-1]
+        buffer_sizes = tuple(s + n - 1 for s, n in zip(sizes, taps, strict=True))
+        buffers = layers.col2im(
+            products.reshape(self.k, *sizes, -1), (self.k, *buffer_sizes, products.shape[-1]),
+            (*taps, products.shape[-1], products.shape[-1]), (1,) * len(taps),
+            ((0, 0),) * len(taps),
+        )  # fmt: skip  # [k, *buffer_sizes, C_out]: buffer position u is output base + u
+        # Each buffer moved into place and summed by one-hot matrix products (a scatter
+        # or a dynamic update per window measured slower): buffer position u of window j
+        # is output position base_j + u on each axis, and positions past the map's
+        # border (where the kernel reaches) drop out.
+        placements = []
+        for d, a in enumerate(lhs_spatial):
+            base = in_starts[order[d]] + pads[a][0] - (taps[d] - 1)  # [k]
+            target = base[:, None] + jnp.arange(buffer_sizes[d])[None, :]  # [k, buffer]
+            placements.append(
+                (jnp.arange(out_sizes[d])[None, :, None] == target[:, None, :]).astype(
+                    buffers.dtype
+                )
+            )  # [k, out, buffer]
+        rows, cols = placements
+        moved = jnp.einsum("joh,jhwc->jowc", rows, buffers)
+        change_out = jnp.einsum("jowc,jpw->opc", moved, cols)  # [*out_sizes, C_out]
+        out_spec = dn.out_spec
+        canonical = (out_spec[0], *out_spec[2:], out_spec[1])  # batch, spatial, feature
+        change_out = jnp.transpose(change_out[None], [canonical.index(d)
+                                                      for d in range(len(canonical))])  # fmt: skip
+        clean_out = self.lookup(CacheKey(eqn.outputs[0]))
+        self.delta = True
+        return [Full(clean_out + change_out.astype(clean_out.dtype))]
 
     def _delta_convolution(self, eqn, lhs: Window, rhs, extents, strides, pads, out_axes_of):
         """A stride-1 convolution on one pixel's window, as the clean output plus the

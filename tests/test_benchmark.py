@@ -307,8 +307,14 @@ def test_incremental_section_compares_the_evaluators_per_model_and_pixels(
     assert [row["num_pixels"] for row in rows] == [1, 3]
     for row in rows:
         assert row["popsize"] == 8 and row["devices"] >= 1
-        for name in ("forward_qps", "full_qps", "incremental_qps", "speedup", "windows_qps",
-                     "speedup_over_windows"):
+        for name in (
+            "forward_qps",
+            "full_qps",
+            "incremental_qps",
+            "speedup",
+            "windows_qps",
+            "speedup_over_windows",
+        ):
             assert row[name]["median"] > 0, name
         # The tiny net is conv - flatten - dense: its conv runs on windows, the dense
         # layer's matmul in full, so a query costs less than the forward pass.
@@ -339,8 +345,13 @@ def test_evaluator_point_times_the_valid_taps_route_against_the_previous_one():
         class_names=tuple(str(i) for i in range(10)),
         meta={"trained": False},
     )
-    without = layers.without_valid_taps(model.apply_fn)
-    assert measure._traced(model.apply_fn, model) != measure._traced(without, model)
+    without = layers.valid_taps_route(model.apply_fn, False)
+    with_taps = layers.valid_taps_route(model.apply_fn, True)
+    assert measure._traced(with_taps, model) != measure._traced(without, model)
+    nin = zoo.random_model("nin")  # no map small enough: the same program either way
+    assert measure._traced(layers.valid_taps_route(nin.apply_fn, True), nin) == measure._traced(
+        layers.valid_taps_route(nin.apply_fn, False), nin
+    )
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(model.apply_fn(model.params, images),
                                without(model.params, images), rtol=1e-4, atol=1e-4)  # fmt: skip

@@ -208,6 +208,46 @@ def test_delta_convolutions_match_the_full_forward_at_every_padding(padding, hea
     assert windowed(program, "conv_general_dilated") == windowed(windows, "conv_general_dilated")
 
 
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 1), (0, 3))])
+def test_k_pixel_convolutions_add_their_windows_changes_to_the_full_clean_output(padding):
+    # Three 2x2 windows under a 5x5 kernel: their 6x6 output windows would cover more
+    # than half of the 11x13 map, so the convolution's output is the full clean map plus
+    # the changes' convolutions (12 input positions), each position counted once where
+    # windows overlap (pixels one apart below), and cut at the map's border.
+    layers = (_conv(4, (3, 3), "SAME"), _pool("max_pool", (2, 2), (2, 2)),
+              _conv(5, (5, 5), padding), ("batch_norm", ()), _conv(3, (3, 3), "SAME"))  # fmt: skip
+    shape = (23, 26, 3)
+    module = RandomNet(layers, "mean")
+    variables = randomise_batch_stats(module.init(jax.random.key(0), jnp.zeros((1, *shape))))
+    model = LoadedModel("delta-full-net", jax.jit(module.apply), variables, shape, 5)
+    candidates = placements(shape, 3, 30, seed=7)
+    candidates[:6, 5:7] = np.minimum(candidates[:6, 0:2] + 1.0, 22.5)  # overlapping windows
+    candidates[6:9, 10:12] = candidates[6:9, 0:2]  # two pixels on one position
+    program = assert_matches_full(model, 3, candidates)
+    modes = [s.mode for s in program.steps if s.primitive == "conv_general_dilated"]
+    assert modes == ["window", "delta", "full"]
+    windows = incremental.trace(model.apply_fn, model.params, shape, 3,
+                                delta_convolutions=False)  # fmt: skip
+    assert [s.mode for s in windows.steps if s.primitive == "conv_general_dilated"] == [
+        "window",
+        "full",
+        "full",
+    ]
+    flops = incremental.flops_per_query(model, 3, program)["incremental"]
+    assert flops < incremental.flops_per_query(model, 3, windows)["incremental"]
+
+
+def test_nin_takes_the_k_pixel_delta_form_at_three_pixels_not_five():
+    # conv2 reads k 4x4 windows of pool1's 16x16 map: 48 positions of 256 at k = 3,
+    # within DELTA_FULL_MAX_INPUT_SHARE; 80 at k = 5, which measured slower.
+    model = small_zoo_model("nin", width=0.125)
+    for num_pixels, mode in ((3, "delta"), (5, "full")):
+        candidates = placements(model.image_shape, num_pixels, 12, seed=num_pixels)
+        program = assert_matches_full(model, num_pixels, candidates)
+        convs = [s for s in program.steps if s.primitive == "conv_general_dilated"]
+        assert [s.mode for s in convs][1] == mode
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nin", "allconv", "vgg16"])
 def test_full_width_zoo_models_match_the_full_forward(name):

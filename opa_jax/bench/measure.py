@@ -385,8 +385,8 @@ def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitio
     }
     # Models with convolutions on the valid-taps route (models.layers: VGG16's 4x4 and 2x2
     # maps) are also timed with those convolutions on their previous routes.
-    plain_fn = layers.without_valid_taps(model.apply_fn)
-    taps = _traced(model.apply_fn, model) != _traced(plain_fn, model)
+    plain_fn = layers.valid_taps_route(model.apply_fn, False)
+    taps = _traced(layers.valid_taps_route(model.apply_fn, True), model) != _traced(plain_fn, model)
     if taps:
         plain = incremental.program_for(plain_fn, model.params, model.image_shape, num_pixels)
         evaluators["full_no_taps"] = incremental.FullEvaluator(plain_fn)

@@ -126,25 +126,25 @@ VALID_TAPS_MIN_PADDING_SHARE = 0.25
 
 Padding = tuple[tuple[int, int], ...]
 
-_valid_taps_on = True  # `without_valid_taps` turns the route off while a function traces
+_valid_taps_on = True  # `valid_taps_route` sets it while a function traces
 
 
-def without_valid_taps(fn):
-    """`fn` traced with every convolution on its previous route (the plain convolution or
-    im2col), as before the valid-taps route: what benchmarks compare it with. A jitted
-    `fn` is unwrapped, so that its cached trace (with the route) is not reused."""
+def valid_taps_route(fn, enabled: bool):
+    """`fn` traced with the valid-taps route on or off (off: every convolution on its
+    previous route, the plain convolution or im2col): what benchmarks compare. A jitted
+    `fn` is unwrapped, so that its cached trace is not reused."""
     inner = getattr(fn, "__wrapped__", fn)
 
     @functools.wraps(inner)
-    def traced_without(*args, **kwargs):
+    def traced(*args, **kwargs):
         global _valid_taps_on
-        previous, _valid_taps_on = _valid_taps_on, False
+        previous, _valid_taps_on = _valid_taps_on, enabled
         try:
             return inner(*args, **kwargs)
         finally:
             _valid_taps_on = previous
 
-    return traced_without
+    return traced
 
 
 def _strided_window(padded, offset, strides, out_spatial):
