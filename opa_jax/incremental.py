@@ -19,7 +19,10 @@ from the jaxpr of `apply_fn(params, images)` traced for one image:
   the cached clean map. With one pixel, a stride-1 convolution is instead
   the cached clean output plus the convolution of the window's change, which
   is zero outside the input window: (input window) x (taps) multiply-adds,
-  not (output window) x (taps). A global sum over the window's axes (global average
+  not (output window) x (taps). With k pixels, a stride-1 convolution whose output
+  windows would cover most of its map, but whose k input windows are small, is
+  the cached clean output map plus the windows' changes convolved, moved into
+  place by one-hot matrix products. A global sum over the window's axes (global average
   pooling) is updated from the window alone: clean sum + the window's change.
   Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, `remat`, ...) are
   inlined. Any other operation on a windowed value, and any layer whose
@@ -1091,7 +1094,8 @@ class Step:
     """How the incremental pass computes one input-dependent equation."""
 
     primitive: str
-    mode: str  # 'window', 'delta' (clean global sum + the windows' change) or 'full'
+    mode: str  # 'window', 'delta' (the clean global sum or full map + the windows' change)
+    # or 'full'
     shape: tuple[int, ...]  # the output map's shape
     window: tuple[int, ...] | None  # the window's length on each windowed axis
 
