@@ -1,11 +1,13 @@
 """The zoo's architectures: parameter counts against the papers, shapes, inference mode."""
 
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from opa_jax.errors import InputError
 from opa_jax.models import base, load_model, zoo
@@ -152,3 +154,40 @@ def test_ceil_mode_padding_gives_caffe_output_sizes(size, kernel, stride, caffe_
     ((low, high),) = ceil_mode_padding((size,), kernel, stride)
     assert low == 0
     assert (size + high - kernel) // stride + 1 == caffe_out  # a VALID pool on the padded input
+
+
+def _convolution_operand_dtypes(jaxpr) -> set[str]:
+    """The operand dtypes of every convolution and matrix product, nested calls included."""
+    dtypes = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            dtypes |= {str(v.aval.dtype) for v in eqn.invars}
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            dtypes |= _convolution_operand_dtypes(sub)
+    return dtypes
+
+
+@pytest.mark.parametrize("name", ["nin", "vgg16"])
+def test_bfloat16_precision_computes_zoo_models_in_bfloat16(name, tmp_path):
+    # A module whose dtype is float32 casts bfloat16 weights and inputs back to float32:
+    # the zoo's modules, from a checkpoint too, are rebuilt with bfloat16 compute.
+    module = zoo.build(name, width=0.0625)
+    variables = base.init_variables(module, jax.random.key(0), (32, 32, 3))
+    model = base.LoadedModel(f"tiny-{name}", base.make_apply_fn(module), variables,
+                             (32, 32, 3), 10, module=module)  # fmt: skip
+    model16 = model.with_precision("bfloat16")
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)), jnp.float32)
+    jaxpr = jax.make_jaxpr(model16.apply_fn)(model16.params, images).jaxpr
+    assert _convolution_operand_dtypes(jaxpr) == {"bfloat16"}
+    plain = jax.make_jaxpr(model.apply_fn)(model.params, images).jaxpr
+    assert _convolution_operand_dtypes(plain) == {"float32"}
+    logits, logits16 = (
+        model.apply_fn(model.params, images),
+        model16.apply_fn(model16.params, images),
+    )
+    assert logits16.dtype == jnp.float32
+    np.testing.assert_allclose(logits16, logits, rtol=0, atol=0.05 * float(jnp.abs(logits).max()))
+    # A random model and a checkpoint keep their module for it.
+    assert load_model(f"random:{name}").module is not None
+    shipped = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10" / name
+    assert load_model(f"ckpt:{shipped}").module is not None

@@ -141,4 +141,5 @@ def load_alexnet(path: str, allow_pickle: bool = False) -> LoadedModel:
         num_classes=1000,
         class_names=None,
         meta={"architecture": "alexnet", "mean_bgr": list(mean_bgr), "weights": path},
+        module=module,
     )

@@ -41,14 +41,23 @@ class LoadedModel:
     num_classes: int
     class_names: tuple[str, ...] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    # The Flax module behind `apply_fn` when it is `make_apply_fn(module)` (the zoo and its
+    # checkpoints): bfloat16 rebuilds it with bfloat16 compute, since a module whose
+    # `dtype` is float32 casts bfloat16 parameters and inputs back to float32.
+    module: nn.Module | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def with_precision(self, precision: str) -> LoadedModel:
-        """The model with bfloat16 parameters and inputs when asked; logits stay float32."""
+        """The model with bfloat16 parameters, inputs and compute when asked (products
+        accumulate in float32 where XLA does so); logits stay float32."""
         if precision not in PRECISIONS:
             raise InputError(f"precision={precision!r}: expected float32 or bfloat16")
         if precision == "float32":
             return self
         apply_fn = self.apply_fn
+        module = self.module
+        if module is not None and hasattr(module, "dtype"):
+            module = module.clone(dtype=jnp.bfloat16)
+            apply_fn = make_apply_fn(module)
 
         def apply_bf16(params, images):
             cast = jax.tree.map(
@@ -56,7 +65,9 @@ class LoadedModel:
             )
             return apply_fn(cast, images.astype(jnp.bfloat16)).astype(jnp.float32)
 
-        return dataclasses.replace(self, apply_fn=apply_bf16, name=self.name + "@bf16")
+        return dataclasses.replace(
+            self, apply_fn=apply_bf16, name=self.name + "@bf16", module=module
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -164,4 +164,5 @@ def load_model_checkpoint(path: str) -> LoadedModel:
         num_classes=int(description.get("num_classes", zoo.get_architecture(name).num_classes)),
         class_names=tuple(class_names) if class_names else None,
         meta=description,
+        module=module,
     )

@@ -76,4 +76,5 @@ def random_model(name: str) -> LoadedModel:
         num_classes=arch.num_classes,
         class_names=arch.class_names,
         meta={"architecture": name, "random_init_seed": 0, "trained": False},
+        module=module,
     )
