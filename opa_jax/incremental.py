@@ -640,6 +640,52 @@ class _Pass:
             out = self._delta_into_full(eqn, lhs, rhs, extents, strides, pads)
         return out
 
+    def _takes_delta_form(self, eqn, lhs: Window, extents, strides) -> bool:
+        """Whether a convolution can be computed from its input windows' change: 2-D,
+        stride 1, no groups or dilation, every spatial axis windowed, one image."""
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        lhs_spatial = dn.lhs_spec[2:]
+        return (
+            p["feature_group_count"] == 1
+            and all(d == 1 for d in p["rhs_dilation"])
+            and set(lhs.axes) == set(lhs_spatial)
+            and all(strides[a] == 1 for a in lhs_spatial)
+            and not all(extents[a] == 1 for a in lhs_spatial)
+            and self.program.avals[eqn.inputs[0]].shape[dn.lhs_spec[0]] == 1
+        )
+
+    def _change_buffers(self, eqn, lhs: Window, rhs):
+        """Each window's change convolved: (input starts per window span, kernel taps,
+        buffers [k, *(window + taps - 1), C_out]), buffer position u of window j being
+        output position start_in_j + pad_low - (taps - 1) + u on each spatial axis.
+
+        The change (each input position counted in its first window only) is
+        multiplied by every kernel tap in one matrix product, the kernel flipped so
+        that tap t of position i lands at buffer position i + t, and the products are
+        added into place (col2im)."""
+        dn = eqn.params["dimension_numbers"]
+        lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
+        in_starts = self.starts(lhs)
+        clean_in = self.slices(self.lookup(CacheKey(eqn.inputs[0])), lhs.axes, in_starts,
+                               [span.count for span in lhs.spans])  # fmt: skip
+        change = lhs.data - clean_in  # [k, ...]
+        if self.k > 1:  # a position inside an earlier window is counted there
+            change = jnp.where(self._first_cover(lhs), change, 0)
+        batch, feature = (1 + d for d in dn.lhs_spec[:2])
+        change = jnp.transpose(change, (0, batch, *(1 + a for a in lhs_spatial), feature))[:, 0]
+        kernel = jnp.transpose(rhs, (*rhs_spatial, dn.rhs_spec[1], dn.rhs_spec[0]))
+        taps, channels = kernel.shape[:-2], kernel.shape[-1]
+        flipped = kernel[tuple(slice(None, None, -1) for _ in taps)]
+        products = jnp.tensordot(change, flipped, axes=[[change.ndim - 1], [len(taps)]])
+        sizes = change.shape[1:-1]
+        buffers = layers.col2im(
+            products.reshape(self.k, *sizes, -1),
+            (self.k, *(s + n - 1 for s, n in zip(sizes, taps, strict=True)), channels),
+            (*taps, channels, channels), (1,) * len(taps), ((0, 0),) * len(taps),
+        )  # fmt: skip
+        return in_starts, taps, buffers
+
     def _delta_into_full(self, eqn, lhs: Window, rhs, extents, strides, pads):
         """A stride-1 convolution whose output windows would cover too much of its map
         (k pixels, or grown windows), as the full clean output plus every window's
@@ -652,46 +698,18 @@ class _Pass:
         pool1's 16x16 map under a 5x5 kernel, 48 against 256 positions. Taken when
         that share is at most `DELTA_FULL_MAX_INPUT_SHARE`.
         """
-        p = eqn.params
-        dn = p["dimension_numbers"]
-        lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
+        dn = eqn.params["dimension_numbers"]
+        lhs_spatial = dn.lhs_spec[2:]
         out_shape = self.program.avals[eqn.outputs[0]].shape
         out_sizes = [out_shape[a] for a in dn.out_spec[2:]]
-        if (
-            p["feature_group_count"] != 1
-            or any(d != 1 for d in p["rhs_dilation"])
-            or set(lhs.axes) != set(lhs_spatial)
-            or any(strides[a] != 1 for a in lhs_spatial)
-            or all(extents[a] == 1 for a in lhs_spatial)
-            or self.program.avals[eqn.inputs[0]].shape[dn.lhs_spec[0]] != 1
-            or len(lhs_spatial) != 2
-        ):
+        if len(lhs_spatial) != 2 or not self._takes_delta_form(eqn, lhs, extents, strides):
             return None
         in_positions = self.k * math.prod(span.count for span in lhs.spans)
         if in_positions > DELTA_FULL_MAX_INPUT_SHARE * math.prod(out_sizes):
             return None
         order = [lhs.axes.index(a) for a in lhs_spatial]  # spatial axis -> window span
-        in_starts = self.starts(lhs)
-        clean_in = self.slices(self.lookup(CacheKey(eqn.inputs[0])), lhs.axes, in_starts,
-                               [span.count for span in lhs.spans])  # fmt: skip
-        change = lhs.data - clean_in  # [k, ...]
-        if self.k > 1:  # a position inside an earlier window is counted there
-            change = jnp.where(self._first_cover(lhs), change, 0)
-        batch, feature = (1 + d for d in dn.lhs_spec[:2])
-        change = jnp.transpose(change, (0, batch, *(1 + a for a in lhs_spatial), feature))[:, 0]
-        kernel = jnp.transpose(rhs, (*rhs_spatial, dn.rhs_spec[1], dn.rhs_spec[0]))
-        taps = kernel.shape[:-2]
-        # As `_delta_convolution`, the kernel flipped: tap t of position i lands at
-        # buffer position i + t, output position start_in + pad_low - (taps - 1) + i + t.
-        flipped = kernel[tuple(slice(None, None, -1) for _ in taps)]
-        products = jnp.tensordot(change, flipped, axes=[[change.ndim - 1], [len(taps)]])
-        sizes = change.shape[1:-1]
-        buffer_sizes = tuple(s + n - 1 for s, n in zip(sizes, taps, strict=True))
-        buffers = layers.col2im(
-            products.reshape(self.k, *sizes, -1), (self.k, *buffer_sizes, products.shape[-1]),
-            (*taps, products.shape[-1], products.shape[-1]), (1,) * len(taps),
-            ((0, 0),) * len(taps),
-        )  # fmt: skip  # [k, *buffer_sizes, C_out]: buffer position u is output base + u
+        in_starts, taps, buffers = self._change_buffers(eqn, lhs, rhs)
+        buffer_sizes = buffers.shape[1:-1]
         # Each buffer moved into place and summed by one-hot matrix products (a scatter
         # or a dynamic update per window measured slower): buffer position u of window j
         # is output position base_j + u on each axis, and positions past the map's
@@ -729,18 +747,9 @@ class _Pass:
         (col2im). One pixel only: with k windows, the k x k shifted reads of
         each other's changes cost more than they save (docs/benchmarks.md).
         """
-        p = eqn.params
-        dn = p["dimension_numbers"]
-        lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
-        if (
-            self.k != 1
-            or p["feature_group_count"] != 1
-            or any(d != 1 for d in p["rhs_dilation"])
-            or set(lhs.axes) != set(lhs_spatial)
-            or any(strides[a] != 1 for a in lhs_spatial)
-            or all(extents[a] == 1 for a in lhs_spatial)
-            or self.program.avals[eqn.inputs[0]].shape[dn.lhs_spec[0]] != 1
-        ):
+        dn = eqn.params["dimension_numbers"]
+        lhs_spatial = dn.lhs_spec[2:]
+        if self.k != 1 or not self._takes_delta_form(eqn, lhs, extents, strides):
             return None
         order = [lhs.axes.index(a) for a in lhs_spatial]  # spatial axis -> window span
         out_shape = self.program.avals[eqn.outputs[0]].shape
@@ -755,25 +764,8 @@ class _Pass:
             return None
         if in_positions > DELTA_MAX_INPUT_SHARE * math.prod(span.count for span in out_spans):
             return None
-        # The change in canonical layout [h, w, C_in].
-        in_starts = [span.start(self.pixels) for span in lhs.spans]
-        clean_in = self.slices(self.lookup(CacheKey(eqn.inputs[0])), lhs.axes, in_starts,
-                               [span.count for span in lhs.spans])  # fmt: skip
-        batch, feature = dn.lhs_spec[0], dn.lhs_spec[1]
-        change = jnp.transpose((lhs.data - clean_in)[0], (batch, *lhs_spatial, feature))[0]
-        kernel = jnp.transpose(rhs, (*rhs_spatial, dn.rhs_spec[1], dn.rhs_spec[0]))
-        taps = kernel.shape[:-2]
-        # Every position's change times every tap, the kernel flipped so that tap t of
-        # position i lands at buffer position i + t: [h, w, *taps, C_out]. The buffer's
-        # position u is the output position start_in + pad_low - (taps - 1) + u.
-        flipped = kernel[tuple(slice(None, None, -1) for _ in taps)]
-        products = jnp.tensordot(change, flipped, axes=[[change.ndim - 1], [len(taps)]])
-        sizes, channels = change.shape[:-1], kernel.shape[-1]
-        buffer = layers.col2im(
-            products.reshape(1, *sizes, -1),
-            (1, *(s + n - 1 for s, n in zip(sizes, taps, strict=True)), channels),
-            (*taps, channels, channels), (1,) * len(taps), ((0, 0),) * len(taps),
-        )[0]  # fmt: skip
+        in_starts, taps, buffers = self._change_buffers(eqn, lhs, rhs)
+        buffer = buffers[0]
         # The output window: its clean values plus the buffer read at its place from a
         # margin of zeros (a window's start is clamped into the map; the buffer's is not).
         out_counts = [span.count for span in out_spans]
