@@ -115,8 +115,13 @@ DELTA_MAX_INPUT_SHARE = 0.25
 # A convolution whose output windows would cover too much of the map is the full clean
 # output plus the windows' changes convolved (`_Pass._delta_into_full`) when the k input
 # windows hold at most this share of the output map's positions (NiN's conv2 at k = 3:
-# 48 of 256); otherwise it runs in full.
+# 48 of 256); otherwise it runs in full. The products and col2im of k windows cost
+# about k times one window's, and NiN's conv2 at k = 5 (80 of 256) measured slower than
+# in full; one window (k = 1) is cheaper to add in, and NiN's conv3 (a 5x5 window of
+# an 8x8 map, 25 of 64) measured 1.25x as fast, so one window may hold a larger share
+# (docs/benchmarks.md, "Delta convolutions into the full map").
 DELTA_FULL_MAX_INPUT_SHARE = 0.25
+DELTA_FULL_MAX_INPUT_SHARE_ONE_WINDOW = 0.4
 
 
 def _lowest(dtype):
@@ -696,7 +701,9 @@ class _Pass:
         multiply-adds per channel pair, where the full convolution costs (output map
         positions) x (kernel taps): NiN's conv2 at k = 3 reads three 4x4 windows of
         pool1's 16x16 map under a 5x5 kernel, 48 against 256 positions. Taken when
-        that share is at most `DELTA_FULL_MAX_INPUT_SHARE`.
+        that share is at most `DELTA_FULL_MAX_INPUT_SHARE` (k > 1) or
+        `DELTA_FULL_MAX_INPUT_SHARE_ONE_WINDOW` (one pixel: NiN's conv3, a 5x5 window
+        of an 8x8 map under a 3x3 kernel).
         """
         dn = eqn.params["dimension_numbers"]
         lhs_spatial = dn.lhs_spec[2:]
@@ -705,7 +712,8 @@ class _Pass:
         if len(lhs_spatial) != 2 or not self._takes_delta_form(eqn, lhs, extents, strides):
             return None
         in_positions = self.k * math.prod(span.count for span in lhs.spans)
-        if in_positions > DELTA_FULL_MAX_INPUT_SHARE * math.prod(out_sizes):
+        share = DELTA_FULL_MAX_INPUT_SHARE_ONE_WINDOW if self.k == 1 else DELTA_FULL_MAX_INPUT_SHARE
+        if in_positions > share * math.prod(out_sizes):
             return None
         order = [lhs.axes.index(a) for a in lhs_spatial]  # spatial axis -> window span
         in_starts, taps, buffers = self._change_buffers(eqn, lhs, rhs)

@@ -239,13 +239,16 @@ def test_k_pixel_convolutions_add_their_windows_changes_to_the_full_clean_output
 
 def test_nin_takes_the_k_pixel_delta_form_at_three_pixels_not_five():
     # conv2 reads k 4x4 windows of pool1's 16x16 map: 48 positions of 256 at k = 3,
-    # within DELTA_FULL_MAX_INPUT_SHARE; 80 at k = 5, which measured slower.
+    # within DELTA_FULL_MAX_INPUT_SHARE; 80 at k = 5, which measured slower. At k = 1,
+    # conv2 keeps a window (the one-pixel delta form), and conv3 reads one 5x5 window of the
+    # 8x8 map, 25 of 64 positions: within DELTA_FULL_MAX_INPUT_SHARE_ONE_WINDOW.
     model = small_zoo_model("nin", width=0.125)
-    for num_pixels, mode in ((3, "delta"), (5, "full")):
+    for num_pixels, modes in ((1, ["window", "window", "delta"]), (3, ["window", "delta", "full"]),
+                              (5, ["window", "full", "full"])):  # fmt: skip
         candidates = placements(model.image_shape, num_pixels, 12, seed=num_pixels)
         program = assert_matches_full(model, num_pixels, candidates)
         convs = [s for s in program.steps if s.primitive == "conv_general_dilated"]
-        assert [s.mode for s in convs][1] == mode
+        assert [s.mode for s in convs] == modes
 
 
 @pytest.mark.slow
