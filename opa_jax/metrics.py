@@ -35,8 +35,9 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
 
 
-def mean_interval(total: float, total_sq: float, count: int,
-                  z: float = Z_95) -> tuple[float, float]:
+def mean_interval(
+    total: float, total_sq: float, count: int, z: float = Z_95
+) -> tuple[float, float]:
     """The normal interval of a mean from its sum and sum of squares (95% by default)."""
     if count <= 0:
         return (0.0, 0.0)

@@ -1,6 +1,6 @@
 """Prints the markdown model card of a model checkpoint written by scripts/train.py.
 
-    python scripts/model_card.py checkpoints/cifar10/nin [more checkpoints...]
+python scripts/model_card.py checkpoints/cifar10/nin [more checkpoints...]
 """
 
 import os

@@ -153,7 +153,7 @@ def test_a_run_projected_past_max_hours_stops_at_its_first_log_line(dataset, tmp
 
 
 def test_progressive_resizing_trains_its_early_phases_on_smaller_images(dataset, tmp_path):
-    """"16:0.25,24:0.5": steps 0-4 see 16x16 images, 5-9 24x24, 10-19 the native 32x32;
+    """ "16:0.25,24:0.5": steps 0-4 see 16x16 images, 5-9 24x24, 10-19 the native 32x32;
     the run learns, and a stop inside the resized phases resumes to the same weights."""
     config = tiny_config(dataset, progressive_resizing="16:0.25,24:0.5")
     workdir = str(tmp_path / "whole")
@@ -546,8 +546,13 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     model card shows them with the epochs-to-accuracy curve."""
     evaluated = []  # the variables of each final evaluation, in order
     final_evaluation = train.final_evaluation
-    monkeypatch.setattr(train, "final_evaluation", lambda config, training, variables: (
-        evaluated.append(variables) or final_evaluation(config, training, variables)))
+    monkeypatch.setattr(
+        train,
+        "final_evaluation",
+        lambda config, training, variables: (
+            evaluated.append(variables) or final_evaluation(config, training, variables)
+        ),
+    )
     workdir = str(tmp_path / "half")
     config = tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0, stop_after_steps=8)
     train.train_and_evaluate(config, workdir)

@@ -55,5 +55,4 @@ def test_shipped_checkpoint_accuracy_on_the_exact_images(name):
     assert tuple(model.class_names) == tuple(dataset.class_names)
     # Reaching the target is recorded, not required: a network that missed it in
     # its CPU budget is shipped as the best model, with its card saying so.
-    print(f"{name}: {correct}/{len(labels)} = {correct / len(labels):.4f} "
-          f"(target {TARGETS[name]})")
+    print(f"{name}: {correct}/{len(labels)} = {correct / len(labels):.4f} (target {TARGETS[name]})")
