@@ -153,7 +153,7 @@ def test_a_run_projected_past_max_hours_stops_at_its_first_log_line(dataset, tmp
 
 
 def test_progressive_resizing_trains_its_early_phases_on_smaller_images(dataset, tmp_path):
-    """ "16:0.25,24:0.5": steps 0-4 see 16x16 images, 5-9 24x24, 10-19 the native 32x32;
+    """Resizing "16:0.25,24:0.5": steps 0-4 see 16x16 images, 5-9 24x24, 10-19 the native 32x32;
     the run learns, and a stop inside the resized phases resumes to the same weights."""
     config = tiny_config(dataset, progressive_resizing="16:0.25,24:0.5")
     workdir = str(tmp_path / "whole")
