@@ -4,9 +4,8 @@ The Python API (README, "Attack your own model"): `Model`, `InputConvention`,
 `attack_images`, `run_attack`, `export_adversarial`.
 """
 
-__version__ = "0.1.0"
-
-from opa_jax.api import (  # noqa: E402
+from opa_jax._version import __version__
+from opa_jax.api import (
     AttackResult,
     Model,
     attack_images,
@@ -14,9 +13,10 @@ from opa_jax.api import (  # noqa: E402
     run_attack,
     set_cpu_devices,
 )
-from opa_jax.models.convention import InputConvention  # noqa: E402
+from opa_jax.models.convention import InputConvention
 
 __all__ = [
+    "__version__",
     "AttackResult",
     "InputConvention",
     "Model",

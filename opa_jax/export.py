@@ -141,7 +141,7 @@ def export_workdir(workdir: str, out: str, fmt: str = "png", batch_size: int = 2
     """
     from opa_jax import data as data_lib
     from opa_jax import workdir as workdir_lib
-    from opa_jax.models import load_model, onnx_import
+    from opa_jax.models import load_model
 
     if fmt not in FORMATS:
         raise InputError(f"format={fmt!r}: expected one of {FORMATS}")
@@ -149,9 +149,7 @@ def export_workdir(workdir: str, out: str, fmt: str = "png", batch_size: int = 2
     records = [r for r in workdir_lib.read_all_results(workdir) if r["success"]]
     started_in = workdir_lib.read_run_info(workdir).get("cwd", "")
     model_spec = from_run_start(config.model, started_in)
-    model = load_model(
-        model_spec, allow_pickle=config.allow_pickle, **onnx_import.load_options(config)
-    )
+    model = load_model(model_spec, allow_pickle=config.allow_pickle, onnx=config.get("onnx"))
     model = model.with_precision(config.precision)
     dataset = data_lib.load_dataset(
         from_run_start(config.data, started_in), config.split, model.image_shape, config.resize,

@@ -20,7 +20,7 @@ import numpy as np
 from opa_jax import attack, de, devices, incremental
 from opa_jax import data as data_lib
 from opa_jax.errors import InputError
-from opa_jax.models import LoadedModel, load_model, onnx_import
+from opa_jax.models import LoadedModel, load_model
 
 CLEAN_BATCH = 256  # images per clean-pass model call
 METHODS = ("de", "fgsm")
@@ -133,9 +133,7 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
     if config.method not in METHODS:
         raise InputError(f"method={config.method!r}: expected 'de' or 'fgsm'")
     dconf = de_config(config) if config.method == "de" else None
-    model = load_model(
-        config.model, allow_pickle=config.allow_pickle, **onnx_import.load_options(config)
-    )
+    model = load_model(config.model, allow_pickle=config.allow_pickle, onnx=config.get("onnx"))
     model = model.with_precision(config.precision)
     dataset = data_lib.load_dataset(
         config.data, config.split, model.image_shape, config.resize, config.data_dir or None

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import optax
 
-import opa_jax
+from opa_jax._version import __version__
 
 
 def software_versions() -> dict[str, str]:
@@ -24,7 +24,7 @@ def software_versions() -> dict[str, str]:
         "flax": flax.__version__,
         "optax": optax.__version__,
         "numpy": np.__version__,
-        "opa_jax": opa_jax.__version__,
+        "opa_jax": __version__,
     }
 
 

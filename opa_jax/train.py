@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from opa_jax import data, files
-from opa_jax import workdir as workdir_lib
+from opa_jax.config_identity import config_identity, differing_fields
 from opa_jax.errors import InputError
 from opa_jax.models import base, checkpoint, zoo
 
@@ -334,7 +334,7 @@ def save_train_state(workdir: str, state: TrainState, config, train_seconds: flo
     (process CPU seconds, the step they are counted from)."""
     directory = os.path.join(workdir, "checkpoints")
     os.makedirs(directory, exist_ok=True)
-    identity = workdir_lib.config_identity(config, RESUME_FREE_FIELDS)
+    identity = config_identity(config, RESUME_FREE_FIELDS)
     payload = {
         "state": serialization.to_state_dict(jax.device_get(state)),
         "fingerprint": json.dumps(identity, sort_keys=True),
@@ -370,9 +370,7 @@ def read_train_state(workdir: str, config) -> tuple[dict, float | None, tuple | 
         raise InputError(
             f"training checkpoint {path!r} is corrupt ({e}); delete it to start afresh"
         ) from e
-    differing = workdir_lib.differing_fields(
-        fingerprint, workdir_lib.config_identity(config, RESUME_FREE_FIELDS)
-    )
+    differing = differing_fields(fingerprint, config_identity(config, RESUME_FREE_FIELDS))
     if differing:
         raise InputError(
             f"workdir {workdir!r} holds a training checkpoint of a different run (config fields "

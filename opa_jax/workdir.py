@@ -14,8 +14,8 @@ On several hosts, process 0 alone writes the shared files (`config.json`,
 `run_info.json`, `summary.json`), each atomically; the others meet it at
 barriers (`opa_jax.hosts`) before they read them.
 
-Training checks its resumption with the same `config_identity` and
-`differing_fields`.
+A run's identity and the fields two identities differ in come from
+`opa_jax.config_identity`, which training's resumption check uses as well.
 """
 
 from __future__ import annotations
@@ -29,34 +29,23 @@ import jax
 import ml_collections
 
 from opa_jax import attack, files, hosts, metrics, provenance, results
+from opa_jax.config_identity import config_identity, differing_fields
 from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel
 
 # Fields that change how a run executes, never its results.
 EXECUTION_FIELDS = (
-    "slots", "chunk_size", "flush_seconds", "distributed", "cpu_devices", "evaluator",
-)  # fmt: skip
+    "slots",
+    "chunk_size",
+    "flush_seconds",
+    "distributed",
+    "cpu_devices",
+    "evaluator",
+)
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
 RUN_INFO_FILE = "run_info.json"
 SUMMARY_FILE = "summary.json"
-
-
-def config_identity(config: ml_collections.ConfigDict, ignored_fields=()) -> dict:
-    """The config as plain JSON values, without `ignored_fields`."""
-    identity = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
-    for field in ignored_fields:
-        identity.pop(field, None)
-    return identity
-
-
-def differing_fields(previous: dict, current: dict, ignored_fields=()) -> list[str]:
-    """The top-level fields whose values differ, sorted."""
-    return sorted(
-        k
-        for k in set(previous) | set(current)
-        if k not in ignored_fields and previous.get(k) != current.get(k)
-    )
 
 
 def writable_error(workdir: str) -> str | None:

@@ -289,16 +289,13 @@ def test_input_convention_feeds_the_graph_its_normalised_input(tmp_path, name):
 def test_bgr_channel_order_and_config_fields(tmp_path):
     from ml_collections import ConfigDict
 
-    from opa_jax.models import onnx_import
-
     b = GraphBuilder(seed=11)
     path = b.save(tmp_path / "lenet.onnx", lenet_graph(b), input_shape=("N", 3, "H", "W"))
     section = ConfigDict({"normalization": "imagenet", "scale": None, "mean": "100,110,120",
                           "std": "", "channel_order": "bgr", "image_size": "16,16"})  # fmt: skip
-    options = onnx_import.load_options(ConfigDict({"onnx": section}))
-    assert options["image_size"] == (16, 16)
     images = random_images()
-    _, logits = imported_logits(path, images, **options)
+    model, logits = imported_logits(path, images, onnx=section)
+    assert model.image_shape == (16, 16, 3)
     std = np.float32([0.229, 0.224, 0.225])
     normalised = (images[..., ::-1] / np.float32(255) - np.float32([100, 110, 120])) / std
     assert_parity(logits, onnxruntime_logits(path, normalised.astype(np.float32)))

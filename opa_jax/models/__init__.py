@@ -33,14 +33,20 @@ def load_model(
     spec: str,
     *,
     allow_pickle: bool = False,
+    onnx=None,
     input_convention=None,
     image_size: tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Loads a model from a spec string (see the module docstring).
 
     `input_convention` (`opa_jax.models.convention.InputConvention`) and `image_size`
-    (H, W for graphs with a dynamic image size) concern `onnx:` models only.
+    (H, W for graphs with a dynamic image size) concern `onnx:` models only. `onnx`, a
+    run config's `onnx` section (configs/default.py), sets both in their place; it is
+    checked whatever the model's kind, as the rest of a config is.
     """
+    if onnx is not None:
+        options = onnx_import.load_options(onnx)
+        input_convention, image_size = options["input_convention"], options["image_size"]
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
         raise InputError(

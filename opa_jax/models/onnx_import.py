@@ -799,12 +799,9 @@ def load_onnx_model(
     )
 
 
-def load_options(config) -> dict:
-    """`load_model` keywords from a run config's `onnx` section (configs/default.py); a config
-    without one gives the defaults. Other model kinds ignore them."""
-    section = config.get("onnx")
-    if section is None:
-        return {}
+def load_options(section) -> dict:
+    """`load_onnx_model` keywords from a run config's `onnx` section (configs/default.py):
+    `input_convention` and `image_size`; InputError when `image_size` is not 'H,W'."""
     image_size = None
     if section.get("image_size"):
         try:
