@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.onnx.channel_order = ""  # rgb or bgr
     config.onnx.image_size = ""  # 'H,W' for a graph whose input height and width are dynamic
     # The attack.
-    config.method = "de"  # de (DE or random search, by de.preset) or fgsm
+    # de (DE or random search, by de.preset), exhaustive, corner_search, min_pixels or fgsm
+    config.method = "de"
     config.pixels = 1
     config.targeted = False
     config.targets = "all"  # targeted: 'all' other classes, or a comma list of class indices
@@ -52,6 +53,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.de.nontargeted_threshold = config_dict.placeholder(float)
     config.de.targeted_threshold = config_dict.placeholder(float)
     config.de.round_rgb = config_dict.placeholder(bool)
+    # method=exhaustive: every position times every colour of a set, one pixel.
+    config.exhaustive = ml_collections.ConfigDict()
+    config.exhaustive.colours = "corners"  # corners (8), or levels:N (N**3 colours)
+    config.exhaustive.stop = "first"  # first fooling candidate in raster order, or none
+    config.exhaustive.popsize = 512  # grid candidates per generation
+    # method=corner_search: random search over corner colours, one pixel moved at a time.
+    config.corner_search = ml_collections.ConfigDict()
+    config.corner_search.popsize = 400
+    config.corner_search.generations = 100
+    config.corner_search.colours = "corners"
+    config.corner_search.stop = "argmax"  # argmax, threshold (the paper's) or none
+    # method=min_pixels: the exhaustive one-pixel search, then each k of `ks` on the
+    # images not yet fooled, with `search` at its budget (popsize x generations).
+    config.min_pixels = ml_collections.ConfigDict()
+    config.min_pixels.ks = "2,3,5,10"
+    config.min_pixels.search = "corner_search"  # corner_search or de (config.de.*)
+    config.min_pixels.popsize = 100
+    config.min_pixels.generations = 100
     config.fgsm = ml_collections.ConfigDict()
     config.fgsm.epsilon = 8.0  # L-inf, in pixel units 0-255
     config.precision = "float32"  # float32 or bfloat16 model forward passes

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from opa_jax import de, engine, incremental
 from opa_jax.errors import InputError
+from opa_jax.search import Search
 
 
 @dataclasses.dataclass
@@ -51,6 +52,7 @@ class Results:
     adv_probs: np.ndarray  # [R, C]
     generations: np.ndarray  # [R]
     queries: np.ndarray  # [R]
+    outputs: dict = dataclasses.field(default_factory=dict)  # the search rule's, {name: [R, ...]}
 
     @property
     def adv_label(self):
@@ -63,12 +65,17 @@ class Results:
     @classmethod
     def concatenate(cls, chunks: Sequence[Results]) -> Results:
         """The rows of several chunks as one, in the chunks' order."""
-        return cls(*[np.concatenate([getattr(c, f.name) for c in chunks])
+        return cls(*[jax.tree.map(lambda *rows: np.concatenate(rows),
+                                  *[getattr(c, f.name) for c in chunks])
                      for f in dataclasses.fields(cls)])  # fmt: skip
 
+    def select(self, rows) -> Results:
+        """The rows `rows` (an index array or mask) of every field."""
+        return type(self)(*[jax.tree.map(lambda x: x[rows], getattr(self, f.name))
+                            for f in dataclasses.fields(self)])  # fmt: skip
+
     def sorted_by_work_id(self) -> Results:
-        order = np.argsort(self.work_ids)
-        return type(self)(*[getattr(self, f.name)[order] for f in dataclasses.fields(self)])
+        return self.select(np.argsort(self.work_ids))
 
 
 @dataclasses.dataclass
@@ -95,7 +102,7 @@ class Attacker:
     """
 
     def __init__(
-        self, model, config: de.DEConfig, targeted: bool, num_slots: int, devices=None,
+        self, model, config: Search, targeted: bool, num_slots: int, devices=None,
         evaluator="full",
     ):  # fmt: skip
         if num_slots < 1:
@@ -201,6 +208,7 @@ class Attacker:
                 adv_probs=finished.probs[rows],
                 generations=finished.generations[rows],
                 queries=finished.queries[rows],
+                outputs=jax.tree.map(lambda x: x[rows], finished.outputs),
             )
             drained = all(c >= len(p) for p, c in zip(pending, cursor, strict=True))
             if drained and np.all(work_ids < 0):
@@ -229,7 +237,7 @@ class Attacker:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_loop(apply_fn, config: de.DEConfig, targeted: bool, mesh: Mesh, evaluator=None):
+def _compiled_loop(apply_fn, config: Search, targeted: bool, mesh: Mesh, evaluator=None):
     """The device loop, sharded over `mesh` and jitted; cached so repeated runs reuse it."""
     run_queue = functools.partial(
         engine.run_queue, apply_fn=apply_fn, config=config, targeted=targeted,
@@ -259,7 +267,7 @@ def attack_arrays(
     model,
     images: np.ndarray,
     true_labels,
-    config: de.DEConfig,
+    config: Search,
     *,
     target_labels=None,
     indices=None,

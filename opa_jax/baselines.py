@@ -25,8 +25,8 @@ class FGSMResults(attack_lib.Results):
     """FGSM results. `perturbation` is empty ([R, 0, 5]): FGSM changes many pixels, and
     these say how many and by how much instead."""
 
-    l0_pixels: np.ndarray  # [R] pixel positions (row, column) with any channel changed
-    linf: np.ndarray  # [R] largest change of any channel, pixel units 0-255
+    l0_pixels: np.ndarray = None  # [R] pixel positions (row, column) with any channel changed
+    linf: np.ndarray = None  # [R] largest change of any channel, pixel units 0-255
 
 
 def fgsm_image(apply_fn, params, image, label, direction, epsilon):

@@ -104,6 +104,26 @@ class DEConfig:
     def num_genes(self) -> int:
         return self.num_pixels * 5
 
+    # The search rule the engine runs (`opa_jax.search.Search`): DE's init, propose, update.
+    def empty_state(self, num_classes: int, image_shape) -> ImageState:
+        del image_shape  # DE's state does not depend on the image size
+        return empty_image_state(self, num_classes)
+
+    def propose(self, key, state: ImageState, fresh, low, high) -> jax.Array:
+        return propose(key, state, fresh, self, low, high)
+
+    def update(self, state: ImageState, fresh, candidates, probs, true_label, target_label,
+               targeted: bool) -> ImageState:  # fmt: skip
+        return update(state, fresh, candidates, probs, true_label, target_label, self, targeted)
+
+    def outputs(self, state: ImageState) -> dict:
+        del state
+        return {}
+
+    def record_fields(self, outputs: dict) -> dict:
+        del outputs
+        return {}
+
 
 def bounds(image_shape, num_pixels: int) -> tuple[jax.Array, jax.Array]:
     """Lower and upper bounds per gene, `[num_pixels * 5]` each."""

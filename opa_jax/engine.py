@@ -26,6 +26,7 @@ import numpy as np
 from flax import struct
 
 from opa_jax import de, incremental
+from opa_jax.search import Search
 
 
 @struct.dataclass
@@ -51,7 +52,7 @@ class EngineState:
     work_ids: jax.Array  # [S], -1 when the slot is idle
     fresh: jax.Array  # [S] bool: evaluate the initial population next
     activations: dict  # {name: [S, ...]} the slots' clean maps (incremental evaluator), or {}
-    de_state: de.ImageState  # batched over [S]
+    de_state: Any  # the search rule's image state (e.g. de.ImageState), batched over [S]
     # Counters, one per device ([1] inside a device's loop) so they shard with the slots.
     evaluations: jax.Array  # [D] float32, model evaluations spent (all slots)
     active_evaluations: jax.Array  # [D] float32, of those on unfinished images
@@ -69,6 +70,7 @@ class Finished:
     probs: jax.Array  # [R, C] model output on the best perturbed image
     generations: jax.Array  # [R]
     queries: jax.Array  # [R]
+    outputs: dict  # {name: [R, ...]} the search rule's extra outputs (`Search.outputs`)
     count: jax.Array  # []
 
 
@@ -78,10 +80,10 @@ def image_key(key, index, target):
 
 
 def init_state(
-    num_slots: int, image_shape, num_classes: int, config: de.DEConfig, num_devices: int = 1,
+    num_slots: int, image_shape, num_classes: int, config: Search, num_devices: int = 1,
     evaluator=None,
 ) -> EngineState:  # fmt: skip
-    empty = de.empty_image_state(config, num_classes)
+    empty = config.empty_state(num_classes, image_shape)
     activations = evaluator.empty_activations(num_slots) if evaluator is not None else {}
     return EngineState(
         images=jnp.zeros((num_slots, *image_shape), jnp.float32),
@@ -138,8 +140,8 @@ def _generation(state: EngineState, key, evaluator, params, config, targeted, lo
     num_slots = state.work_ids.shape[0]
     active = state.work_ids >= 0
     image_keys = jax.vmap(image_key, in_axes=(None, 0, 0))(key, state.indices, state.target_labels)
-    candidates = jax.vmap(de.propose, in_axes=(0, 0, 0, None, None, None))(
-        image_keys, state.de_state, state.fresh, config, low, high
+    candidates = jax.vmap(config.propose, in_axes=(0, 0, 0, None, None))(
+        image_keys, state.de_state, state.fresh, low, high
     )  # [S, popsize, genes]
     activations = state.activations
     if activations:  # the clean pass, for the slots that took a new image
@@ -160,9 +162,9 @@ def _generation(state: EngineState, key, evaluator, params, config, targeted, lo
     # constant NaN row to a uniform one, so only the model's own output is a sure sign.
     nan_seen = state.nan_seen | jnp.any(active[:, None, None] & ~jnp.isfinite(logits))
     probs = jax.nn.softmax(logits, axis=-1)  # [S, popsize, C]
-    new_de = jax.vmap(de.update, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+    new_de = jax.vmap(config.update, in_axes=(0, 0, 0, 0, 0, 0, None))(
         state.de_state, state.fresh, candidates, probs,
-        state.true_labels, state.target_labels, config, targeted,
+        state.true_labels, state.target_labels, targeted,
     )  # fmt: skip
     # Idle slots keep their (meaningless) state and never finish.
     new_de = jax.tree.map(
@@ -182,7 +184,7 @@ def _generation(state: EngineState, key, evaluator, params, config, targeted, lo
     )
 
 
-def _collect(state: EngineState, finished: Finished):
+def _collect(state: EngineState, finished: Finished, config: Search):
     """Moves stopped slots' results to the output buffer and frees those slots."""
     done = (state.work_ids >= 0) & state.de_state.stopped
     capacity = finished.work_ids.shape[0]
@@ -199,6 +201,7 @@ def _collect(state: EngineState, finished: Finished):
         probs=put(finished.probs, s.best_probs),
         generations=put(finished.generations, s.generation),
         queries=put(finished.queries, s.queries),
+        outputs=jax.tree.map(put, finished.outputs, config.outputs(s)),
         count=finished.count + jnp.sum(done),
     )
     state = state.replace(
@@ -217,7 +220,7 @@ def run_queue(
     max_iterations,
     *,
     apply_fn: Callable[[Any, jax.Array], jax.Array],
-    config: de.DEConfig,
+    config: Search,
     targeted: bool,
     evaluator=None,
 ) -> tuple[EngineState, Finished, jax.Array]:
@@ -243,6 +246,9 @@ def run_queue(
         probs=jnp.zeros((capacity, state.de_state.best_probs.shape[-1]), jnp.float32),
         generations=jnp.zeros((capacity,), jnp.int32),
         queries=jnp.zeros((capacity,), jnp.int32),
+        outputs=jax.tree.map(
+            lambda x: jnp.zeros((capacity, *x.shape[1:]), x.dtype), config.outputs(state.de_state)
+        ),
         count=jnp.zeros((), jnp.int32),
     )
 
@@ -260,7 +266,7 @@ def run_queue(
         state, cursor, finished, iteration = carry
         state, cursor = _refill(state, queue, cursor)
         state = _generation(state, key, evaluator, params, config, targeted, low, high)
-        state, finished = _collect(state, finished)
+        state, finished = _collect(state, finished, config)
         return state, cursor, finished, iteration + 1
 
     zero = jnp.zeros((), jnp.int32)

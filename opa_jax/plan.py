@@ -17,21 +17,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from opa_jax import attack, de, devices, incremental
+from opa_jax import attack, devices, incremental, search
 from opa_jax import data as data_lib
 from opa_jax.errors import InputError
 from opa_jax.models import LoadedModel, load_model
 
 CLEAN_BATCH = 256  # images per clean-pass model call
-METHODS = ("de", "fgsm")
-
-
-def de_config(config: ml_collections.ConfigDict, **overrides) -> de.DEConfig:
-    """The DE settings of `config.de` (its preset, then every field set), with the
-    `overrides` that are not None on top."""
-    fields = {k: v for k, v in config.de.items() if k != "preset"}
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return de.DEConfig.from_preset(config.de.preset, num_pixels=config.pixels, **fields)
+de_config = search.de_config  # the DE settings of a config
 
 
 def clean_pass(
@@ -96,7 +88,7 @@ class Plan:
 
     model: LoadedModel
     dataset: data_lib.Dataset
-    de_config: de.DEConfig | None  # None for FGSM
+    search: search.Search | None  # the search rule; None for FGSM
     items: attack.WorkItems  # this host's share
     clean_probs: dict[int, np.ndarray]  # dataset position -> clean probabilities [C]
     images_checked: int  # by the clean pass
@@ -110,7 +102,7 @@ class Plan:
         local_devices = jax.local_devices()
         return {
             "config": json.loads(config.to_json()),
-            "de": self.de_config.__dict__ if self.de_config else None,
+            "de": search.settings(self.search),
             "model": {
                 "name": self.model.name,
                 "image_shape": self.model.image_shape,
@@ -130,9 +122,8 @@ class Plan:
 
 def make_plan(config: ml_collections.ConfigDict) -> Plan:
     """Loads model and data and decides what to attack (no attack is run)."""
-    if config.method not in METHODS:
-        raise InputError(f"method={config.method!r}: expected 'de' or 'fgsm'")
-    dconf = de_config(config) if config.method == "de" else None
+    if config.method not in search.METHODS:
+        raise InputError(f"method={config.method!r}: expected one of {search.METHODS}")
     model = load_model(config.model, allow_pickle=config.allow_pickle, onnx=config.get("onnx"))
     model = model.with_precision(config.precision)
     dataset = data_lib.load_dataset(
@@ -149,20 +140,25 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
     eligible, clean_probs = clean_pass(
         model, dataset, positions, config.num_images or len(positions), config.only_correct
     )
+    rule = (
+        search.search_config(config, model.image_shape)
+        if config.method in search.SEARCH_METHODS
+        else None
+    )
     targets = target_classes(config, model.num_classes) if config.targeted else None
     items = work_items(dataset, eligible, targets)
     # Multi-host: each process attacks its own share.
     items = items.select(slice(jax.process_index(), None, jax.process_count()))
     evaluator = (
-        incremental.make_evaluator(config.evaluator, model, dconf.num_pixels) if dconf else None
+        incremental.make_evaluator(config.evaluator, model, rule.num_pixels) if rule else None
     )
     slots, chunk_size = devices.slots_and_chunk(
-        config, model, dconf.popsize if dconf else 1, len(items), evaluator
+        config, model, rule.popsize if rule else 1, len(items), evaluator
     )
     return Plan(
         model=model,
         dataset=dataset,
-        de_config=dconf,
+        search=rule,
         items=items,
         clean_probs=clean_probs,
         images_checked=len(clean_probs),

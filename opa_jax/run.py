@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from opa_jax import attack, baselines, files, hosts, incremental, results
+from opa_jax import attack, baselines, files, hosts, incremental, min_pixels, results, search
 from opa_jax import workdir as workdir_lib
 from opa_jax.plan import make_plan
 
@@ -46,7 +46,9 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
         return description
 
     workdir_lib.check_workdir(workdir, config)
-    workdir_lib.write_run_info(workdir, config, plan.de_config.__dict__ if plan.de_config else None)
+    workdir_lib.write_run_info(workdir, config, search.settings(plan.search))
+    if config.method == "min_pixels":
+        return min_pixels.run_min_pixels(config, plan, workdir)
     path = workdir_lib.results_path(workdir)
     results.repair(path)
     # Done items from every host's file: a rerun on another number of hosts (whose
@@ -73,12 +75,12 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
             batches = baselines.fgsm_results(plan.model, todo, plan.dataset.read,
                                              config.fgsm.epsilon)  # fmt: skip
         else:
-            attacker = attack.Attacker(plan.model, plan.de_config, bool(config.targeted),
+            attacker = attack.Attacker(plan.model, plan.search, bool(config.targeted),
                                        plan.slots, local_devices, plan.evaluator)  # fmt: skip
             batches = attacker.run(jax.random.key(config.seed), todo, plan.dataset.read,
                                    plan.chunk_size, counters, config.flush_seconds)  # fmt: skip
         for res in batches:
-            records = [workdir_lib.record(config, todo, plan.clean_probs, res, i)
+            records = [workdir_lib.record(config, todo, plan.clean_probs, res, i, plan.search)
                        for i in range(len(res.work_ids))]  # fmt: skip
             writer.write(records)
             writer.flush()  # each device call is sized to last about flush_seconds
