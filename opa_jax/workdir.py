@@ -94,7 +94,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     process 0 has written it, and refuses a config that differs from its own.
     A refusal on any host stops every host with it.
     """
-    identity = config_identity(config, EXECUTION_FIELDS)
+    identity = config_identity(config, EXECUTION_FIELDS + unused_sections(config))
     error = writable_error(workdir)
     if error is None and hosts.is_main():
         try:
@@ -164,13 +164,36 @@ def read_all_results(workdir: str) -> list[dict]:
     return [r for name in names for r in results.read(os.path.join(workdir, name))]
 
 
+# The config sections of the methods that read them; a run's identity leaves out the
+# sections its method does not read.
+METHOD_SECTIONS = {
+    "exhaustive": ("exhaustive",),
+    "corner_search": ("corner_search",),
+    "min_pixels": ("exhaustive", "corner_search", "min_pixels"),
+}
+
+
+def unused_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The method sections of `config` that its method does not read."""
+    used = METHOD_SECTIONS.get(config.method, ())
+    every = {s for sections in METHOD_SECTIONS.values() for s in sections}
+    return tuple(sorted(s for s in every if s not in used and s in config))
+
+
 def method_name(config: ml_collections.ConfigDict) -> str:
-    """'de:<preset>' or 'fgsm', as records and summaries name the method."""
-    return config.method if config.method != "de" else f"de:{config.de.preset}"
+    """How records and summaries name the method: 'de:<preset>', 'exhaustive:<colours>',
+    'fgsm', 'corner_search' or 'min_pixels'."""
+    if config.method == "de":
+        return f"de:{config.de.preset}"
+    if config.method == "exhaustive":
+        return f"exhaustive:{config.exhaustive.colours}"
+    return config.method
 
 
-def record(config, items: attack.WorkItems, clean_probs: dict, res: attack.Results, i: int):
-    """The `results.jsonl` record of row `i` of `res`."""
+def record(config, items: attack.WorkItems, clean_probs: dict, res: attack.Results, i: int,
+           rule=None):  # fmt: skip
+    """The `results.jsonl` record of row `i` of `res`; `rule`, the search rule, adds the
+    fields of its extra outputs."""
     w = int(res.work_ids[i])
     p = int(items.positions[w])
     target = int(items.target_labels[w])
@@ -193,6 +216,8 @@ def record(config, items: attack.WorkItems, clean_probs: dict, res: attack.Resul
     if hasattr(res, "l0_pixels"):  # dense baselines (FGSM): how many pixels, how far
         out["l0_pixels"] = int(res.l0_pixels[i])
         out["linf"] = float(res.linf[i])
+    if rule is not None and res.outputs:
+        out.update(rule.record_fields({k: v[i] for k, v in res.outputs.items()}))
     return out
 
 
