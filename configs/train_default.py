@@ -81,14 +81,14 @@ CPU_DATASET = "folder:runs/data/cifar10-jpeg"
 
 
 # The short CPU recipes' variants (after the colon of --config=configs/train_<name>.py:...).
-CPU_VARIANTS = ("cpu", "session")
+CPU_VARIANTS = ("cpu", "short")
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str, config_file: str,
                   epochs: dict, learning_rate: float) -> None:  # fmt: skip
     """Applies `variant` of a training config: `long` leaves it as it is; `cpu` and
-    `session` apply the CPU recipe with `epochs[variant]` epochs (`session` is the one
-    that ends inside a single 3-hour working session on 2 idle cores)."""
+    `short` apply the CPU recipe with `epochs[variant]` epochs (`short` is cut to the
+    epochs that end in about two hours on 2 idle cores)."""
     if variant in CPU_VARIANTS:
         apply_cpu_recipe(config, num_epochs=epochs[variant], learning_rate=learning_rate)
     elif variant != "long":
@@ -97,7 +97,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str, config_file: 
 
 
 def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learning_rate: float):
-    """The short schedule for a 2-core CPU (issue 16): one-cycle to `learning_rate`,
+    """The short schedule for a 2-core CPU: one-cycle to `learning_rate`,
     label smoothing, crop and flip, the lossy-JPEG train set, float16 weights saved."""
     config.dataset = CPU_DATASET
     config.data_cache_dir = "runs/data/cache"  # decoded splits as .npy: restarts skip the JPEGs

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The paper's CIFAR-10 networks trained on this machine and the paper's table run on
-# them (issue 16), as one job that resumes after any stop: run the same command again.
+# The paper's CIFAR-10 networks trained on this host and the paper's table run on
+# them, as one job that resumes after any stop: run the same command again.
 #
 #   bash scripts/background.sh start runs/paper_zoo_job bash scripts/paper_zoo.sh
 #
@@ -14,19 +14,19 @@
 #   then the report of every attack run (success, confidence, target classes,
 #   queries, 95% intervals) in $ZOO_RUNS/report_zoo.
 # Each attack run starts from the records kept in $ZOO_RECORDS (scripts/keep_runs.py)
-# when its workdir has none: a new machine continues where the committed records end.
+# when its workdir has none, so a fresh clone continues where the committed records end.
 # `python scripts/keep_runs.py save docs/runs runs/zoo_*` keeps them before a commit.
 #
 # Environment (defaults in brackets):
 #   PYTHON [.venv/bin/python]  ZOO_RUNS [runs]  ZOO_CHECKPOINTS [checkpoints/cifar10]
 #   ZOO_NETWORKS ["nin allconv vgg16"]  ZOO_IMAGES [100]  ZOO_TARGETED_IMAGES [30]
-#   ZOO_RECIPE [session]: the training variant, session (ends inside one 3-hour working
-#     session on 2 idle cores) or cpu (the longer recipe, 7-11 h a network)
+#   ZOO_RECIPE [short]: the training variant, short (the cpu recipe cut to the epochs
+#     that end in about two hours on 2 idle cores) or cpu (7-11 h a network)
 #   ZOO_RECORDS [docs/runs]: where kept attack records are restored from
-#   ZOO_TRAIN_HOURS [2.5]: a training run projected (at its first log lines) to need more
-#     hours than this on this machine stops with its checkpoint (train.py's max_hours);
-#     the job then skips that network's attacks, goes on with the rest, and exits 3 at
-#     the end. 0: no limit.
+#   ZOO_MAX_TRAIN_HOURS [2.5]: the time limit of each training run: a run projected (at
+#     its first log lines) to need more hours than this on this host stops with its
+#     checkpoint (train.py's max_hours); the job then skips that network's attacks, goes
+#     on with the rest, and exits 3 at the end. 0: no limit.
 #   ZOO_TRAIN_FLAGS, ZOO_ATTACK_FLAGS: extra flags for scripts/train.py and attack.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,21 +36,21 @@ CKPTS=${ZOO_CHECKPOINTS:-checkpoints/cifar10}
 NETWORKS=${ZOO_NETWORKS:-nin allconv vgg16}
 IMAGES=${ZOO_IMAGES:-100}
 TARGETED_IMAGES=${ZOO_TARGETED_IMAGES:-30}
-RECIPE=${ZOO_RECIPE:-session}
+RECIPE=${ZOO_RECIPE:-short}
 RECORDS=${ZOO_RECORDS:-docs/runs}
-TRAIN_HOURS=${ZOO_TRAIN_HOURS:-2.5}
+TRAIN_HOURS=${ZOO_MAX_TRAIN_HOURS:-2.5}
 read -r -a TRAIN_FLAGS <<< "${ZOO_TRAIN_FLAGS:-}"
 read -r -a ATTACK_FLAGS <<< "${ZOO_ATTACK_FLAGS:-}"
 
 say() { echo "paper_zoo: $(date -u +%FT%TZ) $*"; }
 
 case $RECIPE in
-  session | cpu) ;;
-  *) echo "paper_zoo: ZOO_RECIPE is '$RECIPE': expected session or cpu" >&2
+  short | cpu) ;;
+  *) echo "paper_zoo: ZOO_RECIPE is '$RECIPE': expected short or cpu" >&2
      exit 2 ;;
 esac
 if ! [[ $TRAIN_HOURS =~ ^[0-9]+([.][0-9]+)?$ ]]; then
-  echo "paper_zoo: ZOO_TRAIN_HOURS is '$TRAIN_HOURS': expected a number of hours (0: no limit)" >&2
+  echo "paper_zoo: ZOO_MAX_TRAIN_HOURS is '$TRAIN_HOURS': expected a number of hours (0: no limit)" >&2
   exit 2
 fi
 for name in $NETWORKS; do
@@ -76,7 +76,7 @@ train_and_ship() {  # name; sets over_time=1 when its training cannot end within
     "$PYTHON" scripts/train.py --config="configs/train_$name.py:$RECIPE" --workdir="$workdir" \
       --config.max_hours="$TRAIN_HOURS" "${TRAIN_FLAGS[@]}" || status=$?
     if [ "$status" -eq 3 ]; then
-      say "$name: its training cannot end within ZOO_TRAIN_HOURS=$TRAIN_HOURS h on this machine;" \
+      say "$name: its training cannot end within ZOO_MAX_TRAIN_HOURS=$TRAIN_HOURS h on this host;" \
         "skipped with its checkpoint in $workdir (the same command resumes it)"
       over_time=1
       return
@@ -121,7 +121,7 @@ if [ ${#workdirs[@]} -gt 0 ]; then
   say "report of the attack runs in $RUNS/report_zoo"
 fi
 if [ ${#skipped[@]} -gt 0 ]; then
-  say "not done: ${skipped[*]} (training over ZOO_TRAIN_HOURS=$TRAIN_HOURS h here)"
+  say "not done: ${skipped[*]} (training over ZOO_MAX_TRAIN_HOURS=$TRAIN_HOURS h here)"
   exit 3
 fi
 say "done"

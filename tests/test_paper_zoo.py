@@ -1,4 +1,4 @@
-"""scripts/paper_zoo.sh: train, ship and attack the zoo as one resumable job (issue 16),
+"""scripts/paper_zoo.sh: train, ship and attack the zoo as one resumable job,
 here on a tiny NiN and a two-class synthetic set."""
 
 import json
@@ -73,8 +73,8 @@ def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(dataset, t
     assert {row["model"] for row in before["zoo_nin_1px"]} == {f"ckpt:{shipped}"}
     assert (runs / "report_zoo").is_dir() and any((runs / "report_zoo").iterdir())
 
-    # The records kept (scripts/keep_runs.py), the attack workdirs lost as on a new
-    # machine, and the same command again: the model stays as shipped, and every run is
+    # The records kept (scripts/keep_runs.py), the attack workdirs lost as in a
+    # fresh clone, and the same command again: the model stays as shipped, and every run is
     # restored complete from the records, none redone.
     save = [sys.executable, "scripts/keep_runs.py", "save", str(tmp_path / "records")]
     kept = subprocess.run(save + [str(runs / name) for name in ATTACK_RUNS],
@@ -95,9 +95,9 @@ def test_the_zoo_job_trains_ships_attacks_and_resumes_without_redoing(dataset, t
 def test_a_training_that_cannot_end_in_time_is_skipped_with_its_checkpoint(dataset, tmp_path):  # noqa: F811
     flags = zoo_settings(tmp_path, dataset)["ZOO_TRAIN_FLAGS"].replace(
         "--config.num_steps=4", "--config.num_steps=8 --config.log_every=2")  # fmt: skip
-    done = zoo(tmp_path, dataset, ZOO_TRAIN_HOURS="0.000001", ZOO_TRAIN_FLAGS=flags)
+    done = zoo(tmp_path, dataset, ZOO_MAX_TRAIN_HOURS="0.000001", ZOO_TRAIN_FLAGS=flags)
     assert done.returncode == 3, done.stderr[-3000:]
-    assert "nin: its training cannot end within ZOO_TRAIN_HOURS=0.000001 h" in done.stdout
+    assert "nin: its training cannot end within ZOO_MAX_TRAIN_HOURS=0.000001 h" in done.stdout
     assert "not done: nin" in done.stdout
     assert "stopped at step 2" in done.stderr and "--config.max_hours=1e-06 h" in done.stderr
     train_dir = tmp_path / "runs" / "train_nin"
@@ -113,9 +113,9 @@ def test_an_unknown_network_stops_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists()
     done = zoo(tmp_path, "unused", ZOO_RECIPE="gpu")
     assert done.returncode == 2
-    assert "ZOO_RECIPE is 'gpu': expected session or cpu" in done.stderr
+    assert "ZOO_RECIPE is 'gpu': expected short or cpu" in done.stderr
     assert not (tmp_path / "runs").exists()
-    done = zoo(tmp_path, "unused", ZOO_TRAIN_HOURS="two")
+    done = zoo(tmp_path, "unused", ZOO_MAX_TRAIN_HOURS="two")
     assert done.returncode == 2
-    assert "ZOO_TRAIN_HOURS is 'two': expected a number of hours" in done.stderr
+    assert "ZOO_MAX_TRAIN_HOURS is 'two': expected a number of hours" in done.stderr
     assert not (tmp_path / "runs").exists()

@@ -510,9 +510,9 @@ def test_cpu_recipes_are_short_one_cycle_runs_on_the_jpeg_set(name):
     assert (cpu.schedule, cpu.label_smoothing, cpu.save_dtype) == ("one_cycle", 0.1, "float16")
     assert cpu.dataset == "folder:runs/data/cifar10-jpeg" and cpu.augment
     assert cpu.cpu_devices == 1  # no cross-device all-reduce to abort under load
-    session = module.get_config("session")  # the same recipe, short enough for one session
-    assert session.num_epochs <= 10 < cpu.num_epochs  # 0.16-0.25 h an epoch here
-    differing = {k for k in cpu.to_dict() if cpu.to_dict()[k] != session.to_dict()[k]}
+    short = module.get_config("short")  # the same recipe, cut to about two hours
+    assert short.num_epochs <= 10 < cpu.num_epochs  # 0.16-0.25 h an epoch here
+    differing = {k for k in cpu.to_dict() if cpu.to_dict()[k] != short.to_dict()[k]}
     assert differing == {"num_epochs"}
     with pytest.raises(ValueError, match=f"train_{name}.py:gpu"):
         module.get_config("gpu")

@@ -1,4 +1,4 @@
-"""The paper's CIFAR-10 networks as shipped in checkpoints/cifar10/ (issue 16).
+"""The paper's CIFAR-10 networks as shipped in checkpoints/cifar10/.
 
 Each shipped model is loaded as the attacks load it (`ckpt:`), and its accuracy on
 the 1,017 exact CIFAR-10 test images must be the one its model card records. A
@@ -16,14 +16,14 @@ from opa_jax import data
 from opa_jax.models import checkpoint, load_model
 
 NETWORKS = ("nin", "allconv", "vgg16")
-TARGETS = {"nin": 0.86, "allconv": 0.87, "vgg16": 0.89}  # issue 16's accuracy targets
+TARGETS = {"nin": 0.86, "allconv": 0.87, "vgg16": 0.89}  # the accuracy targets
 
 
 def shipped(name: str) -> str:
     path = realdata.REPO / "checkpoints" / "cifar10" / name
     if not path.is_dir():
         pytest.skip(f"{path} is not shipped yet (scripts/paper_zoo.sh trains it with "
-                    f"configs/train_{name}.py:session)")  # fmt: skip
+                    f"configs/train_{name}.py:short)")  # fmt: skip
     return str(path)
 
 
@@ -53,6 +53,6 @@ def test_shipped_checkpoint_accuracy_on_the_exact_images(name):
     assert recorded["count"] == len(labels) == realdata.NUM_EXACT_IMAGES
     assert correct == recorded["correct"], (correct, recorded)
     assert tuple(model.class_names) == tuple(dataset.class_names)
-    # Reaching the issue's target is recorded, not required: a network that missed it in
+    # Reaching the target is recorded, not required: a network that missed it in
     # its CPU budget is shipped as the best model, with its card saying so.
     print(f"{name}: {correct}/{len(labels)} = {correct / len(labels):.4f} (target {TARGETS[name]})")
