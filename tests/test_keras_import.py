@@ -13,7 +13,7 @@ import pytest
 import realdata
 
 from opa_jax.errors import InputError
-from opa_jax.models import CIFAR10_CLASSES, load_model
+from opa_jax.models import CIFAR10_CLASSES, keras_import, load_model
 from opa_jax.models.keras_import import DEFAULT_NORMALIZATION, load_keras_model
 
 DATA = realdata.SHARED
@@ -438,6 +438,31 @@ def test_unsupported_layer_names_class_layer_and_file(tmp_path):
     with pytest.raises(InputError, match="lstm_1") as info:
         load_keras_model(str(path))
     assert "'LSTM'" in str(info.value) and str(path) in str(info.value)
+    assert str(info.value).endswith("supported layers: " + ", ".join(keras_import.LAYERS))
+
+
+def test_a_layer_is_one_entry_of_the_table(tmp_path, monkeypatch):
+    """The module docstring's example: one `LAYERS` entry makes LeakyReLU importable."""
+    leaky = keras_layer("LeakyReLU", "leaky_1", ["gap_1"], alpha=0.25)
+    config, weights = single_conv_model(tmp_path, extra_layer=leaky)
+    path = str(write_keras_h5(tmp_path / "leaky.h5", config, weights))
+    with pytest.raises(InputError, match="'LeakyReLU' is not supported"):
+        load_keras_model(path)
+    monkeypatch.setitem(
+        keras_import.LAYERS,
+        "LeakyReLU",
+        keras_import.LayerRule(
+            parse=lambda config: {"alpha": float(config.get("alpha", 0.3))},
+            apply=lambda layer, x, precision: jax.nn.leaky_relu(x, layer.option("alpha")),
+        ),
+    )
+    model = load_keras_model(path)
+    images = np.random.default_rng(8).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    x = np_normalize(images, DEFAULT_NORMALIZATION["mean"], DEFAULT_NORMALIZATION["std"])
+    features = np_conv2d(x, **weights["conv2d_1"]).mean(axis=(1, 2))
+    features = np.where(features > 0, features, 0.25 * features)
+    logits = features @ weights["dense_1"]["kernel"] + weights["dense_1"]["bias"]
+    np.testing.assert_allclose(model.apply_fn(model.params, images), logits, atol=2e-5)
 
 
 def test_output_must_be_softmax(tmp_path):

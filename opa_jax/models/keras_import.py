@@ -11,6 +11,16 @@ normalises per channel first (the Hyperparticle CIFAR-10 mean/std, or a root att
 and it drops the model's final softmax, so softmax(logits) equals the Keras output.
 Convolutions and matmuls run at HIGHEST precision so that the parity also holds on
 accelerators whose default float32 matmuls are lower precision (e.g. TF32).
+
+`LAYERS` maps each supported Keras layer class to one `LayerRule`: how to read its
+config, which Flax variables its weights become, and how to apply it. The list of
+supported layers and the weight check both read the table, so adding a layer is one
+entry. For example, Keras' `LeakyReLU` layer:
+
+    LAYERS["LeakyReLU"] = LayerRule(
+        parse=lambda config: {"alpha": float(config.get("alpha", 0.3))},
+        apply=lambda layer, x, precision: jax.nn.leaky_relu(x, layer.option("alpha")),
+    )
 """
 
 from __future__ import annotations
@@ -20,8 +30,8 @@ import functools
 import graphlib
 import json
 import operator
-import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import flax.linen as nn
 import h5py
@@ -30,11 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from opa_jax.errors import InputError
-from opa_jax.models.base import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, LoadedModel
+from opa_jax.models import importing
+from opa_jax.models.base import CIFAR10_MEAN, CIFAR10_STD, LoadedModel
 
 # The one-pixel-attack-keras models (Hyperparticle) standardise their input with the
 # CIFAR-10 training set's statistics before their first layer.
 DEFAULT_NORMALIZATION = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+
+_error = functools.partial(importing.error, "keras")  # (path, message) -> InputError
 
 _ACTIVATIONS = {
     "linear": lambda x: x,
@@ -44,34 +57,6 @@ _ACTIVATIONS = {
     "tanh": jnp.tanh,
     "elu": jax.nn.elu,
 }
-
-_MERGES = {
-    "Add": lambda xs: sum(xs[1:], xs[0]),
-    "Subtract": lambda xs: xs[0] - xs[1],
-    "Multiply": lambda xs: functools.reduce(operator.mul, xs),
-    "Average": lambda xs: sum(xs[1:], xs[0]) / len(xs),
-    "Maximum": lambda xs: jnp.max(jnp.stack(xs), axis=0),
-    "Minimum": lambda xs: jnp.min(jnp.stack(xs), axis=0),
-}
-
-# Keras weight basename -> (Flax collection, Flax variable name), per weighted layer class.
-_WEIGHT_NAMES = {
-    "Conv2D": {"kernel": ("params", "kernel"), "bias": ("params", "bias")},
-    "Dense": {"kernel": ("params", "kernel"), "bias": ("params", "bias")},
-    "BatchNormalization": {
-        "gamma": ("params", "scale"),
-        "beta": ("params", "bias"),
-        "moving_mean": ("batch_stats", "mean"),
-        "moving_variance": ("batch_stats", "var"),
-    },
-}
-
-_SUPPORTED = (
-    "InputLayer, Conv2D, Dense, BatchNormalization, Activation, "
-    + ", ".join(_MERGES)
-    + ", Concatenate, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, "
-    "GlobalMaxPooling2D, Flatten, Dropout, ZeroPadding2D"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +70,245 @@ class KerasLayer:
 
     def option(self, key: str) -> Any:
         return dict(self.options)[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """One layer's Keras `config`, with the checks that the parsers share."""
+
+    class_name: str
+    name: str
+    config: dict
+    path: str  # the file, for error messages
+
+    def __getitem__(self, key: str) -> Any:
+        return self.config[key]  # a required option; missing: a malformed model_config
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.config.get(key, default)
+
+    def fail(self, what: str) -> NoReturn:
+        raise _error(self.path, f"{self.class_name} layer {self.name!r}: {what}")
+
+    def activation(self) -> str:
+        act = self.get("activation", "linear")
+        if not isinstance(act, str) or act not in _ACTIVATIONS:
+            self.fail(
+                f"activation {act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}"
+            )
+        return act
+
+    def padding(self) -> str:
+        pad = str(self.get("padding", "valid")).upper()
+        if pad not in ("VALID", "SAME"):
+            self.fail(f"padding {self.get('padding')!r}; expected 'valid' or 'same'")
+        return pad
+
+    def pair(self, key: str, default: Any = None) -> tuple[int, int]:
+        value = self.get(key, default)
+        value = [value, value] if isinstance(value, int) else value
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            self.fail(f"{key} {value!r}; expected two integers")
+        return (int(value[0]), int(value[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """How one Keras layer class is imported."""
+
+    parse: Callable[[LayerConfig], dict]  # the validated options inference needs
+    # (layer, input, precision) -> output; a merge gets the list of its inputs.
+    apply: Callable[[KerasLayer, Any, jax.lax.Precision | None], jax.Array]
+    # Keras weight basename -> (Flax collection, Flax variable name).
+    weights: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    inputs: str = "one"  # how many inputs it takes: 'one', 'two or more' or 'any'
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules' parts: options from a config, and the layers' forward passes.
+
+
+def _no_options(config: LayerConfig) -> dict:
+    return {}
+
+
+def _input_options(config: LayerConfig) -> dict:
+    return {"shape": _batch_input_shape(config.config, config.path)}
+
+
+def _conv2d_options(config: LayerConfig) -> dict:
+    options = {
+        "filters": int(config["filters"]),
+        "kernel_size": config.pair("kernel_size"),
+        "strides": config.pair("strides", [1, 1]),
+        "dilation_rate": config.pair("dilation_rate", [1, 1]),
+        "padding": config.padding(),
+        "use_bias": bool(config.get("use_bias", True)),
+        "activation": config.activation(),
+    }
+    if config.get("groups", 1) != 1:
+        config.fail(f"groups {config['groups']}; expected 1")
+    return options
+
+
+def _conv2d(layer: KerasLayer, x, precision):
+    x = nn.Conv(
+        layer.option("filters"),
+        layer.option("kernel_size"),
+        strides=layer.option("strides"),
+        padding=layer.option("padding"),
+        kernel_dilation=layer.option("dilation_rate"),
+        use_bias=layer.option("use_bias"),
+        precision=precision,
+        name=layer.name,
+    )(x)
+    return _ACTIVATIONS[layer.option("activation")](x)
+
+
+def _dense_options(config: LayerConfig) -> dict:
+    return {
+        "units": int(config["units"]),
+        "use_bias": bool(config.get("use_bias", True)),
+        "activation": config.activation(),
+    }
+
+
+def _dense(layer: KerasLayer, x, precision):
+    x = nn.Dense(
+        layer.option("units"),
+        use_bias=layer.option("use_bias"),
+        precision=precision,
+        name=layer.name,
+    )(x)
+    return _ACTIVATIONS[layer.option("activation")](x)
+
+
+def _batch_norm_options(config: LayerConfig) -> dict:
+    axis = config.get("axis", -1)
+    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+    if not isinstance(axis, int):
+        config.fail(f"axis {axis!r}; expected the channels axis -1")
+    return {
+        "axis": axis,
+        "epsilon": float(config.get("epsilon", 1e-3)),
+        "center": bool(config.get("center", True)),
+        "scale": bool(config.get("scale", True)),
+    }
+
+
+def _batch_norm(layer: KerasLayer, x, precision):
+    axis = layer.option("axis")
+    if axis not in (-1, x.ndim - 1):
+        raise InputError(
+            f"BatchNormalization layer {layer.name!r}: axis {axis} is not the "
+            "channels axis; only channels-last (axis -1) is supported"
+        )
+    return nn.BatchNorm(
+        use_running_average=True,
+        epsilon=layer.option("epsilon"),
+        use_bias=layer.option("center"),
+        use_scale=layer.option("scale"),
+        name=layer.name,
+    )(x)
+
+
+def _activation_options(config: LayerConfig) -> dict:
+    return {"activation": config.activation()}
+
+
+def _pool_options(config: LayerConfig) -> dict:
+    pool_size = config.pair("pool_size", [2, 2])
+    strides = pool_size if config.get("strides") is None else config.pair("strides")
+    return {"pool_size": pool_size, "strides": strides, "padding": config.padding()}
+
+
+def _average_pool(layer: KerasLayer, x, precision):
+    # Keras (TF) 'same' average pooling divides by the number of real pixels.
+    return nn.avg_pool(
+        x,
+        layer.option("pool_size"),
+        layer.option("strides"),
+        layer.option("padding"),
+        count_include_pad=False,
+    )
+
+
+def _global_pool_options(config: LayerConfig) -> dict:
+    return {"keepdims": bool(config.get("keepdims", False))}
+
+
+def _zero_padding_options(config: LayerConfig) -> dict:
+    pad = config.get("padding", 1)
+    if isinstance(pad, int):
+        pad = [[pad, pad], [pad, pad]]
+    elif len(pad) == 2 and all(isinstance(p, int) for p in pad):
+        pad = [[pad[0], pad[0]], [pad[1], pad[1]]]
+    return {"padding": tuple((int(lo), int(hi)) for lo, hi in pad)}
+
+
+def _merge(combine: Callable[[list], jax.Array]) -> LayerRule:
+    """A merge layer: no options, no weights, two or more inputs of one shape."""
+    return LayerRule(_no_options, lambda layer, xs, precision: combine(xs), inputs="two or more")
+
+
+_KERNEL_BIAS = {"kernel": ("params", "kernel"), "bias": ("params", "bias")}
+
+LAYERS: dict[str, LayerRule] = {
+    "InputLayer": LayerRule(_input_options, lambda layer, x, precision: x, inputs="any"),
+    "Conv2D": LayerRule(_conv2d_options, _conv2d, weights=_KERNEL_BIAS),
+    "Dense": LayerRule(_dense_options, _dense, weights=_KERNEL_BIAS),
+    "BatchNormalization": LayerRule(
+        _batch_norm_options,
+        _batch_norm,
+        weights={
+            "gamma": ("params", "scale"),
+            "beta": ("params", "bias"),
+            "moving_mean": ("batch_stats", "mean"),
+            "moving_variance": ("batch_stats", "var"),
+        },
+    ),
+    "Activation": LayerRule(
+        _activation_options,
+        lambda layer, x, precision: _ACTIVATIONS[layer.option("activation")](x),
+    ),
+    "Add": _merge(lambda xs: sum(xs[1:], xs[0])),
+    "Subtract": _merge(lambda xs: xs[0] - xs[1]),
+    "Multiply": _merge(lambda xs: functools.reduce(operator.mul, xs)),
+    "Average": _merge(lambda xs: sum(xs[1:], xs[0]) / len(xs)),
+    "Maximum": _merge(lambda xs: jnp.max(jnp.stack(xs), axis=0)),
+    "Minimum": _merge(lambda xs: jnp.min(jnp.stack(xs), axis=0)),
+    "Concatenate": LayerRule(
+        lambda config: {"axis": int(config.get("axis", -1))},
+        lambda layer, xs, precision: jnp.concatenate(xs, axis=layer.option("axis")),
+        inputs="two or more",
+    ),
+    "MaxPooling2D": LayerRule(
+        _pool_options,
+        lambda layer, x, precision: nn.max_pool(
+            x, layer.option("pool_size"), layer.option("strides"), layer.option("padding")
+        ),
+    ),
+    "AveragePooling2D": LayerRule(_pool_options, _average_pool),
+    "GlobalAveragePooling2D": LayerRule(
+        _global_pool_options,
+        lambda layer, x, precision: jnp.mean(x, axis=(1, 2), keepdims=layer.option("keepdims")),
+    ),
+    "GlobalMaxPooling2D": LayerRule(
+        _global_pool_options,
+        lambda layer, x, precision: jnp.max(x, axis=(1, 2), keepdims=layer.option("keepdims")),
+    ),
+    # Row-major over [H, W, C], as Keras channels_last.
+    "Flatten": LayerRule(_no_options, lambda layer, x, precision: x.reshape(x.shape[0], -1)),
+    "Dropout": LayerRule(_no_options, lambda layer, x, precision: x),
+    "ZeroPadding2D": LayerRule(
+        _zero_padding_options,
+        lambda layer, x, precision: jnp.pad(x, ((0, 0), *layer.option("padding"), (0, 0))),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph and the loader
 
 
 class KerasGraph(nn.Module):
@@ -103,89 +327,31 @@ class KerasGraph(nn.Module):
         x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
         outputs = {self.layers[0].name: x}
         for layer in self.layers[1:]:
-            outputs[layer.name] = self._layer(layer, [outputs[name] for name in layer.inputs])
+            rule = LAYERS[layer.class_name]
+            inputs = [outputs[name] for name in layer.inputs]
+            if rule.inputs == "two or more":  # a merge takes the list
+                outputs[layer.name] = rule.apply(layer, inputs, self.precision)
+            else:
+                (x,) = inputs
+                outputs[layer.name] = rule.apply(layer, x, self.precision)
         return outputs[self.output_name]
-
-    def _layer(self, layer: KerasLayer, inputs: list) -> jax.Array:
-        opts = dict(layer.options)
-        kind = layer.class_name
-        if kind in _MERGES:
-            return _MERGES[kind](inputs)
-        if kind == "Concatenate":
-            return jnp.concatenate(inputs, axis=opts["axis"])
-        (x,) = inputs
-        if kind == "Conv2D":
-            x = nn.Conv(
-                opts["filters"],
-                opts["kernel_size"],
-                strides=opts["strides"],
-                padding=opts["padding"],
-                kernel_dilation=opts["dilation_rate"],
-                use_bias=opts["use_bias"],
-                precision=self.precision,
-                name=layer.name,
-            )(x)
-            return _ACTIVATIONS[opts["activation"]](x)
-        if kind == "Dense":
-            x = nn.Dense(
-                opts["units"], use_bias=opts["use_bias"], precision=self.precision, name=layer.name
-            )(x)
-            return _ACTIVATIONS[opts["activation"]](x)
-        if kind == "BatchNormalization":
-            if opts["axis"] not in (-1, x.ndim - 1):
-                raise InputError(
-                    f"BatchNormalization layer {layer.name!r}: axis {opts['axis']} is not the "
-                    "channels axis; only channels-last (axis -1) is supported"
-                )
-            return nn.BatchNorm(
-                use_running_average=True,
-                epsilon=opts["epsilon"],
-                use_bias=opts["center"],
-                use_scale=opts["scale"],
-                name=layer.name,
-            )(x)
-        if kind == "Activation":
-            return _ACTIVATIONS[opts["activation"]](x)
-        if kind == "MaxPooling2D":
-            return nn.max_pool(x, opts["pool_size"], opts["strides"], opts["padding"])
-        if kind == "AveragePooling2D":
-            # Keras (TF) 'same' average pooling divides by the number of real pixels.
-            return nn.avg_pool(
-                x, opts["pool_size"], opts["strides"], opts["padding"], count_include_pad=False
-            )
-        if kind == "GlobalAveragePooling2D":
-            return jnp.mean(x, axis=(1, 2), keepdims=opts["keepdims"])
-        if kind == "GlobalMaxPooling2D":
-            return jnp.max(x, axis=(1, 2), keepdims=opts["keepdims"])
-        if kind == "Flatten":
-            return x.reshape(x.shape[0], -1)  # row-major over [H, W, C], as Keras channels_last
-        if kind == "ZeroPadding2D":
-            return jnp.pad(x, ((0, 0), *opts["padding"], (0, 0)))
-        if kind in ("Dropout", "InputLayer"):
-            return x
-        raise AssertionError(f"unhandled layer class {kind}")  # parsing rejects these
 
 
 def load_keras_model(path: str) -> LoadedModel:
     """Loads a Keras 2.x HDF5 model saved with `model.save()` as a Flax `LoadedModel`."""
-    if not os.path.exists(path):
-        raise InputError(f"keras model {path!r}: file not found (expected a Keras .h5 file)")
-    if not os.path.isfile(path):
-        raise InputError(f"keras model {path!r}: not a file (expected a Keras .h5 file)")
+    importing.check_file("keras", path, "a Keras .h5 file")
     if not h5py.is_hdf5(path):
-        raise InputError(
-            f"keras model {path!r}: not an HDF5 file (expected a Keras 2 .h5 file written by "
-            "model.save())"
-        )
+        raise _error(path, "not an HDF5 file (expected a Keras 2 .h5 file written by model.save())")
     try:
         with h5py.File(path, "r") as h5:
             contents = _read_file(h5, path)
     except InputError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as err:
-        raise InputError(
-            f"keras model {path!r}: corrupt or truncated HDF5 file ({err}); expected a complete "
-            "Keras 2 .h5 file written by model.save()"
+        raise _error(
+            path,
+            f"corrupt or truncated HDF5 file ({err}); expected a complete Keras 2 .h5 file "
+            "written by model.save()",
         ) from err
     config, raw_weights, attrs = contents
 
@@ -194,9 +360,10 @@ def load_keras_model(path: str) -> LoadedModel:
     except InputError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
-        raise InputError(
-            f"keras model {path!r}: malformed model_config ({type(err).__name__}: {err}); "
-            "expected a Keras 2.x Sequential or functional Model config"
+        raise _error(
+            path,
+            f"malformed model_config ({type(err).__name__}: {err}); expected a Keras 2.x "
+            "Sequential or functional Model config",
         ) from err
     layers, output_name = _drop_final_softmax(layers, path)
     image_shape = _image_shape(layers[0], path)
@@ -213,37 +380,36 @@ def load_keras_model(path: str) -> LoadedModel:
         expected = jax.eval_shape(module.init, jax.random.key(0), dummy)
         output = jax.eval_shape(module.apply, expected, dummy)
     except (TypeError, ValueError) as err:  # InputError included
-        raise InputError(
-            f"keras model {path!r}: the layers do not fit together on a {list(image_shape)} "
-            f"input: {err}"
+        raise _error(
+            path, f"the layers do not fit together on a {list(image_shape)} input: {err}"
         ) from err
     if output.ndim != 2:
-        raise InputError(
-            f"keras model {path!r}: output layer {output_name!r} gives shape "
-            f"{tuple(output.shape)}; expected [batch, classes]"
+        raise _error(
+            path,
+            f"output layer {output_name!r} gives shape {tuple(output.shape)}; "
+            "expected [batch, classes]",
         )
     variables = _assemble_variables(layers, raw_weights, expected, path)
-    num_classes = int(output.shape[-1])
 
     def apply_fn(params, images):
         """[N, H, W, 3] float pixels 0-255 -> logits [N, num_classes]."""
         return module.apply(params, images)
 
-    return LoadedModel(
-        name="keras:" + path,
+    return importing.loaded_model(
+        "keras",
+        path,
         apply_fn=apply_fn,
         params=variables,
         image_shape=image_shape,
-        num_classes=num_classes,
-        class_names=CIFAR10_CLASSES if num_classes == 10 else None,
-        meta={
-            "source": os.path.abspath(path),
+        num_classes=int(output.shape[-1]),
+        input_meta={
             "normalization": {
                 "mean": list(normalization["mean"]),
                 "std": list(normalization["std"]),
                 "from": normalization["from"],
-            },
-            "param_count": int(sum(leaf.size for leaf in jax.tree.leaves(variables))),
+            }
+        },
+        meta={
             "keras_version": attrs.get("keras_version"),
             "backend": attrs.get("backend"),
             "architecture": {"class_name": class_name, "num_layers": num_config_layers},
@@ -266,24 +432,24 @@ def _read_file(h5: h5py.File, path: str):
         if key in h5.attrs:
             attrs[key] = _text(h5.attrs[key])
     if attrs.get("backend") == "theano":
-        raise InputError(
-            f"keras model {path!r}: saved with the theano backend, whose convolution kernels "
-            "are flipped; expected a tensorflow-backend file"
+        raise _error(
+            path,
+            "saved with the theano backend, whose convolution kernels "
+            "are flipped; expected a tensorflow-backend file",
         )
     version = attrs.get("keras_version")
     if version is not None and not version.startswith("2."):
-        raise InputError(
-            f"keras model {path!r}: keras_version {version}; expected a Keras 2.x HDF5 file"
-        )
+        raise _error(path, f"keras_version {version}; expected a Keras 2.x HDF5 file")
     if "model_config" not in h5.attrs:
-        raise InputError(
-            f"keras model {path!r}: no 'model_config' attribute (a weights-only file?); "
-            "expected a full model saved with model.save()"
+        raise _error(
+            path,
+            "no 'model_config' attribute (a weights-only file?); "
+            "expected a full model saved with model.save()",
         )
     try:
         config = json.loads(_text(h5.attrs["model_config"]))
     except json.JSONDecodeError as err:
-        raise InputError(f"keras model {path!r}: 'model_config' is not valid JSON ({err})") from err
+        raise _error(path, f"'model_config' is not valid JSON ({err})") from err
     root = h5["model_weights"] if "model_weights" in h5 else h5
     raw_weights = {}  # layer name -> {weight basename: array}
     for layer_name, group in root.items():
@@ -307,9 +473,10 @@ def _read_layer_weights(group: h5py.Group, layer_name: str, path: str) -> dict[s
                 continue
             same_base = [key for key in datasets if _basename(key) == _basename(name)]
             if len(same_base) != 1:
-                raise InputError(
-                    f"keras model {path!r}: layer {layer_name!r} lists weight {name!r} in "
-                    f"weight_names, but its group holds {sorted(datasets) or 'no datasets'}"
+                raise _error(
+                    path,
+                    f"layer {layer_name!r} lists weight {name!r} in "
+                    f"weight_names, but its group holds {sorted(datasets) or 'no datasets'}",
                 )
             chosen.append(same_base[0])
     else:
@@ -318,9 +485,7 @@ def _read_layer_weights(group: h5py.Group, layer_name: str, path: str) -> dict[s
     for key in chosen:
         base = _basename(key)
         if base in weights:
-            raise InputError(
-                f"keras model {path!r}: layer {layer_name!r} has two weights named {base!r}"
-            )
+            raise _error(path, f"layer {layer_name!r} has two weights named {base!r}")
         weights[base] = np.asarray(datasets[key][()])
     return weights
 
@@ -333,9 +498,10 @@ def _basename(name: str) -> str:
 def _parse_model_config(config: Any, path: str) -> tuple[tuple[KerasLayer, ...], str, int]:
     """(layers in topological order, model class name, number of layers in the config)."""
     if not isinstance(config, dict) or "class_name" not in config or "config" not in config:
-        raise InputError(
-            f"keras model {path!r}: model_config is not a Keras model config "
-            "(expected {'class_name': ..., 'config': ...})"
+        raise _error(
+            path,
+            "model_config is not a Keras model config "
+            "(expected {'class_name': ..., 'config': ...})",
         )
     class_name = config["class_name"]
     body = config["config"]
@@ -344,15 +510,15 @@ def _parse_model_config(config: Any, path: str) -> tuple[tuple[KerasLayer, ...],
         return _parse_sequential(layer_configs, path), class_name, len(layer_configs)
     if class_name in ("Model", "Functional"):
         return _parse_functional(body, path), class_name, len(body.get("layers", []))
-    raise InputError(
-        f"keras model {path!r}: model class {class_name!r} is not supported; "
-        "expected a Sequential or functional Model"
+    raise _error(
+        path,
+        f"model class {class_name!r} is not supported; expected a Sequential or functional Model",
     )
 
 
 def _parse_sequential(layer_configs: list, path: str) -> tuple[KerasLayer, ...]:
     if not layer_configs:
-        raise InputError(f"keras model {path!r}: the Sequential model has no layers")
+        raise _error(path, "the Sequential model has no layers")
     first = layer_configs[0]
     if first.get("class_name") == "InputLayer":
         input_layer = _parse_layer(first, (), path)
@@ -375,43 +541,44 @@ def _parse_sequential(layer_configs: list, path: str) -> tuple[KerasLayer, ...]:
 def _parse_functional(body: dict, path: str) -> tuple[KerasLayer, ...]:
     inputs, outputs = body.get("input_layers", []), body.get("output_layers", [])
     if len(inputs) != 1 or len(outputs) != 1:
-        raise InputError(
-            f"keras model {path!r}: {len(inputs)} inputs and {len(outputs)} outputs; "
-            "expected a model with one input and one output"
+        raise _error(
+            path,
+            f"{len(inputs)} inputs and {len(outputs)} outputs; "
+            "expected a model with one input and one output",
         )
     by_name = {}
     for layer_config in body.get("layers", []):
         name = layer_config.get("name") or layer_config.get("config", {}).get("name")
         nodes = layer_config.get("inbound_nodes", [])
         if len(nodes) > 1:
-            raise InputError(
-                f"keras model {path!r}: layer {name!r} is called {len(nodes)} times (a shared "
-                "layer); expected each layer to be used once"
+            raise _error(
+                path,
+                f"layer {name!r} is called {len(nodes)} times (a shared "
+                "layer); expected each layer to be used once",
             )
         sources = []
         for ref in nodes[0] if nodes else []:
             if not isinstance(ref, list) or ref[1:3] != [0, 0]:
-                raise InputError(
-                    f"keras model {path!r}: layer {name!r} has inbound node {ref!r}; expected the "
-                    "Keras 2 form [layer_name, 0, 0, kwargs]"
+                raise _error(
+                    path,
+                    f"layer {name!r} has inbound node {ref!r}; expected the "
+                    "Keras 2 form [layer_name, 0, 0, kwargs]",
                 )
             sources.append(ref[0])
         if name in by_name:
-            raise InputError(f"keras model {path!r}: two layers are named {name!r}")
+            raise _error(path, f"two layers are named {name!r}")
         by_name[name] = _parse_layer(layer_config, tuple(sources), path)
     input_name, output_name = inputs[0][0], outputs[0][0]
     for name in (input_name, output_name):
         if name not in by_name:
-            raise InputError(f"keras model {path!r}: model input/output {name!r} is not a layer")
+            raise _error(path, f"model input/output {name!r} is not a layer")
 
     # The layers the output depends on ...
     needed, stack = set(), [(output_name, "<model output>")]
     while stack:
         name, consumer = stack.pop()
         if name not in by_name:
-            raise InputError(
-                f"keras model {path!r}: layer {consumer!r} takes input from unknown layer {name!r}"
-            )
+            raise _error(path, f"layer {consumer!r} takes input from unknown layer {name!r}")
         if name not in needed:
             needed.add(name)
             stack.extend((source, name) for source in by_name[name].inputs)
@@ -420,14 +587,13 @@ def _parse_functional(body: dict, path: str) -> tuple[KerasLayer, ...]:
     try:
         order = [by_name[name] for name in graphlib.TopologicalSorter(graph).static_order()]
     except graphlib.CycleError as err:
-        raise InputError(
-            f"keras model {path!r}: the graph has a cycle through {err.args[1]}"
-        ) from err
+        raise _error(path, f"the graph has a cycle through {err.args[1]}") from err
     roots = [layer.name for layer in order if not layer.inputs]
     if roots != [input_name] or order[0].class_name != "InputLayer":
-        raise InputError(
-            f"keras model {path!r}: the output depends on layers without inputs {roots}; "
-            f"expected only the InputLayer {input_name!r}"
+        raise _error(
+            path,
+            f"the output depends on layers without inputs {roots}; "
+            f"expected only the InputLayer {input_name!r}",
         )
     return tuple(order)
 
@@ -436,107 +602,38 @@ def _check_unique_names(layers: list[KerasLayer], path: str):
     names = [layer.name for layer in layers]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise InputError(f"keras model {path!r}: duplicate layer names {duplicates}")
+        raise _error(path, f"duplicate layer names {duplicates}")
 
 
 def _parse_layer(layer_config: dict, inputs: tuple[str, ...], path: str) -> KerasLayer:
-    """Validates one layer's config and keeps the options inference needs."""
+    """Validates one layer's config with its rule and keeps the options inference needs."""
     kind = layer_config.get("class_name")
     config = layer_config.get("config", {})
     name = config.get("name") or layer_config.get("name")
-
-    def fail(what: str):
-        raise InputError(f"keras model {path!r}: {kind} layer {name!r}: {what}")
-
+    config = LayerConfig(kind, name, config, path)
     if config.get("data_format", "channels_last") != "channels_last":
-        fail(f"data_format {config['data_format']!r}; expected 'channels_last'")
-
-    def activation():
-        act = config.get("activation", "linear")
-        if not isinstance(act, str) or act not in _ACTIVATIONS:
-            fail(f"activation {act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
-        return act
-
-    def padding():
-        pad = str(config.get("padding", "valid")).upper()
-        if pad not in ("VALID", "SAME"):
-            fail(f"padding {config.get('padding')!r}; expected 'valid' or 'same'")
-        return pad
-
-    def pair(key: str, default=None) -> tuple[int, int]:
-        value = config.get(key, default)
-        value = [value, value] if isinstance(value, int) else value
-        if not isinstance(value, list | tuple) or len(value) != 2:
-            fail(f"{key} {value!r}; expected two integers")
-        return (int(value[0]), int(value[1]))
-
-    if kind == "InputLayer":
-        options = {"shape": _batch_input_shape(config, path)}
-    elif kind == "Conv2D":
-        options = {
-            "filters": int(config["filters"]),
-            "kernel_size": pair("kernel_size"),
-            "strides": pair("strides", [1, 1]),
-            "dilation_rate": pair("dilation_rate", [1, 1]),
-            "padding": padding(),
-            "use_bias": bool(config.get("use_bias", True)),
-            "activation": activation(),
-        }
-        if config.get("groups", 1) != 1:
-            fail(f"groups {config['groups']}; expected 1")
-    elif kind == "Dense":
-        options = {
-            "units": int(config["units"]),
-            "use_bias": bool(config.get("use_bias", True)),
-            "activation": activation(),
-        }
-    elif kind == "BatchNormalization":
-        axis = config.get("axis", -1)
-        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
-        if not isinstance(axis, int):
-            fail(f"axis {axis!r}; expected the channels axis -1")
-        options = {
-            "axis": axis,
-            "epsilon": float(config.get("epsilon", 1e-3)),
-            "center": bool(config.get("center", True)),
-            "scale": bool(config.get("scale", True)),
-        }
-    elif kind == "Activation":
-        options = {"activation": activation()}
-    elif kind in ("MaxPooling2D", "AveragePooling2D"):
-        pool_size = pair("pool_size", [2, 2])
-        strides = pool_size if config.get("strides") is None else pair("strides")
-        options = {"pool_size": pool_size, "strides": strides, "padding": padding()}
-    elif kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
-        options = {"keepdims": bool(config.get("keepdims", False))}
-    elif kind == "Concatenate":
-        options = {"axis": int(config.get("axis", -1))}
-    elif kind == "ZeroPadding2D":
-        pad = config.get("padding", 1)
-        if isinstance(pad, int):
-            pad = [[pad, pad], [pad, pad]]
-        elif len(pad) == 2 and all(isinstance(p, int) for p in pad):
-            pad = [[pad[0], pad[0]], [pad[1], pad[1]]]
-        options = {"padding": tuple((int(lo), int(hi)) for lo, hi in pad)}
-    elif kind in _MERGES or kind in ("Flatten", "Dropout"):
-        options = {}
-    else:
-        raise InputError(
-            f"keras model {path!r}: layer {name!r} of class {kind!r} is not supported; "
-            f"supported layers: {_SUPPORTED}"
+        config.fail(f"data_format {config['data_format']!r}; expected 'channels_last'")
+    rule = LAYERS.get(kind)
+    if rule is None:
+        raise _error(
+            path,
+            f"layer {name!r} of class {kind!r} is not supported; "
+            f"supported layers: {', '.join(LAYERS)}",
         )
-    merge = kind in _MERGES or kind == "Concatenate"
-    if kind != "InputLayer" and (len(inputs) < 2 if merge else len(inputs) != 1):
-        fail(f"{len(inputs)} inputs; expected {'two or more' if merge else 'one'}")
+    options = rule.parse(config)
+    count = len(inputs)
+    if (rule.inputs == "one" and count != 1) or (rule.inputs == "two or more" and count < 2):
+        config.fail(f"{count} inputs; expected {rule.inputs}")
     return KerasLayer(name, kind, inputs, tuple(options.items()))
 
 
 def _batch_input_shape(config: dict, path: str) -> tuple:
     shape = config.get("batch_input_shape") or config.get("batch_shape")
     if shape is None:
-        raise InputError(
-            f"keras model {path!r}: the input layer {config.get('name')!r} has no "
-            "batch_input_shape; expected [null, H, W, 3]"
+        raise _error(
+            path,
+            f"the input layer {config.get('name')!r} has no "
+            "batch_input_shape; expected [null, H, W, 3]",
         )
     return tuple(shape)
 
@@ -544,9 +641,8 @@ def _batch_input_shape(config: dict, path: str) -> tuple:
 def _image_shape(input_layer: KerasLayer, path: str) -> tuple[int, int, int]:
     shape = input_layer.option("shape")
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or shape[3] != 3:
-        raise InputError(
-            f"keras model {path!r}: input shape {list(shape)}; expected [null, H, W, 3] "
-            "(RGB images, channels last)"
+        raise _error(
+            path, f"input shape {list(shape)}; expected [null, H, W, 3] (RGB images, channels last)"
         )
     return (shape[1], shape[2], shape[3])
 
@@ -558,10 +654,11 @@ def _drop_final_softmax(
     output = layers[-1]
     options = dict(output.options)
     if options.get("activation") != "softmax":
-        raise InputError(
-            f"keras model {path!r}: the output layer {output.name!r} ({output.class_name}, "
+        raise _error(
+            path,
+            f"the output layer {output.name!r} ({output.class_name}, "
             f"activation {options.get('activation', 'none')!r}) is not a softmax; expected a "
-            "classifier ending in Dense(activation='softmax') or Activation('softmax')"
+            "classifier ending in Dense(activation='softmax') or Activation('softmax')",
         )
     options["activation"] = "linear"
     output = dataclasses.replace(output, options=tuple(options.items()))
@@ -576,14 +673,14 @@ def _normalization(attr: str | None, path: str) -> dict:
         mean = tuple(float(v) for v in stats["mean"])
         std = tuple(float(v) for v in stats["std"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise InputError(
-            f"keras model {path!r}: bad 'normalization' attribute {attr!r}; expected JSON "
-            '{"mean": [r, g, b], "std": [r, g, b]}'
+        raise _error(
+            path,
+            f"bad 'normalization' attribute {attr!r}; expected JSON "
+            '{"mean": [r, g, b], "std": [r, g, b]}',
         ) from err
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise InputError(
-            f"keras model {path!r}: 'normalization' attribute {attr!r}; expected 3 means "
-            "and 3 positive stds"
+        raise _error(
+            path, f"'normalization' attribute {attr!r}; expected 3 means and 3 positive stds"
         )
     return {"mean": mean, "std": std, "from": "file attribute 'normalization'"}
 
@@ -594,8 +691,8 @@ def _assemble_variables(
     """Maps each layer's Keras weights onto the Flax variables, checking names and shapes."""
     variables = {collection: {} for collection in expected}
     for layer in layers:
-        mapping = _WEIGHT_NAMES.get(layer.class_name)
-        if mapping is None:
+        mapping = LAYERS[layer.class_name].weights
+        if not mapping:
             continue
         wanted = {
             keras_name: target
@@ -604,31 +701,35 @@ def _assemble_variables(
             and target[1] in expected[target[0]][layer.name]
         }
         if layer.name not in raw_weights:
-            raise InputError(
-                f"keras model {path!r}: no weights for {layer.class_name} layer {layer.name!r} "
-                f"(expected model_weights/{layer.name}/ with {sorted(wanted)})"
+            raise _error(
+                path,
+                f"no weights for {layer.class_name} layer {layer.name!r} "
+                f"(expected model_weights/{layer.name}/ with {sorted(wanted)})",
             )
         found = raw_weights[layer.name]
         missing = sorted(set(wanted) - set(found))
         unexpected = sorted(set(found) - set(wanted))
         if missing or unexpected:
-            raise InputError(
-                f"keras model {path!r}: {layer.class_name} layer {layer.name!r} has weights "
-                f"{sorted(found)}; expected {sorted(wanted)}"
+            raise _error(
+                path,
+                f"{layer.class_name} layer {layer.name!r} has weights "
+                f"{sorted(found)}; expected {sorted(wanted)}",
             )
         for keras_name, (collection, flax_name) in wanted.items():
             want_shape = tuple(expected[collection][layer.name][flax_name].shape)
             array = found[keras_name]
             if array.shape != want_shape:
-                raise InputError(
-                    f"keras model {path!r}: {layer.class_name} layer {layer.name!r} weight "
+                raise _error(
+                    path,
+                    f"{layer.class_name} layer {layer.name!r} weight "
                     f"{keras_name!r} has shape {array.shape}; the model config implies "
-                    f"{want_shape}"
+                    f"{want_shape}",
                 )
             if not np.issubdtype(array.dtype, np.floating):
-                raise InputError(
-                    f"keras model {path!r}: layer {layer.name!r} weight {keras_name!r} has "
-                    f"dtype {array.dtype}; expected floats"
+                raise _error(
+                    path,
+                    f"layer {layer.name!r} weight {keras_name!r} has "
+                    f"dtype {array.dtype}; expected floats",
                 )
             variables[collection].setdefault(layer.name, {})[flax_name] = jnp.asarray(
                 array, jnp.float32

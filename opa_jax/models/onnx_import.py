@@ -25,8 +25,8 @@ A trailing Softmax (or LogSoftmax) is dropped, so the model returns logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,11 +36,14 @@ import numpy as np
 
 from opa_jax.errors import InputError
 from opa_jax.models import convention as convention_lib
-from opa_jax.models.base import CIFAR10_CLASSES, LoadedModel
+from opa_jax.models import importing
+from opa_jax.models.base import LoadedModel
 from opa_jax.models.convention import InputConvention
 
 PLAIN, NHWC, FLAT = "plain", "nhwc", "flat"
 HIGHEST = jax.lax.Precision.HIGHEST  # parity also on accelerators with TF32 matmuls
+
+_error = functools.partial(importing.error, "onnx")  # (path, message) -> InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -710,9 +713,7 @@ def forward(graph: Graph, weights: Weights, images) -> jax.Array:
         try:
             outputs = OPERATORS[node.op_type](node, inputs, weights)
         except (NodeError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as err:
-            raise InputError(
-                f"onnx model {graph.path!r}: node {node.name!r} ({node.op_type}): {err}"
-            ) from err
+            raise _error(graph.path, f"node {node.name!r} ({node.op_type}): {err}") from err
         for name, value in zip(node.outputs, outputs, strict=False):
             if name:
                 env[name] = value
@@ -724,9 +725,9 @@ def _logits(value: Value, graph: Graph) -> jax.Array:
     if len(shape) == 4 and shape[2:] == (1, 1):  # a fully convolutional head: [N, C, 1, 1]
         return jnp.asarray(value.data).reshape(shape[0], shape[1]).astype(jnp.float32)
     if len(shape) != 2:
-        raise InputError(
-            f"onnx model {graph.path!r}: output {graph.output_name!r} has shape {list(shape)}; "
-            "expected [batch, classes]"
+        raise _error(
+            graph.path,
+            f"output {graph.output_name!r} has shape {list(shape)}; expected [batch, classes]",
         )
     return jnp.asarray(plain(value)).astype(jnp.float32)
 
@@ -765,14 +766,13 @@ def load_onnx_model(
         except InputError:
             raise
         except (TypeError, ValueError) as err:
-            raise InputError(
-                f"onnx model {path!r}: the graph does not run on {list(shape)} images: {err}"
-            ) from err
+            raise _error(path, f"the graph does not run on {list(shape)} images: {err}") from err
         if out.shape[0] != batch:
-            raise InputError(
-                f"onnx model {path!r}: on a batch of {batch} images the output has shape "
+            raise _error(
+                path,
+                f"on a batch of {batch} images the output has shape "
                 f"{list(out.shape)}; the graph fixes its batch size (e.g. a Reshape to "
-                "[1, -1]). Re-export it with a dynamic batch axis, or with batch size 1"
+                "[1, -1]). Re-export it with a dynamic batch axis, or with batch size 1",
             )
         if weights.params is None:
             weights = Weights(jax.tree.map(jnp.asarray, weights.collected))
@@ -783,19 +783,15 @@ def load_onnx_model(
         """[N, H, W, 3] float pixels 0-255 -> logits [N, num_classes]."""
         return run(Weights(params), images)
 
-    return LoadedModel(
-        name="onnx:" + path,
+    return importing.loaded_model(
+        "onnx",
+        path,
         apply_fn=apply_fn,
         params=params,
         image_shape=shape,
         num_classes=num_classes,
-        class_names=CIFAR10_CLASSES if num_classes == 10 else None,
-        meta={
-            "source": os.path.abspath(path),
-            "input_convention": convention.as_dict(),
-            "param_count": int(sum(a.size for node in params.values() for a in node.values())),
-            **info,
-        },
+        input_meta={"input_convention": convention.as_dict()},
+        meta=info,
     )
 
 
@@ -819,27 +815,26 @@ def _read(path: str):
     import onnx
     from google.protobuf.message import DecodeError
 
-    if not os.path.exists(path):
-        raise InputError(f"onnx model {path!r}: file not found (expected an .onnx file)")
-    if not os.path.isfile(path):
-        raise InputError(f"onnx model {path!r}: not a file (expected an .onnx file)")
+    importing.check_file("onnx", path, "an .onnx file")
     try:
         model = onnx.load(path)
     except onnx.checker.ValidationError as err:  # e.g. its external weights file is missing
-        raise InputError(
-            f"onnx model {path!r}: {str(err).strip()}; keep the weights file torch.onnx.export "
-            "wrote beside the .onnx file (or export with external_data=False)"
+        raise _error(
+            path,
+            f"{str(err).strip()}; keep the weights file torch.onnx.export "
+            "wrote beside the .onnx file (or export with external_data=False)",
         ) from err
     except (DecodeError, ValueError, OSError, RuntimeError, UnicodeDecodeError) as err:
-        raise InputError(
-            f"onnx model {path!r}: cannot be read as an ONNX model ({type(err).__name__}: "
-            f"{err}); expected a file written by onnx.save or torch.onnx.export"
+        raise _error(
+            path,
+            f"cannot be read as an ONNX model ({type(err).__name__}: "
+            f"{err}); expected a file written by onnx.save or torch.onnx.export",
         ) from err
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"onnx model {path!r}: not a valid ONNX model ({message})") from err
+        raise _error(path, f"not a valid ONNX model ({message})") from err
     return model
 
 
@@ -857,17 +852,19 @@ def _attributes(proto, path: str, node_name: str) -> dict:
         elif isinstance(value, list):
             value = tuple(v.decode("utf-8") if isinstance(v, bytes) else v for v in value)
         elif isinstance(value, onnx.GraphProto | onnx.SparseTensorProto):
-            raise InputError(
-                f"onnx model {path!r}: node {node_name!r} ({proto.op_type}): attribute "
-                f"{attribute.name!r} holds a subgraph or sparse tensor; not supported"
+            raise _error(
+                path,
+                f"node {node_name!r} ({proto.op_type}): attribute "
+                f"{attribute.name!r} holds a subgraph or sparse tensor; not supported",
             )
         attrs[attribute.name] = value
     if proto.op_type == "Constant":  # value_float, value_ints, ... -> value
         (key, value), *rest = attrs.items() if attrs else ((None, None),)
         if rest or key not in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-            raise InputError(
-                f"onnx model {path!r}: node {node_name!r} (Constant): attributes "
-                f"{sorted(attrs)}; expected one of value, value_float(s), value_int(s)"
+            raise _error(
+                path,
+                f"node {node_name!r} (Constant): attributes "
+                f"{sorted(attrs)}; expected one of value, value_float(s), value_int(s)",
             )
         dtype = np.float32 if key.startswith("value_float") else np.int64
         attrs = {"value": np.asarray(value, dtype=None if key == "value" else dtype)}
@@ -882,16 +879,17 @@ def _parse(model, path: str, image_size):
     opset = opsets.get("ai.onnx", opsets.get("", 1))
     graph = model.graph
     if len(graph.sparse_initializer):
-        raise InputError(f"onnx model {path!r}: sparse initializers are not supported")
+        raise _error(path, "sparse initializers are not supported")
     constants = {}
     for initializer in graph.initializer:
         constants[initializer.name] = numpy_helper.to_array(initializer)
     inputs = [value for value in graph.input if value.name not in constants]
     if len(inputs) != 1 or len(graph.output) != 1:
-        raise InputError(
-            f"onnx model {path!r}: {len(inputs)} inputs {[v.name for v in inputs]} and "
+        raise _error(
+            path,
+            f"{len(inputs)} inputs {[v.name for v in inputs]} and "
             f"{len(graph.output)} outputs {[v.name for v in graph.output]}; expected one image "
-            "input and one output (the logits or probabilities)"
+            "input and one output (the logits or probabilities)",
         )
     image_input, output_name = inputs[0], graph.output[0].name
     nchw, image_hw, batch_one = _input_layout(image_input, path, image_size)
@@ -918,9 +916,10 @@ def _parse(model, path: str, image_size):
         if i in needed and (proto.domain not in ("", "ai.onnx") or proto.op_type not in OPERATORS)
     ]
     if unsupported:
-        raise InputError(
-            f"onnx model {path!r}: unsupported operator(s) at node(s) {', '.join(unsupported)}; "
-            f"supported: {', '.join(sorted(OPERATORS))}"
+        raise _error(
+            path,
+            f"unsupported operator(s) at node(s) {', '.join(unsupported)}; "
+            f"supported: {', '.join(sorted(OPERATORS))}",
         )
     known = set(constants) | {image_input.name} | set(producer)
     read = {output_name} | {v for i in needed for v in nodes[i][1].input}
@@ -930,8 +929,9 @@ def _parse(model, path: str, image_size):
             continue
         missing = [v for v in proto.input if v and v not in known]
         if missing:
-            raise InputError(f"onnx model {path!r}: node {name!r} ({proto.op_type}) reads "
-                             f"undefined value(s) {missing}")  # fmt: skip
+            raise _error(
+                path, f"node {name!r} ({proto.op_type}) reads undefined value(s) {missing}"
+            )
         parsed.append(Node(
             name=name, op_type=proto.op_type, inputs=tuple(proto.input),
             outputs=tuple(v if v in read else "" for v in proto.output),  # '' = unused
@@ -961,37 +961,42 @@ def _input_layout(value, path: str, image_size):
 
     tensor = value.type.tensor_type
     if tensor.elem_type != onnx.TensorProto.FLOAT:
-        raise InputError(
-            f"onnx model {path!r}: input {value.name!r} has element type "
-            f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}; expected FLOAT (float32)"
+        raise _error(
+            path,
+            f"input {value.name!r} has element type "
+            f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}; expected FLOAT (float32)",
         )
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
     described = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                  for d in tensor.shape.dim]  # fmt: skip
     if len(dims) != 4 or 3 not in (dims[1], dims[3]):
-        raise InputError(
-            f"onnx model {path!r}: input {value.name!r} has shape {described}; expected RGB "
-            "images [N, 3, H, W] or [N, H, W, 3]"
+        raise _error(
+            path,
+            f"input {value.name!r} has shape {described}; expected RGB "
+            "images [N, 3, H, W] or [N, H, W, 3]",
         )
     nchw = dims[1] == 3
     height, width = dims[2:4] if nchw else dims[1:3]
     if image_size:
         if (height or image_size[0], width or image_size[1]) != tuple(image_size):
-            raise InputError(
-                f"onnx model {path!r}: input {value.name!r} has shape {described}; "
-                f"image_size={list(image_size)} does not fit it"
+            raise _error(
+                path,
+                f"input {value.name!r} has shape {described}; "
+                f"image_size={list(image_size)} does not fit it",
             )
         height, width = image_size
     if not height or not width:
-        raise InputError(
-            f"onnx model {path!r}: input {value.name!r} has shape {described} with a dynamic "
-            "height or width; set the image size (--config.onnx.image_size=H,W)"
+        raise _error(
+            path,
+            f"input {value.name!r} has shape {described} with a dynamic "
+            "height or width; set the image size (--config.onnx.image_size=H,W)",
         )
     if dims[0] not in (None, 0, 1):
-        raise InputError(
-            f"onnx model {path!r}: input {value.name!r} has a fixed batch of {dims[0]}; "
+        raise _error(
+            path,
+            f"input {value.name!r} has a fixed batch of {dims[0]}; "
             "re-export with a dynamic batch axis (torch.onnx.export(..., dynamic_axes="
-            "{'input': {0: 'batch'}})) or with batch size 1"
+            "{'input': {0: 'batch'}})) or with batch size 1",
         )
     return nchw, (int(height), int(width)), dims[0] == 1
 
