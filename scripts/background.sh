@@ -8,10 +8,10 @@
 #   bash scripts/background.sh status DIR
 #
 # `nice` alone is not enough: with the kernel's autogroup scheduling (the default on
-# most Linux desktops and servers) nice orders processes only within one session, and
-# each session's group gets an equal share. So the job starts in a session of its own
-# (setsid) and that session's group gets the lowest weight (/proc/PID/autogroup),
-# besides nice 19 inside it. Stopping the job (pause, or kill) acts on its whole
+# most Linux desktops and servers) nice orders processes only within one autogroup,
+# and each autogroup gets an equal share; setsid starts a new one. So the job starts
+# in an autogroup of its own (setsid), that autogroup gets the lowest weight
+# (/proc/PID/autogroup), and the job runs at nice 19 inside it. Stopping the job (pause, or kill) acts on its whole
 # process group. The job itself must resume from DIR after any stop.
 set -euo pipefail
 
@@ -43,7 +43,7 @@ case "$action" in
     setsid nice -n 19 "$@" > "$dir/log.txt" 2>&1 < /dev/null &
     pid=$!
     echo "$pid" > "$pidfile"
-    # Once the job leads its own session (setsid has run), lower its group's weight.
+    # Once setsid has run (the job leads its own autogroup), lower the autogroup's weight.
     for _ in $(seq 100); do
       [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] && break
       sleep 0.05

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 14's same-results runs: an attack config run with the full and with the
+# Same-results runs: an attack config run with the full and with the
 # incremental evaluator (scripts/compare_evaluators.py), extended in steps of images,
 # for each DE preset, as one job that resumes after any stop: run the same command again.
 #
 #   bash scripts/background.sh start runs/compare_job bash scripts/evaluator_compare.sh
 #
 # Each preset's workdir ($COMPARE_RUNS/compare_<name>_<preset>) starts from the records
-# kept in $COMPARE_RECORDS (scripts/keep_runs.py) when it has none, so a new machine
+# kept in $COMPARE_RECORDS (scripts/keep_runs.py) when it has none, so a fresh clone
 # continues where the committed records end; after every step its finished records are
 # kept there again, ready to commit. comparison.json in each workdir has the tally.
 #

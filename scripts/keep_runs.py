@@ -1,15 +1,19 @@
-"""Keeps attack runs' records in the repository, so that a long run outlives its machine.
+"""Keeps attack runs' finished records in the repository, so a run continues from them.
 
     python scripts/keep_runs.py save docs/runs runs/zoo_nin_1px runs/compare_resnet_scipy
     python scripts/keep_runs.py restore docs/runs runs/zoo_nin_1px runs/compare_resnet_scipy
 
-A run's records are its identity and finished attacks: `config.json`, `run_info.json`,
-`summary.json`, `results*.jsonl` and `comparison.json`, in the run directory and in
-its subdirectories (a `scripts/compare_evaluators.py` run keeps `full/` and
-`incremental/`). They are results, not intermediate state: every record is one
-finished attack, and a run resumed from them redoes none of those and gives the
-others exactly as an uninterrupted run would (each attack's random stream is keyed
-by its image and target alone).
+`runs/` is git-ignored, so a run's results live only where it ran. Saving its
+finished attacks into a committed store (`docs/runs`) and restoring them into an empty
+workdir lets the run continue in a fresh clone, on another host, from where the
+committed records end. A run's records are its identity and finished attacks:
+`config.json`, `run_info.json`, `summary.json`, `results*.jsonl` and
+`comparison.json`, in the run directory and in its subdirectories (a
+`scripts/compare_evaluators.py` run keeps `full/` and `incremental/`). They are
+results, not intermediate state: every record is one finished attack, and a run
+resumed from them redoes none of those and gives the others exactly as an
+uninterrupted run would (each attack's random stream is keyed by its image and
+target alone).
 
 - `save STORE RUN...` copies each run's records to `STORE/<run's name>`, whole
   lines of the results only (a line being written is left for the next save).

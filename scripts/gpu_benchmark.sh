@@ -2,7 +2,7 @@
 # The GPU measurements, in stages. Run it on the GPU machine from the
 # repository root:
 #
-#   OUT=DIR scripts/gpu_session.sh STAGE [STAGE ...]
+#   OUT=DIR scripts/gpu_benchmark.sh STAGE [STAGE ...]
 #
 # Stages (each bounded by STAGE_SECONDS, default 540; every run resumes, so
 # rerunning a stage continues it):
@@ -13,7 +13,7 @@
 #   resnet200  ResNet, 1 pixel, 200 exact images, scipy and paper presets
 #   train      NiN, All-CNN-C and VGG16 on the CIFAR-10 JPEG train set
 #
-# `scripts/gpu_session.sh --stage`, run first on a machine with ../shared/data,
+# `scripts/gpu_benchmark.sh --stage`, run first on a machine with ../shared/data,
 # copies the inputs into the working tree (./shared/data and ./.whl, both
 # git-ignored), so that they travel with it. Outputs: one $OUT/<stage>.tar.gz
 # per stage (workdirs, logs, wall times).
