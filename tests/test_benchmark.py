@@ -54,8 +54,18 @@ def test_tiny_benchmark_reports_consistent_figures(tmp_path):
     report = benchmark(tiny_config(), str(tmp_path), model=model, log=lambda _: None)
 
     saved = json.loads((tmp_path / "benchmark.json").read_text())
-    for field in ("machine", "forward_ceiling", "engine", "efficiency", "scipy_baseline",
-                  "breakdown", "early_stop", "bf16", "memory", "scaling"):  # fmt: skip
+    for field in (
+        "machine",
+        "forward_ceiling",
+        "engine",
+        "efficiency",
+        "scipy_baseline",
+        "breakdown",
+        "early_stop",
+        "bf16",
+        "memory",
+        "scaling",
+    ):
         assert field in saved, field
     assert saved["machine"]["backend"] == "cpu" and saved["machine"]["cpu_cores"] >= 1
 
@@ -101,13 +111,22 @@ def test_spread_and_digest():
     s = measure.spread([3.0, 1.0, 2.0])
     assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
     results = attack.Results(
-        work_ids=np.array([1, 0]), success=np.array([True, False]),
-        perturbation=np.zeros((2, 1, 5)), adv_probs=np.zeros((2, 2)),
-        generations=np.array([1, 2]), queries=np.array([20, 30]),
-    )  # fmt: skip
-    reordered = attack.Results(*[np.asarray(x)[::-1] for x in (
-        results.work_ids, results.success, results.perturbation, results.adv_probs,
-        results.generations, results.queries)])  # fmt: skip
+        work_ids=np.array([1, 0]),
+        success=np.array([True, False]),
+        perturbation=np.zeros((2, 1, 5)),
+        adv_probs=np.zeros((2, 2)),
+        generations=np.array([1, 2]),
+        queries=np.array([20, 30]),
+    )
+    fields = (
+        results.work_ids,
+        results.success,
+        results.perturbation,
+        results.adv_probs,
+        results.generations,
+        results.queries,
+    )
+    reordered = attack.Results(*[np.asarray(x)[::-1] for x in fields])
     assert measure.digest(results) == measure.digest(reordered)
 
 
@@ -158,17 +177,43 @@ def test_bf16_section_on_a_model_with_float_weights(tiny_keras_spec, tmp_path):
     config = tiny_config()
     model = load_model(tiny_keras_spec)
     workload = measure.load_workload(model, config, 16)  # random images, labelled by the model
-    bench = sections.Bench(
-        config=config, workdir=str(tmp_path), model=model,
-        throughput=plan.de_config(config, stop="none"), slots=SLOTS, workload=workload,
-        main=workload, chunk=len(workload.images), log=lambda _: None,
-        model16=model.with_precision("bfloat16"), ceilings=[100.0], forward16_qps=[150.0],
-    )  # fmt: skip
-    section = sections.bf16_section(bench)["bf16"]
+    setting = sections.Setting(
+        config=config,
+        workdir=str(tmp_path),
+        model=model,
+        throughput=plan.de_config(config, stop="none"),
+        slots=SLOTS,
+        workload=workload,
+        main=workload,
+        chunk=len(workload.images),
+        log=lambda _: None,
+        model16=model.with_precision("bfloat16"),
+    )
+    main = sections.MainRuns(
+        engines=[], ceilings=[100.0], ceilings_in_loop=None, forward16_qps=[150.0]
+    )
+    section = sections.bf16_section(setting, main=main, early_stop=None)["bf16"]
     assert section["clean_images"] == 16
     assert section["clean_argmax_agreement"] == 1.0
     assert 1e-4 < section["clean_max_abs_prob_diff"] < 0.05, section["clean_max_abs_prob_diff"]
     assert section["forward_speedup"]["median"] == 1.5
+    assert "successes_bf16" not in section  # no early-stop runs to compare with
+
+
+def test_sections_read_only_the_runs_of_earlier_sections_that_give_them():
+    """The table is the contract between sections: each need names an earlier section
+    that gives its runs, and the parameters of its function are those needs."""
+    import inspect
+
+    earlier = set()
+    for section in sections.SECTIONS:
+        for name in section.needs:
+            assert name in earlier, (section.name, name)
+        parameters = list(inspect.signature(section.measure).parameters)
+        assert parameters == ["setting", *section.needs], section.name
+        if section.gives:
+            earlier.add(section.name)
+    assert {"main", "early_stop"} <= earlier
 
 
 def brightest_red(images):
@@ -211,14 +256,27 @@ def test_benchmark_script_runs_forward_and_engine_on_every_cpu_device(tiny_keras
     from test_run import REPO, run_script, script_env
 
     overrides = {
-        "model": tiny_keras_spec, "data": "", "cpu_devices": 2, "slots": SLOTS,
-        "num_images": 2 * SLOTS, "de.popsize": POPSIZE, "de.generations": GENERATIONS,
-        "repetitions": 1, "forward_loop_calls": 2, "breakdown": False,
-        "baseline.enabled": False, "early_stop.enabled": False, "bf16.enabled": False,
-        "memory.slots": "(1,)", "scaling.slots": f"({SLOTS},)", "scaling.popsize": f"({POPSIZE},)",
-        "scaling.pixels": "(1,)", "scaling.generations": GENERATIONS, "scaling.image_models": "()",
+        "model": tiny_keras_spec,
+        "data": "",
+        "cpu_devices": 2,
+        "slots": SLOTS,
+        "num_images": 2 * SLOTS,
+        "de.popsize": POPSIZE,
+        "de.generations": GENERATIONS,
+        "repetitions": 1,
+        "forward_loop_calls": 2,
+        "breakdown": False,
+        "baseline.enabled": False,
+        "early_stop.enabled": False,
+        "bf16.enabled": False,
+        "memory.slots": "(1,)",
+        "scaling.slots": f"({SLOTS},)",
+        "scaling.popsize": f"({POPSIZE},)",
+        "scaling.pixels": "(1,)",
+        "scaling.generations": GENERATIONS,
+        "scaling.image_models": "()",
         "scaling.devices": "()",
-    }  # fmt: skip
+    }
     command = [
         sys.executable,
         str(REPO / "scripts" / "benchmark.py"),
@@ -260,18 +318,27 @@ def test_self_times_do_not_count_nested_operations_twice():
 def test_op_table_reads_the_xla_ops_line_of_an_accelerator_trace(tmp_path):
     """A GPU-style trace: the module and the stream repeat the operations; only
     the `XLA Ops` line is counted, and host (python) events are ignored."""
-    meta = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, "tid": tid, "name": kind,
-                                         "args": {"name": name}}  # fmt: skip
-    span = lambda tid, ts, dur, name, pid=1: {"ph": "X", "pid": pid, "tid": tid, "ts": ts,
-                                              "dur": dur, "name": name}  # fmt: skip
+
+    def meta(pid, tid, kind, name):
+        return {"ph": "M", "pid": pid, "tid": tid, "name": kind, "args": {"name": name}}
+
+    def span(tid, ts, dur, name, pid=1):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}
+
     events = [
-        meta(1, 0, "process_name", "/device:GPU:0"), meta(2, 0, "process_name", "/host:CPU"),
-        meta(1, 1, "thread_name", "XLA Modules"), meta(1, 2, "thread_name", "XLA Ops"),
-        meta(1, 3, "thread_name", "Stream #7(Compute)"), meta(2, 9, "thread_name", "python"),
+        meta(1, 0, "process_name", "/device:GPU:0"),
+        meta(2, 0, "process_name", "/host:CPU"),
+        meta(1, 1, "thread_name", "XLA Modules"),
+        meta(1, 2, "thread_name", "XLA Ops"),
+        meta(1, 3, "thread_name", "Stream #7(Compute)"),
+        meta(2, 9, "thread_name", "python"),
         span(1, 0, 100, "jit_run_queue(123)"),
-        span(2, 0, 60, "convolution.4"), span(2, 60, 20, "fusion.2"), span(2, 80, 20, "fusion.7"),
-        span(3, 0, 60, "sm90_xmma_fprop_kernel"), span(9, 0, 500, "run_engine", pid=2),
-    ]  # fmt: skip
+        span(2, 0, 60, "convolution.4"),
+        span(2, 60, 20, "fusion.2"),
+        span(2, 80, 20, "fusion.7"),
+        span(3, 0, 60, "sm90_xmma_fprop_kernel"),
+        span(9, 0, 500, "run_engine", pid=2),
+    ]
     path = tmp_path / "perfetto_trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
@@ -353,12 +420,17 @@ def test_evaluator_point_times_the_valid_taps_route_against_the_previous_one():
         layers.valid_taps_route(nin.apply_fn, False), nin
     )
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(model.apply_fn(model.params, images),
-                               without(model.params, images), rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        model.apply_fn(model.params, images), without(model.params, images), rtol=1e-4, atol=1e-4
+    )
 
     row = measure.evaluator_point(model, 1, popsize=4, repetitions=1, loop_calls=1)
-    for name in ("no_taps_full_qps", "no_taps_incremental_qps", "valid_taps_speedup_full",
-                 "valid_taps_speedup_incremental"):  # fmt: skip
+    for name in (
+        "no_taps_full_qps",
+        "no_taps_incremental_qps",
+        "valid_taps_speedup_full",
+        "valid_taps_speedup_incremental",
+    ):
         assert row[name]["median"] > 0, name
     text = "\n".join(markdown.incremental_lines({"incremental": [row]}))
     assert "| tiny-vgg16 | 1 | " in text and "one product per valid tap" in text

@@ -22,8 +22,9 @@ from opa_jax.bench import measure
 from opa_jax.models import load_model
 
 
-def device_scaling(spec: str, config, device_counts, slots: int, generations: int,
-                   repetitions: int) -> list[dict]:  # fmt: skip
+def device_scaling(
+    spec: str, config, device_counts, slots: int, generations: int, repetitions: int
+) -> list[dict]:
     """Engine throughput on N forced host devices, each count in its own process.
 
     Every count attacks the same images with `slots` per device. On a CPU the
@@ -33,11 +34,17 @@ def device_scaling(spec: str, config, device_counts, slots: int, generations: in
     rows = []
     for count in device_counts:
         job = {
-            "model": spec, "data": config.data, "split": config.split, "seed": config.seed,
-            "pixels": config.pixels, "de": dict(config.de), "slots": slots,
-            "generations": generations, "repetitions": repetitions,
+            "model": spec,
+            "data": config.data,
+            "split": config.split,
+            "seed": config.seed,
+            "pixels": config.pixels,
+            "de": dict(config.de),
+            "slots": slots,
+            "generations": generations,
+            "repetitions": repetitions,
             "images": slots * max(device_counts),  # the same images for every count
-        }  # fmt: skip
+        }
         row = run_child(job, f"--xla_force_host_platform_device_count={count}")
         rows.append({"devices": count, **row} if "error" in row else row)
     return rows
@@ -52,8 +59,11 @@ def run_child(job: dict, xla_flags: str) -> dict:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     out = subprocess.run(
         [sys.executable, "-m", "opa_jax.bench", json.dumps(job)],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         return {"error": out.stderr[-2000:]}
@@ -76,8 +86,10 @@ def device_child(job: dict) -> dict:
     num_images = job["images"]
     workload = measure.load_workload(model, config, num_images)
     measure.run_engine(model, dconf, job["slots"], workload, devices=devices)  # compile and warm up
-    runs = [measure.run_engine(model, dconf, job["slots"], workload, devices=devices)
-            for _ in range(job["repetitions"])]  # fmt: skip
+    runs = [
+        measure.run_engine(model, dconf, job["slots"], workload, devices=devices)
+        for _ in range(job["repetitions"])
+    ]
     return {
         "devices": len(devices),
         "slots_per_device": job["slots"],
@@ -87,8 +99,9 @@ def device_child(job: dict) -> dict:
     }
 
 
-def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: int,
-                        rounds: int, loop_calls: int) -> list[dict]:  # fmt: skip
+def xla_flag_comparison(
+    spec: str, config, flag_sets, slots: int, generations: int, rounds: int, loop_calls: int
+) -> list[dict]:
     """Forward ceiling and engine queries/s under several `XLA_FLAGS` settings.
 
     Each (round, flag set) runs in its own process, since XLA reads its flags
@@ -103,10 +116,17 @@ def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: i
     for _ in range(rounds):
         for flags in flag_sets:
             job = {
-                "kind": "flags", "model": spec, "data": config.data, "split": config.split,
-                "seed": config.seed, "pixels": config.pixels, "de": dict(config.de),
-                "slots": slots, "generations": generations, "loop_calls": loop_calls,
-            }  # fmt: skip
+                "kind": "flags",
+                "model": spec,
+                "data": config.data,
+                "split": config.split,
+                "seed": config.seed,
+                "pixels": config.pixels,
+                "de": dict(config.de),
+                "slots": slots,
+                "generations": generations,
+                "loop_calls": loop_calls,
+            }
             runs[flags].append(run_child(job, flags))
     first = flag_sets[0]
     rows = []
@@ -115,21 +135,27 @@ def xla_flag_comparison(spec: str, config, flag_sets, slots: int, generations: i
         if not good:
             rows.append({"flags": flags, "error": runs[flags][0]["error"]})
             continue
-        pairs = [(r, b) for r, b in zip(runs[flags], runs[first], strict=True)
-                 if "error" not in r and "error" not in b]  # fmt: skip
-        rows.append({
-            "flags": flags,
-            "forward_qps": spread([r["forward_qps"] for r in good]),
-            "engine_qps": spread([r["engine_qps"] for r in good]),
-            "forward_speedup": spread([r["forward_qps"] / b["forward_qps"] for r, b in pairs]),
-            "engine_speedup": spread([r["engine_qps"] / b["engine_qps"] for r, b in pairs]),
-            "max_prob_diff": float(max(
-                np.max(np.abs(np.subtract(r["clean_probs"], b["clean_probs"]))) for r, b in pairs
-            )) if pairs else None,
-            "digest": good[0]["digest"],
-            "batch": good[0]["batch"],
-            "xla_flags_seen": sorted({r["xla_flags"] for r in good}),  # as the children report
-        })  # fmt: skip
+        pairs = [
+            (r, b)
+            for r, b in zip(runs[flags], runs[first], strict=True)
+            if "error" not in r and "error" not in b
+        ]
+        prob_diffs = [
+            np.max(np.abs(np.subtract(r["clean_probs"], b["clean_probs"]))) for r, b in pairs
+        ]
+        rows.append(
+            {
+                "flags": flags,
+                "forward_qps": spread([r["forward_qps"] for r in good]),
+                "engine_qps": spread([r["engine_qps"] for r in good]),
+                "forward_speedup": spread([r["forward_qps"] / b["forward_qps"] for r, b in pairs]),
+                "engine_speedup": spread([r["engine_qps"] / b["engine_qps"] for r, b in pairs]),
+                "max_prob_diff": float(max(prob_diffs)) if prob_diffs else None,
+                "digest": good[0]["digest"],
+                "batch": good[0]["batch"],
+                "xla_flags_seen": sorted({r["xla_flags"] for r in good}),  # as the children report
+            }
+        )
     return rows
 
 

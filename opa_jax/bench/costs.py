@@ -33,8 +33,14 @@ def _seconds_per_iteration(loop, *args, iterations: int, repetitions: int) -> fl
     return float(np.median(seconds))
 
 
-def step_parts(model, config: de.DEConfig, slots: int, workload: measure.Workload,
-               iterations: int = 10, repetitions: int = 5) -> dict:  # fmt: skip
+def step_parts(
+    model,
+    config: de.DEConfig,
+    slots: int,
+    workload: measure.Workload,
+    iterations: int = 10,
+    repetitions: int = 5,
+) -> dict:
     """Seconds per generation of the engine's parts without the model, on its shapes.
 
     `de_step`: proposing candidates (mutation with its random numbers, and the
@@ -67,8 +73,10 @@ def step_parts(model, config: de.DEConfig, slots: int, workload: measure.Workloa
         )
 
     def perturb(candidates):
-        apply = jax.vmap(jax.vmap(lambda image, c: de.apply_candidate(image, c, config.round_rgb),
-                                  (None, 0)), (0, 0))  # fmt: skip
+        apply = jax.vmap(
+            jax.vmap(lambda image, c: de.apply_candidate(image, c, config.round_rgb), (None, 0)),
+            (0, 0),
+        )
         return apply(images, candidates).reshape((slots * config.popsize, *image_shape))
 
     @jax.jit
@@ -110,8 +118,9 @@ def trivial_model(model: LoadedModel) -> LoadedModel:
     def apply_fn(params, images):  # [N, H, W, 3] -> [N, C]
         return jnp.mean(images, axis=(1, 2)) @ params
 
-    return dataclasses.replace(model, name=model.name + "@trivial", apply_fn=apply_fn,
-                               params=weights)  # fmt: skip
+    return dataclasses.replace(
+        model, name=model.name + "@trivial", apply_fn=apply_fn, params=weights
+    )
 
 
 def breakdown(engine_run: dict, ceiling_qps: float, parts: dict, trivial_run: dict) -> dict:

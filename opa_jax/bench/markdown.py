@@ -19,9 +19,11 @@ def fmt(s, digits=1) -> str:
 
 def xla_flags_table(rows) -> list[str]:
     """The Markdown table of `xla_flag_comparison`."""
-    lines = ["| XLA_FLAGS (one process per round and setting) | batch | forward q/s, in loop | "
-             "engine q/s | forward speed-up | engine speed-up | max prob diff | results |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| XLA_FLAGS (one process per round and setting) | batch | forward q/s, in loop | "
+        "engine q/s | forward speed-up | engine speed-up | max prob diff | results |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         name = f"`{row['flags']}`" if row["flags"] else "(default)"
         if "error" in row:
@@ -95,9 +97,11 @@ def profile_lines(report: dict) -> list[str]:
         "",
         "| operation | self seconds | share | count |",
         "|---|---|---|---|",
-        *[f"| `{op['name']}` | {op['seconds']:.4f} | {op['share']:.3f} | {op['count']} |"
-          for op in p["ops"]],
-    ]  # fmt: skip
+        *[
+            f"| `{op['name']}` | {op['seconds']:.4f} | {op['share']:.3f} | {op['count']} |"
+            for op in p["ops"]
+        ],
+    ]
     return lines
 
 
@@ -157,9 +161,12 @@ def memory_lines(report: dict) -> list[str]:
 def scaling_lines(report: dict) -> list[str]:
     lines = []
     sc = report["scaling"]
-    lines += ["", "| scaling | batch | forward q/s, one call | forward q/s, in loop | "
-              "engine q/s | efficiency (one call) | efficiency (in loop) |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| scaling | batch | forward q/s, one call | forward q/s, in loop | "
+        "engine q/s | efficiency (one call) | efficiency (in loop) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in ("slots", "popsize", "pixels"):
         for row in sc[name]:
             lines.append(
@@ -203,11 +210,15 @@ def xla_flags_lines(report: dict) -> list[str]:
 def incremental_lines(report: dict) -> list[str]:
     """One row per model and pixel count: queries/s of the forward pass and of both
     evaluators (interleaved), XLA's GFLOP and MB per query, the cache per image."""
-    lines = ["", "| model | k | devices x batch | forward q/s, in loop | full q/s | "
-             "incremental q/s | speed-up over full | without delta convolutions, q/s | "
-             "delta convolutions' speed-up | GFLOP per query, full / incr. | "
-             "MB accessed per query, full / incr. | convs + matmuls on windows | cache per image | "
-             "auto |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "| model | k | devices x batch | forward q/s, in loop | full q/s | "
+        "incremental q/s | speed-up over full | without delta convolutions, q/s | "
+        "delta convolutions' speed-up | GFLOP per query, full / incr. | "
+        "MB accessed per query, full / incr. | convs + matmuls on windows | cache per image | "
+        "auto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["incremental"]:
         costs = r["costs_per_query"]
         full, incr = costs["full"], costs["incremental"]

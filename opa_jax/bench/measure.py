@@ -56,8 +56,9 @@ class Workload:
     def take(self, count: int) -> Workload:
         """The first `count` images; cycles (with fresh indices) when there are fewer."""
         if count <= len(self.images):
-            return Workload(self.images[:count], self.true_labels[:count], self.indices[:count],
-                            self.source)  # fmt: skip
+            return Workload(
+                self.images[:count], self.true_labels[:count], self.indices[:count], self.source
+            )
         rows = np.arange(count) % len(self.images)
         return Workload(self.images[rows], self.true_labels[rows], np.arange(count), self.source)
 
@@ -127,8 +128,11 @@ class Forward:
         )  # [devices * batch, H, W, 3]
 
         def per_device(fn):
-            return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data")),
-                                         out_specs=P("data"), check_vma=False))  # fmt: skip
+            return jax.jit(
+                jax.shard_map(
+                    fn, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"), check_vma=False
+                )
+            )
 
         def loop(params, images):
             def body(i, carry):
@@ -148,8 +152,11 @@ class Forward:
         started, cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(self.params, self.images))
         wall = time.perf_counter() - started
-        return {"seconds": wall, "queries_per_s": calls * self.queries / wall,
-                "cpu_seconds": time.process_time() - cpu}  # fmt: skip
+        return {
+            "seconds": wall,
+            "queries_per_s": calls * self.queries / wall,
+            "cpu_seconds": time.process_time() - cpu,
+        }
 
     def time(self) -> dict:
         return self._time(self.fn, 1)
@@ -172,8 +179,16 @@ def whole_chunk(num_images: int, num_devices: int) -> int:
     return max(1, -(-num_images // num_devices))
 
 
-def run_engine(model, config: de.DEConfig, slots: int, workload: Workload, seed: int = 0,
-               devices=None, chunk: int | None = None, evaluator="full") -> dict:  # fmt: skip
+def run_engine(
+    model,
+    config: de.DEConfig,
+    slots: int,
+    workload: Workload,
+    seed: int = 0,
+    devices=None,
+    chunk: int | None = None,
+    evaluator="full",
+) -> dict:
     """One timed attack of the whole workload through `attack.Attacker`.
 
     The queue holds `chunk` items per device (default: the whole workload), so
@@ -187,8 +202,11 @@ def run_engine(model, config: de.DEConfig, slots: int, workload: Workload, seed:
     counters = attack.LoopCounters()
     chunk = chunk or whole_chunk(len(workload.images), len(attacker.devices))
     started, cpu = time.perf_counter(), time.process_time()
-    chunks = list(attacker.run(jax.random.key(seed), workload.items(),
-                               lambda p: workload.images[p], chunk, counters))  # fmt: skip
+    chunks = list(
+        attacker.run(
+            jax.random.key(seed), workload.items(), lambda p: workload.images[p], chunk, counters
+        )
+    )
     wall = time.perf_counter() - started
     results = attack.Results.concatenate(chunks)
     return {
@@ -210,8 +228,9 @@ def run_engine(model, config: de.DEConfig, slots: int, workload: Workload, seed:
     }
 
 
-def scipy_attack(forward_probs, params, image: np.ndarray, true_label: int, config: de.DEConfig,
-                 seed: int) -> dict:  # fmt: skip
+def scipy_attack(
+    forward_probs, params, image: np.ndarray, true_label: int, config: de.DEConfig, seed: int
+) -> dict:
     """SciPy's DE on one image, as the public implementations call it (early stop off).
 
     Total population `popsize` (SciPy multiplies its `popsize` by the number of
@@ -245,13 +264,26 @@ def scipy_attack(forward_probs, params, image: np.ndarray, true_label: int, conf
 
     started = time.perf_counter()
     result = differential_evolution(
-        objective, bounds, maxiter=config.generations, popsize=population, recombination=1.0,
-        mutation=(0.5, 1.0), polish=False, atol=-1, tol=0.0, vectorized=True,
-        updating="deferred", rng=np.random.default_rng(seed),
-    )  # fmt: skip
+        objective,
+        bounds,
+        maxiter=config.generations,
+        popsize=population,
+        recombination=1.0,
+        mutation=(0.5, 1.0),
+        polish=False,
+        atol=-1,
+        tol=0.0,
+        vectorized=True,
+        updating="deferred",
+        rng=np.random.default_rng(seed),
+    )
     wall = time.perf_counter() - started
-    return {"seconds": wall, "queries": evaluated[0], "fun": float(result.fun),
-            "success": adversarial[0]}  # fmt: skip
+    return {
+        "seconds": wall,
+        "queries": evaluated[0],
+        "fun": float(result.fun),
+        "success": adversarial[0],
+    }
 
 
 def run_scipy(model, config: de.DEConfig, workload: Workload, seed: int = 0) -> dict:
@@ -276,8 +308,14 @@ def run_scipy(model, config: de.DEConfig, workload: Workload, seed: int = 0) -> 
     }
 
 
-def throughput_point(model, config: de.DEConfig, slots: int, workload: Workload,
-                     repetitions: int, loop_calls: int = 0) -> dict:  # fmt: skip
+def throughput_point(
+    model,
+    config: de.DEConfig,
+    slots: int,
+    workload: Workload,
+    repetitions: int,
+    loop_calls: int = 0,
+) -> dict:
     """Forward ceilings and engine queries/s at one setting (early stop off), interleaved."""
     forward = Forward(model, slots * config.popsize, loop_calls=loop_calls)
     run_engine(model, config, slots, workload)  # compile and warm up
@@ -287,8 +325,11 @@ def throughput_point(model, config: de.DEConfig, slots: int, workload: Workload,
         engine_qps.append(run_engine(model, config, slots, workload)["queries_per_s"])
         if loop_calls:
             in_loop.append(forward.time_loop()["queries_per_s"])
-    row = {"forward_qps": spread(ceiling), "engine_qps": spread(engine_qps),
-           "efficiency": spread(np.divide(engine_qps, ceiling))}  # fmt: skip
+    row = {
+        "forward_qps": spread(ceiling),
+        "engine_qps": spread(engine_qps),
+        "efficiency": spread(np.divide(engine_qps, ceiling)),
+    }
     if loop_calls:
         row["forward_in_loop_qps"] = spread(in_loop)
         row["efficiency_in_loop"] = spread(np.divide(engine_qps, in_loop))
@@ -308,9 +349,14 @@ def forward_sweep(model, batches, rounds: int, seed: int = 0) -> list[dict]:
         for b in batches[r % len(batches) :] + batches[: r % len(batches)]:
             qps[b].append(forwards[b].time()["queries_per_s"])
     first = batches[0]
-    return [{"batch": b, "forward_qps": spread(qps[b]),
-             "relative_to_first": spread(np.divide(qps[b], qps[first]))}
-            for b in batches]  # fmt: skip
+    return [
+        {
+            "batch": b,
+            "forward_qps": spread(qps[b]),
+            "relative_to_first": spread(np.divide(qps[b], qps[first])),
+        }
+        for b in batches
+    ]
 
 
 class Evaluation:
@@ -322,8 +368,15 @@ class Evaluation:
     enters its slot).
     """
 
-    def __init__(self, model: LoadedModel, evaluator, popsize: int, num_pixels: int,
-                 loop_calls: int = 2, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        model: LoadedModel,
+        evaluator,
+        popsize: int,
+        num_pixels: int,
+        loop_calls: int = 2,
+        seed: int = 0,
+    ):
         devices = jax.local_devices()
         mesh = Mesh(np.asarray(devices), ("data",))
         sharded = NamedSharding(mesh, P("data"))
@@ -348,10 +401,15 @@ class Evaluation:
 
             return jax.lax.fori_loop(0, loop_calls, body, (candidates, 0.0))[1][None]
 
-        self.loop = jax.jit(jax.shard_map(
-            loop, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data"),
-            check_vma=False,
-        ))  # fmt: skip
+        self.loop = jax.jit(
+            jax.shard_map(
+                loop,
+                mesh=mesh,
+                in_specs=(P(), P("data"), P("data")),
+                out_specs=P("data"),
+                check_vma=False,
+            )
+        )
         jax.block_until_ready(self.loop(self.params, self.images, self.candidates))
 
     def time(self) -> float:
@@ -367,8 +425,14 @@ def _traced(apply_fn, model: LoadedModel) -> str:
     return str(jax.make_jaxpr(apply_fn)(model.params, image))
 
 
-def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitions: int,
-                    loop_calls: int = 2, seed: int = 0) -> dict:  # fmt: skip
+def evaluator_point(
+    model: LoadedModel,
+    num_pixels: int,
+    popsize: int,
+    repetitions: int,
+    loop_calls: int = 2,
+    seed: int = 0,
+) -> dict:
     """Queries/s of the forward pass, the full and the incremental evaluator at one
     slot of `popsize` per device (interleaved repetitions), and of the incremental
     evaluator without its delta convolutions ("windows": every convolution from its
@@ -376,8 +440,9 @@ def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitio
     evaluators without it too ("no_taps"); XLA's FLOPs and bytes per query of the full
     and incremental evaluators; the activation cache per in-flight image."""
     program = incremental.program_for(model.apply_fn, model.params, model.image_shape, num_pixels)
-    windows = incremental.program_for(model.apply_fn, model.params, model.image_shape,
-                                      num_pixels, delta_convolutions=False)  # fmt: skip
+    windows = incremental.program_for(
+        model.apply_fn, model.params, model.image_shape, num_pixels, delta_convolutions=False
+    )
     evaluators = {
         "full": incremental.FullEvaluator(model.apply_fn),
         "incremental": incremental.IncrementalEvaluator(program),
@@ -392,8 +457,10 @@ def evaluator_point(model: LoadedModel, num_pixels: int, popsize: int, repetitio
         evaluators["full_no_taps"] = incremental.FullEvaluator(plain_fn)
         evaluators["incremental_no_taps"] = incremental.IncrementalEvaluator(plain)
     forward = Forward(model, popsize, seed, loop_calls)
-    runs = {name: Evaluation(model, e, popsize, num_pixels, loop_calls, seed)
-            for name, e in evaluators.items()}  # fmt: skip
+    runs = {
+        name: Evaluation(model, e, popsize, num_pixels, loop_calls, seed)
+        for name, e in evaluators.items()
+    }
     rates = {"forward": [], **{name: [] for name in evaluators}}
     for _ in range(repetitions):
         rates["forward"].append(forward.time_loop()["queries_per_s"])
