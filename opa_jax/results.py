@@ -3,6 +3,7 @@
 Each flush appends whole lines, then flushes and fsyncs. A kill can leave at
 most one partial last line; opening the file for a resumed run cuts it off,
 so no half-written record survives and no finished one is lost.
+`compare_records` matches two runs' records attack by attack.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+
+import numpy as np
 
 from opa_jax.errors import InputError
 
@@ -69,3 +72,39 @@ class Writer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def compare_records(full: list[dict], incremental: list[dict], prob_tolerance=1e-4) -> dict:
+    """Per-attack agreement of two runs' records (results.jsonl), keyed by image and target.
+
+    An attack agrees when success, adversarial label, applied pixels,
+    generations and queries are equal and the probabilities within
+    `prob_tolerance`. Differing attacks are listed with both records' figures.
+    """
+    by_key = {(r["image"], r["target_label"]): r for r in incremental}
+    common = [r for r in full if (r["image"], r["target_label"]) in by_key]
+    fields = ("success", "adv_label", "perturbation", "generations", "queries")
+    differing, max_prob_diff = [], 0.0
+    for a in common:
+        b = by_key[(a["image"], a["target_label"])]
+        prob_diff = float(np.max(np.abs(np.subtract(a["adv_probs"], b["adv_probs"]))))
+        max_prob_diff = max(max_prob_diff, prob_diff)
+        if any(a[f] != b[f] for f in fields) or prob_diff > prob_tolerance:
+            differing.append(
+                {
+                    "image": a["image"],
+                    "target_label": a["target_label"],
+                    **{f"full_{f}": a[f] for f in fields},
+                    **{f"incremental_{f}": b[f] for f in fields},
+                    "max_prob_diff": prob_diff,
+                }
+            )
+    success_incremental = sum(by_key[(r["image"], r["target_label"])]["success"] for r in common)
+    return {
+        "attacks": len(common),
+        "same": len(common) - len(differing),
+        "success_full": sum(r["success"] for r in common),
+        "success_incremental": success_incremental,
+        "max_prob_diff": max_prob_diff,
+        "differing": differing,
+    }

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from opa_jax import attack, baselines, files, hosts, incremental, min_pixels, results, search
+from opa_jax import attack, baselines, files, hosts, min_pixels, results, search
 from opa_jax import workdir as workdir_lib
 from opa_jax.plan import make_plan
 
@@ -119,7 +119,7 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
 def compare_evaluators(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs `config` with the full and with the incremental evaluator (into
     `workdir`/full and `workdir`/incremental, each resumable), and compares their
-    records attack by attack (`incremental.compare_records`); writes and returns
+    records attack by attack (`results.compare_records`); writes and returns
     `workdir`/comparison.json.
 
     `wall_seconds` is this call's time per evaluator; `wall_seconds_all_steps` adds
@@ -143,7 +143,7 @@ def compare_evaluators(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summaries[kind] = run_attack(config, os.path.join(workdir, kind))
         cpu_seconds[kind] = time.process_time() - cpu_start
     runs = {kind: workdir_lib.read_all_results(os.path.join(workdir, kind)) for kind in summaries}
-    comparison = incremental.compare_records(runs["full"], runs["incremental"])
+    comparison = results.compare_records(runs["full"], runs["incremental"])
     comparison["wall_seconds"] = {k: s.get("wall_seconds_this_run") for k, s in summaries.items()}
     comparison["wall_seconds_all_steps"] = {
         kind: (earlier.get(kind) or 0.0) + (seconds or 0.0)
