@@ -290,7 +290,7 @@ def col2im(patch_grads, images_shape, kernel_shape, strides, padding):
 
     patch_grads [N, Ho, Wo, kh * kw * C], columns ordered (i, j, c); images_shape
     [N, H, W, C]; kernel_shape [kh, kw, C, ...]. Also the incremental evaluator's
-    delta convolutions (opa_jax/incremental.py).
+    delta convolutions (opa_jax/incremental/rules.py).
     """
     kh, kw, channels, _ = kernel_shape
     out_spatial = patch_grads.shape[1:3]
