@@ -1,8 +1,8 @@
 """The measured thresholds that choose between the incremental pass's forms.
 
-Each is a trade-off measured on CPUs (XLA's CPU backend, 2 to 8 cores;
-docs/benchmarks.md); another platform may want other values. None of them
-changes a result, only how fast it is computed.
+Each is a trade-off measured with XLA's CPU backend (docs/benchmarks.md);
+another platform may want other values. None of them changes a result, only
+how fast it is computed.
 """
 
 # Windows whose total size is above this share of the map are computed in full.
