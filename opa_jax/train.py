@@ -5,7 +5,10 @@ spec (`folder:PATH` or `tfds:cifar10`), checkpoints the training state every
 `checkpoint_every` steps, resumes from `<workdir>/checkpoints` when present,
 and finally evaluates and writes a self-describing model checkpoint to
 `<workdir>/model` (see `opa_jax.models.checkpoint`). It runs in three
-parts: `setup`, `train_loop` and `final_evaluation`.
+parts: `setup`, `train_loop` and `final_evaluation`. Around them:
+`opa_jax.train_data` reads the splits and augments images,
+`opa_jax.train_progress` logs the rate and ETA and judges `max_hours`, and
+`opa_jax.models.model_card` describes the written model.
 
 Resuming gives the same result as an uninterrupted run: the data order is a
 function of (seed, epoch) and each step's random key is `fold_in(key(seed),
@@ -23,12 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import jax
@@ -42,10 +43,11 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opa_jax import data, files
+from opa_jax import files, train_data
 from opa_jax.config_identity import config_identity, differing_fields
 from opa_jax.errors import InputError
 from opa_jax.models import base, checkpoint, zoo
+from opa_jax.train_progress import Clock, Progress
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("sgd", "adamw")
@@ -72,92 +74,6 @@ class TrainState(train_state.TrainState):
     """flax's state (step, params, optimiser and its state), with batch-norm statistics."""
 
     batch_stats: Any  # {} for models without batch norm
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def load_split(spec: str, split: str, image_shape, cache_dir: str = ""):
-    """A whole split in memory: images uint8 [N, H, W, 3], labels int32 [N], class names.
-
-    With `cache_dir`, the decoded arrays are kept as .npy files keyed by the spec,
-    split and shape, so later runs skip decoding.
-    """
-    cache_base = None
-    if cache_dir:
-        key = json.dumps([spec, os.path.abspath(spec.partition(":")[2]), split, list(image_shape)])
-        stem = f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        cache_base = os.path.join(cache_dir, stem)
-        if os.path.exists(cache_base + ".json"):
-            with open(cache_base + ".json") as f:
-                info = json.load(f)
-            images = np.load(cache_base + "-images.npy")
-            labels = np.load(cache_base + "-labels.npy")
-            logging.info("%s %s: %d images from cache %s", spec, split, len(labels), cache_base)
-            return images, labels, tuple(info["class_names"])
-
-    dataset = data.load_dataset(spec, split, image_shape=tuple(image_shape))
-    images = np.empty((len(dataset), *image_shape), np.uint8)  # [N, H, W, 3]
-    chunk = 5000
-    start_time = time.time()
-    for start in range(0, len(dataset), chunk):
-        stop = min(start + chunk, len(dataset))
-        images[start:stop] = dataset.read(range(start, stop))
-        logging.info("%s %s: decoded %d/%d images", spec, split, stop, len(dataset))
-    logging.info("%s %s: decoding took %.1fs", spec, split, time.time() - start_time)
-    labels = np.asarray(dataset.labels, np.int32)
-    if cache_base:
-        os.makedirs(cache_dir, exist_ok=True)
-        np.save(cache_base + "-images.npy", images)
-        np.save(cache_base + "-labels.npy", labels)
-        with open(cache_base + ".json", "w") as f:
-            json.dump({"spec": spec, "split": split, "class_names": dataset.class_names}, f)
-    return images, labels, tuple(dataset.class_names)
-
-
-def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    """The example order of one epoch: a function of (seed, epoch) only."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def resizing_phases(spec: str, image_shape, total_steps: int) -> tuple[tuple[int, tuple], ...]:
-    """`config.progressive_resizing` ("SIZE:UNTIL,...", e.g. "16:0.35,24:0.6": train on
-    images resized to 16 pixels high until 35% of the steps, then 24 until 60%, then at
-    the native size) as ((end step, (height, width)), ...) for the phases before the
-    native one; () for "". A width follows its height in the image's aspect ratio.
-
-    InputError when the spec is malformed, a size is not below the native height, or
-    the fractions do not increase within (0, 1).
-    """
-    if not spec.strip():
-        return ()
-    height, width = image_shape[:2]
-    expected = (
-        f"expected SIZE:UNTIL,... with whole sizes below the native height {height} and "
-        "fractions of the steps increasing within (0, 1), e.g. '16:0.35,24:0.6'"
-    )
-    phases, last = [], 0.0
-    for part in spec.split(","):
-        try:
-            size_text, until_text = part.split(":")
-            size, until = int(size_text), float(until_text)
-        except ValueError:
-            raise InputError(f"config.progressive_resizing={spec!r}: {expected}") from None
-        if not (0 < size < height and last < until < 1):
-            raise InputError(f"config.progressive_resizing={spec!r}: {expected}")
-        last = until
-        phases.append((round(until * total_steps), (size, max(round(size * width / height), 1))))
-    return tuple(phases)
-
-
-def augment_image(key, image, padding: int):
-    """Random crop after zero-padding by `padding`, and a random horizontal flip."""
-    crop_key, flip_key = jax.random.split(key)
-    height, width, _ = image.shape
-    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    top, left = jax.random.randint(crop_key, (2,), 0, 2 * padding + 1)
-    crop = jax.lax.dynamic_slice(padded, (top, left, 0), image.shape)
-    return jnp.where(jax.random.bernoulli(flip_key), crop[:, ::-1], crop)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -199,8 +115,17 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def train_step(state: TrainState, images, labels, *, seed, augment_padding, label_smoothing,
-               num_classes, train_size: tuple[int, int] | None = None):  # fmt: skip
+def train_step(
+    state: TrainState,
+    images,
+    labels,
+    *,
+    seed,
+    augment_padding,
+    label_smoothing,
+    num_classes,
+    train_size: tuple[int, int] | None = None,
+):
     """One SGD step on a batch of uint8 images [B, H, W, 3] and int labels [B]; with
     `train_size` (height, width), the augmented images are resized to it (antialiased
     linear) before the model sees them: progressive resizing's early phases."""
@@ -209,7 +134,8 @@ def train_step(state: TrainState, images, labels, *, seed, augment_padding, labe
     images = images.astype(jnp.float32)
     if augment_padding:
         keys = jax.random.split(augment_key, images.shape[0])
-        images = jax.vmap(augment_image, in_axes=(0, 0, None))(keys, images, augment_padding)
+        augment = jax.vmap(train_data.augment_image, in_axes=(0, 0, None))
+        images = augment(keys, images, augment_padding)
     if train_size is not None:
         shape = (images.shape[0], *train_size, images.shape[-1])
         images = jax.image.resize(images, shape, "linear", antialias=True)
@@ -274,8 +200,9 @@ def replicate(tree, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step_fn(settings: OptimizerSettings, total_steps: int, steps_per_epoch: int,
-                       mesh: Mesh, **step_options):  # fmt: skip
+def make_train_step_fn(
+    settings: OptimizerSettings, total_steps: int, steps_per_epoch: int, mesh: Mesh, **step_options
+):
     """(jitted train step, optimiser, schedule); cached so that equal runs in one
     process (resumptions, tests, notebooks) compile once.
 
@@ -327,8 +254,13 @@ def evaluate(eval_fn, variables, images, labels, batch_size: int) -> dict[str, f
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_train_state(workdir: str, state: TrainState, config, train_seconds: float = 0.0,
-                     cpu: tuple[float, int] | None = None) -> None:  # fmt: skip
+def save_train_state(
+    workdir: str,
+    state: TrainState,
+    config,
+    train_seconds: float = 0.0,
+    cpu: tuple[float, int] | None = None,
+) -> None:
     """Atomically writes the training state (params, batch stats, optimizer state, step)
     and the training seconds spent to reach it, over every stop and resume; `cpu` is
     (process CPU seconds, the step they are counted from)."""
@@ -491,6 +423,49 @@ class Training:
         return total + max(stop - begin, 0)
 
 
+def _read_splits(config, image_shape):
+    """The train and test splits in memory, (train images, train labels, test images,
+    test labels, class names); InputError when the two splits' classes differ."""
+    train_images, train_labels, class_names = train_data.load_split(
+        config.dataset, config.train_split, image_shape, config.data_cache_dir
+    )
+    test_images, test_labels, test_classes = train_data.load_split(
+        config.dataset, config.test_split, image_shape, config.data_cache_dir
+    )
+    if test_classes != class_names:
+        raise InputError(
+            f"dataset {config.dataset}: classes of {config.test_split!r} {test_classes} differ "
+            f"from those of {config.train_split!r} {class_names}"
+        )
+    return train_images, train_labels, test_images, test_labels, class_names
+
+
+def _step_functions(
+    config, eval_module, image_shape, num_classes, total_steps, steps_per_epoch, mesh
+):
+    """(the train step, the optimiser, its schedule, progressive resizing's phases as
+    `Training.resized` holds them); InputError when the model cannot be resized."""
+    step_options = dict(
+        seed=config.seed,
+        augment_padding=config.crop_padding if config.augment else 0,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )
+    settings = OptimizerSettings.from_config(config)
+    step_fn, tx, schedule = make_train_step_fn(
+        settings, total_steps, steps_per_epoch, mesh, **step_options
+    )
+    resized = []
+    phases = train_data.resizing_phases(config.progressive_resizing, image_shape, total_steps)
+    for end, size in phases:
+        _check_resizable(eval_module, image_shape, size, config)
+        resized_fn, _, _ = make_train_step_fn(
+            settings, total_steps, steps_per_epoch, mesh, train_size=size, **step_options
+        )
+        resized.append((end, size, resized_fn))
+    return step_fn, tx, schedule, tuple(resized)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     """Checks the config, reads the data, builds the model and optimiser, and restores
     the training state when the workdir holds one (refused if from another config)."""
@@ -502,17 +477,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     os.makedirs(workdir, exist_ok=True)
     saved = read_train_state(workdir, config)  # before reading data: a mismatch fails fast
 
-    train_images, train_labels, class_names = load_split(
-        config.dataset, config.train_split, image_shape, config.data_cache_dir
+    train_images, train_labels, test_images, test_labels, class_names = _read_splits(
+        config, image_shape
     )
-    test_images, test_labels, test_classes = load_split(
-        config.dataset, config.test_split, image_shape, config.data_cache_dir
-    )
-    if test_classes != class_names:
-        raise InputError(
-            f"dataset {config.dataset}: classes of {config.test_split!r} {test_classes} differ "
-            f"from those of {config.train_split!r} {class_names}"
-        )
     num_classes = len(class_names)
     model_config = {**overrides, "num_classes": num_classes}
     module = _train_module(config.model, _hashable(model_config), config.compute_dtype)
@@ -527,23 +494,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
         )
     total_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
     mesh = data_mesh(config.batch_size)
-    step_options = dict(
-        seed=config.seed,
-        augment_padding=config.crop_padding if config.augment else 0,
-        label_smoothing=config.label_smoothing,
-        num_classes=num_classes,
+    step_fn, tx, schedule, resized = _step_functions(
+        config, eval_module, image_shape, num_classes, total_steps, steps_per_epoch, mesh
     )
-    settings = OptimizerSettings.from_config(config)
-    step_fn, tx, schedule = make_train_step_fn(
-        settings, total_steps, steps_per_epoch, mesh, **step_options
-    )
-    resized = []
-    for end, size in resizing_phases(config.progressive_resizing, image_shape, total_steps):
-        _check_resizable(eval_module, image_shape, size, config)
-        resized_fn, _, _ = make_train_step_fn(
-            settings, total_steps, steps_per_epoch, mesh, train_size=size, **step_options
-        )
-        resized.append((end, size, resized_fn))
 
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, default=str)
@@ -567,13 +520,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Training:
     logging.info(
         "%s (%d parameters) on %s: %d train / %d test images, %d steps of %d (%d per epoch) "
         "on %d devices",
-        config.model, base.count_params(variables), config.dataset, num_train, len(test_labels),
-        total_steps, config.batch_size, steps_per_epoch, mesh.size,
-    )  # fmt: skip
+        config.model,
+        base.count_params(variables),
+        config.dataset,
+        num_train,
+        len(test_labels),
+        total_steps,
+        config.batch_size,
+        steps_per_epoch,
+        mesh.size,
+    )
     return Training(
         state=state,
         step_fn=step_fn,
-        resized=tuple(resized),
+        resized=resized,
         eval_fn=make_eval_fn(eval_module, data_mesh(config.eval_batch_size)),
         mesh=mesh,
         schedule=schedule,
@@ -607,12 +567,18 @@ def _write_history(workdir: str, records: list[dict]) -> None:
     files.write_atomic(os.path.join(workdir, HISTORY_FILE), lines)
 
 
-def periodic_evaluation(config, training: Training, state: TrainState, step: int,
-                        train_metrics: dict, clock: Clock) -> dict:  # fmt: skip
+def periodic_evaluation(
+    config, training: Training, state: TrainState, step: int, train_metrics: dict, clock: Clock
+) -> dict:
     """Test-split accuracy of the current weights, as one line of the history."""
     variables = jax.device_get(_variables(state.params, state.batch_stats))
-    test = evaluate(training.eval_fn, variables, training.test_images, training.test_labels,
-                    config.eval_batch_size)  # fmt: skip
+    test = evaluate(
+        training.eval_fn,
+        variables,
+        training.test_images,
+        training.test_labels,
+        config.eval_batch_size,
+    )
     record = {
         "step": step,
         "epoch": round(step / training.steps_per_epoch, 4),
@@ -623,36 +589,17 @@ def periodic_evaluation(config, training: Training, state: TrainState, step: int
     }
     logging.info(
         "epoch %.2f (step %d): test accuracy %.4f (%d/%d) after %.0fs of training",
-        record["epoch"], step, test["accuracy"], test["correct"], test["count"],
+        record["epoch"],
+        step,
+        test["accuracy"],
+        test["correct"],
+        test["count"],
         record["train_seconds"],
-    )  # fmt: skip
+    )
     return record
 
 
-class Clock:
-    """Training seconds (wall) and process CPU seconds (every thread: what the run cost,
-    however the machine was shared) over every stop and resume."""
-
-    def __init__(self, wall_before: float, cpu_before: float, cpu_from_step: int):
-        self.wall_before, self.cpu_before, self.cpu_from_step = (
-            wall_before, cpu_before, cpu_from_step,
-        )  # fmt: skip
-        self.wall_start, self.cpu_start = time.time(), time.process_time()
-
-    def wall(self) -> float:
-        return self.wall_before + time.time() - self.wall_start
-
-    def cpu(self) -> tuple[float, int]:
-        """(CPU seconds, the step they are counted from)."""
-        return self.cpu_before + time.process_time() - self.cpu_start, self.cpu_from_step
-
-
 MAX_STEPS_IN_FLIGHT = 2  # train steps dispatched ahead of the one the device has finished
-
-# `max_hours` is judged at up to this many of a process's first log lines, at the fastest
-# rate among them: a run slowed only for a while (another job's burst on a shared
-# machine) goes on; one over at every such line, or over twice the limit at any, stops.
-MAX_HOURS_LOG_LINES = 3
 
 
 class _TermSignal:
@@ -678,125 +625,99 @@ class _TermSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_loop(config, workdir: str, training: Training,
-               term: _TermSignal | None = None) -> tuple[TrainState, dict, str, Clock]:  # fmt: skip
-    """Steps from the restored step to the end (or `stop_after_steps`, a SIGTERM, or
-    early log lines that project the run past `max_hours`: `MAX_HOURS_LOG_LINES`),
-    logging, evaluating every `eval_every_epochs` (into `history.jsonl`) and
-    checkpointing every `checkpoint_every` steps and `checkpoint_every_seconds` on the
-    way; returns the state, the last logged train metrics, why it stopped early ('' when
-    it ran to the end) and the clock of the training seconds spent in all."""
-    state, steps_per_epoch, total_steps = (
-        training.state, training.steps_per_epoch, training.total_steps,
-    )  # fmt: skip
-    num_train = len(training.train_labels)
-    step = int(state.step)
+def _history_and_clock(config, workdir: str, training: Training, step: int):
+    """The periodic evaluations up to the restored `step` (newer ones, written after the
+    last checkpoint of a killed run, are dropped from `history.jsonl`), the steps between
+    evaluations (0: none), and the clock of the training seconds spent before."""
     history = read_history(workdir, up_to_step=step)
     if len(history) != len(read_history(workdir)):
-        _write_history(workdir, history)  # drops evaluations newer than the restored state
-    eval_every = max(round(config.eval_every_epochs * steps_per_epoch), 1) if (
-        config.eval_every_epochs > 0) else 0  # fmt: skip
+        _write_history(workdir, history)
+    eval_every = 0
+    if config.eval_every_epochs > 0:
+        eval_every = max(round(config.eval_every_epochs * training.steps_per_epoch), 1)
     seconds_before = training.train_seconds
     if seconds_before is None:  # a checkpoint from before they were kept: the last evaluation's
         seconds_before = history[-1]["train_seconds"] if history else 0.0
     # CPU seconds are counted from the first step run by a version that kept them.
     cpu_before, cpu_from_step = training.cpu if training.cpu is not None else (0.0, step)
-    clock = Clock(seconds_before, cpu_before, cpu_from_step)
+    return history, eval_every, Clock(seconds_before, cpu_before, cpu_from_step)
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+    """The train loss and accuracy over the steps of `pending` (their metrics on device)."""
+    totals = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *pending))
+    return {
+        "loss": float(totals["loss_sum"] / totals["count"]),
+        "accuracy": float(totals["correct"] / totals["count"]),
+    }
+
+
+def _stop_reason(config, step: int, term: _TermSignal | None, progress: Progress) -> str:
+    """Why the loop stops after `step` before the end ('' when it goes on)."""
+    if term is not None and term.received:
+        return "SIGTERM"
+    if progress.over_time:
+        return "max_hours"
+    if 0 < config.stop_after_steps <= step:
+        return "stop_after_steps"
+    return ""
+
+
+def train_loop(
+    config, workdir: str, training: Training, term: _TermSignal | None = None
+) -> tuple[TrainState, dict, str, Clock]:
+    """Steps from the restored step to the end (or `stop_after_steps`, a SIGTERM, or
+    early log lines that project the run past `max_hours`: see `opa_jax.train_progress`),
+    logging, evaluating every `eval_every_epochs` (into `history.jsonl`) and
+    checkpointing every `checkpoint_every` steps and `checkpoint_every_seconds` on the
+    way; returns the state, the last logged train metrics, why it stopped early ('' when
+    it ran to the end) and the clock of the training seconds spent in all."""
+    state, total_steps = training.state, training.total_steps
+    step = int(state.step)
+    history, eval_every, clock = _history_and_clock(config, workdir, training, step)
+    progress = Progress(
+        step=step,
+        total_steps=total_steps,
+        steps_per_epoch=training.steps_per_epoch,
+        batch_size=config.batch_size,
+        eval_every=eval_every,
+        cost=training.cost,
+        max_hours=config.max_hours,
+        checkpoint_every_seconds=config.checkpoint_every_seconds,
+    )
     pending = []  # metrics since the last log line, left on device until then
-    last_log_time, last_log_step = time.time(), step
     order, order_epoch = None, -1
     train_metrics = {}
-    last_checkpoint = loop_start = last_log_time
-    compiled = False  # set after this process's first step
-    over_time = False  # set at one of this process's first log lines (`MAX_HOURS_LOG_LINES`)
-    over_time_checks, fastest = 0, 0.0  # log lines judged so far, their fastest cost rate
-    # Seconds spent on evaluations and checkpoints since the last log line: the logged rate
-    # is of train steps alone, and the ETA adds the evaluations still due at the last one's
-    # cost (before, an epoch's evaluation showed as a slow interval, and the ETA then).
-    paused, eval_seconds = 0.0, 0.0
     while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
+        epoch, position = divmod(step, training.steps_per_epoch)
         if epoch != order_epoch:
-            order, order_epoch = epoch_permutation(config.seed, epoch, num_train), epoch
+            num_train = len(training.train_labels)
+            order = train_data.epoch_permutation(config.seed, epoch, num_train)
+            order_epoch = epoch
         batch = order[position * config.batch_size : (position + 1) * config.batch_size]
         step_fn = next((fn for end, _, fn in training.resized if step < end), training.step_fn)
         state, metrics = step_fn(state, training.train_images[batch], training.train_labels[batch])
         pending.append(metrics)
         step += 1
-        if not compiled:
-            # The first step compiles (tens of seconds for the zoo's networks on a CPU): time
-            # the rate from its end, or the first log line (and `max_hours`) overestimates.
-            jax.block_until_ready(metrics)
-            last_log_time = loop_start = time.time()
-            last_log_step, compiled = step, True
+        progress(step, metrics)
         # Dispatch is asynchronous: unchecked, this loop would run up to `log_every` steps
         # ahead of the device, and a SIGTERM or checkpoint would wait for all of them
         # (minutes of CPU steps). Two in flight keep the device as busy.
         if len(pending) >= MAX_STEPS_IN_FLIGHT:
             jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT])
-
         if step % config.log_every == 0 or step == total_steps:
-            totals = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *pending))
-            pending = []
-            now = time.time()
-            stepping = max(now - last_log_time - paused, 1e-9)
-            steps_per_s = (step - last_log_step) / stepping
-            # The ETA in native-size steps: a resized step costs its share of the pixels.
-            cost_per_s = training.cost(last_log_step, step) / stepping
-            # Evaluations follow the log line of their step: those at steps step..total-1.
-            evaluations_due = (total_steps - 1) // eval_every - (step - 1) // eval_every if (
-                eval_every) else 0  # fmt: skip
-            steps_left, evaluations_left = training.cost(step, total_steps), (
-                evaluations_due * eval_seconds)  # fmt: skip
-            eta = steps_left / max(cost_per_s, 1e-9) + evaluations_left
-            train_metrics = {
-                "loss": float(totals["loss_sum"] / totals["count"]),
-                "accuracy": float(totals["correct"] / totals["count"]),
-            }
-            logging.info(
-                "step %d/%d epoch %.2f: loss %.4f, train accuracy %.4f, lr %.4g, %.0f images/s, "
-                "ETA %.0fs",
-                step, total_steps, step / steps_per_epoch, train_metrics["loss"],
-                train_metrics["accuracy"], float(training.schedule(step - 1)),
-                steps_per_s * config.batch_size, eta,
-            )  # fmt: skip
-            if (over_time_checks < MAX_HOURS_LOG_LINES and config.max_hours > 0
-                    and step > last_log_step):  # fmt: skip
-                over_time_checks += 1
-                fastest = max(fastest, cost_per_s)
-                projected = (now - loop_start + steps_left / fastest + evaluations_left) / 3600
-                if projected <= config.max_hours:
-                    over_time_checks = MAX_HOURS_LOG_LINES  # judged: it ends in time
-                elif over_time_checks == MAX_HOURS_LOG_LINES or projected > 2 * config.max_hours:
-                    over_time = True
-                    logging.warning(
-                        "at %.0f images/s (its fastest, at the native size) this run needs "
-                        "%.2f h in all (elapsed included), over max_hours=%g: stopping with its "
-                        "checkpoint, to resume on a faster machine or with a larger max_hours",
-                        fastest * config.batch_size, projected, config.max_hours,
-                    )  # fmt: skip
-                else:
-                    logging.info(
-                        "projected %.2f h in all, over max_hours=%g: judged again at the next "
-                        "log line (%d of %d)", projected, config.max_hours, over_time_checks,
-                        MAX_HOURS_LOG_LINES,
-                    )  # fmt: skip
-            last_log_time, last_log_step, paused = now, step, 0.0
+            train_metrics, pending = _mean_metrics(pending), []
+            progress.report(step, train_metrics, float(training.schedule(step - 1)))
         if eval_every and step % eval_every == 0 and step < total_steps:
-            started = time.time()
-            history.append(periodic_evaluation(config, training, state, step, train_metrics, clock))
-            _write_history(workdir, history)
-            eval_seconds = time.time() - started
-            paused += eval_seconds
-        stopping = "SIGTERM" if term is not None and term.received else (
-            "max_hours" if over_time else
-            "stop_after_steps" if 0 < config.stop_after_steps <= step else "")  # fmt: skip
-        due = 0 < config.checkpoint_every_seconds <= time.time() - last_checkpoint
-        if step % config.checkpoint_every == 0 or step == total_steps or stopping or due:
-            started = time.time()
-            save_train_state(workdir, state, config, clock.wall(), clock.cpu())
-            last_checkpoint = time.time()
-            paused += last_checkpoint - started
+            with progress.timed("evaluation"):
+                record = periodic_evaluation(config, training, state, step, train_metrics, clock)
+                history.append(record)
+                _write_history(workdir, history)
+        stopping = _stop_reason(config, step, term, progress)
+        due = step % config.checkpoint_every == 0 or step == total_steps or stopping
+        if due or progress.checkpoint_due():
+            with progress.timed("checkpoint"):
+                save_train_state(workdir, state, config, clock.wall(), clock.cpu())
         if stopping and step < total_steps:
             logging.info("stopping after step %d (%s); resume to continue", step, stopping)
             return state, train_metrics, stopping, clock
@@ -821,31 +742,43 @@ def final_evaluation(config, training: Training, variables) -> dict[str, dict]:
         "test": {
             "dataset": config.dataset,
             "split": config.test_split,
-            **evaluate(training.eval_fn, variables, training.test_images, training.test_labels,
-                       config.eval_batch_size),
+            **evaluate(
+                training.eval_fn,
+                variables,
+                training.test_images,
+                training.test_labels,
+                config.eval_batch_size,
+            ),
         }
-    }  # fmt: skip
+    }
     if _exact_test_available(config.exact_test_data):
-        exact_images, exact_labels, exact_classes = load_split(
+        exact_images, exact_labels, exact_classes = train_data.load_split(
             config.exact_test_data, "test", training.image_shape
         )
         if exact_classes != training.class_names:
             logging.warning(
                 "skipping %s: its classes %s differ from the training classes %s",
-                config.exact_test_data, exact_classes, training.class_names,
-            )  # fmt: skip
+                config.exact_test_data,
+                exact_classes,
+                training.class_names,
+            )
         else:
             accuracies["exact_test"] = {
                 "dataset": config.exact_test_data,
                 "split": "test",
-                **evaluate(training.eval_fn, variables, exact_images, exact_labels,
-                           config.eval_batch_size),
-            }  # fmt: skip
+                **evaluate(
+                    training.eval_fn, variables, exact_images, exact_labels, config.eval_batch_size
+                ),
+            }
     for name, result in accuracies.items():
         logging.info(
             "%s accuracy on %s: %.4f (%d/%d)",
-            name, result["dataset"], result["accuracy"], result["correct"], result["count"],
-        )  # fmt: skip
+            name,
+            result["dataset"],
+            result["accuracy"],
+            result["correct"],
+            result["count"],
+        )
     return accuracies
 
 
@@ -860,8 +793,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, train_metrics, stopped, clock = train_loop(config, workdir, training, term)
     variables = jax.device_get(_variables(state.params, state.batch_stats))
     if stopped:
-        return {"step": int(state.step), "stopped": True, "stop_reason": stopped,
-                "variables": variables}  # fmt: skip
+        return {
+            "step": int(state.step),
+            "stopped": True,
+            "stop_reason": stopped,
+            "variables": variables,
+        }
     # The accuracies of the weights as stored (float16 by the CPU recipes), which are the
     # ones a load returns; those of the float32 weights beside them when they differ.
     stored = stored_variables(variables, config.save_dtype)
@@ -904,94 +841,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "train_metrics": train_metrics,
         "variables": stored,
     }
-
-
-# ----------------------------------------------------------------------------- model cards
-
-
-def _accuracy_cell(result: dict | None) -> str:
-    if not result:
-        return "-"
-    return f"{100 * result['accuracy']:.2f}% ({result['correct']}/{result['count']})"
-
-
-def _cpu_hours(meta: dict) -> str:
-    if meta.get("train_cpu_s") is None:
-        return "not recorded (a model from before CPU time was kept)"
-    since = meta.get("train_cpu_from_step", 0)
-    counted = "over the whole run" if since == 0 else f"from step {since} on (not kept before)"
-    return (
-        f"{meta['train_cpu_s'] / 3600:.2f} h of process CPU time, every thread, "
-        f"{counted}; unlike the wall time it does not grow when the machine is shared"
-    )
-
-
-def model_card(path: str) -> str:
-    """A markdown model card of the model checkpoint at `path` written by this module:
-    accuracies (as stored, and in float32), recipe, epochs, wall time, devices, the exact
-    command, and the epochs-to-accuracy curve from its history."""
-    meta = checkpoint.read_model_json(path)
-    if "train_config" not in meta:
-        raise InputError(f"model checkpoint {path!r}: not written by scripts/train.py "
-                         "(no train_config in its model.json)")  # fmt: skip
-    c = meta["train_config"]
-    accuracies, float32 = meta.get("accuracies", {}), meta.get("accuracies_float32", {})
-    epochs = meta.get("epochs")
-    if epochs is None:  # written before models kept it
-        epochs = c["num_steps"] / 1.0 if c.get("num_steps", -1) > 0 else c["num_epochs"]
-    hours = meta.get("train_time_s", 0.0) / 3600
-    lines = [
-        f"### {meta['model']} ({path})",
-        "",
-        f"- **Architecture**: `{meta['model']}` with {meta.get('model_config') or {}}, "
-        f"{meta['num_params']:,} parameters, weights stored as {meta['weights_dtype']} "
-        f"(SHA-256 `{meta['weights_sha256'][:12]}...`).",
-        f"- **Data**: trained on `{meta.get('dataset')}`; images "
-        f"{'x'.join(str(d) for d in meta['image_shape'])}.",
-        "- **Accuracy** (stored weights; float32 weights in brackets):",
-    ]
-    for name in accuracies:
-        result = accuracies[name]
-        cell = _accuracy_cell(result)
-        if name in float32:
-            cell += f" [{_accuracy_cell(float32[name])}]"
-        lines.append(f"  - {name}: `{result['dataset']}` ({result['split']}): {cell}")
-    augment = f"crop (pad {c['crop_padding']}) and flip" if c["augment"] else "none"
-    if c.get("progressive_resizing"):
-        augment += f", progressive resizing `{c['progressive_resizing']}`"
-    software = ", ".join(f"{k} {v}" for k, v in (meta.get("software") or {}).items())
-    lines += [
-        f"- **Recipe**: {c['optimizer']} (momentum {c['momentum']}, nesterov {c['nesterov']}), "
-        f"lr {c['learning_rate']} with a `{c['schedule']}` schedule, weight decay "
-        f"{c['weight_decay']}, label smoothing {c.get('label_smoothing', 0.0)}, batch "
-        f"{c['batch_size']}, augmentation {augment}, "
-        f"compute {c['compute_dtype']}, seed {meta.get('seed')}.",
-        f"- **Length**: {meta['steps']} steps of {c['batch_size']}, {epochs:g} epochs.",
-        f"- **Wall time**: {hours:.2f} h of training over every stop and resume (evaluations "
-        f"included), on {len(meta.get('devices') or [])} device(s) "
-        f"({', '.join(meta.get('devices') or [])}).",
-        f"- **CPU time**: {_cpu_hours(meta)}.",
-        f"- **Command**: `{meta.get('command', '')}` (the same command resumes after a stop).",
-        f"- **Software**: {software}.",
-    ]
-    history = meta.get("history") or []
-    if history:
-        lines += ["", "Epochs to accuracy (test split, every evaluation):", "",
-                  "| epoch | test accuracy | train accuracy | training hours | CPU hours |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for record in history:
-            cpu = record.get("train_cpu_seconds")
-            lines.append(
-                f"| {record['epoch']:g} | {100 * record['test_accuracy']:.2f}% | "
-                f"{100 * record.get('train_accuracy', float('nan')):.2f}% | "
-                f"{record['train_seconds'] / 3600:.2f} | "
-                f"{'-' if cpu is None else f'{cpu / 3600:.2f}'} |"
-            )
-        final = accuracies.get("test")
-        if final:
-            cpu = meta.get("train_cpu_s")
-            lines.append(
-                f"| {epochs:g} (final) | {100 * final['accuracy']:.2f}% | - | {hours:.2f} | "
-                f"{'-' if cpu is None else f'{cpu / 3600:.2f}'} |"
-            )
-    return "\n".join(lines) + "\n"

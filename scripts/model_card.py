@@ -10,15 +10,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-from opa_jax import train  # noqa: E402
 from opa_jax.errors import exit_on_input_error  # noqa: E402
+from opa_jax.models.model_card import model_card  # noqa: E402
 
 
 def main(argv):
     if len(argv) < 2:
         raise app.UsageError("expected one or more model checkpoint directories")
     with exit_on_input_error():
-        print("\n".join(train.model_card(path) for path in argv[1:]))
+        print("\n".join(model_card(path) for path in argv[1:]))
 
 
 if __name__ == "__main__":

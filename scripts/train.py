@@ -40,10 +40,13 @@ def main(argv):
     if result.get("stop_reason") == "SIGTERM":
         sys.exit(128 + signal.SIGTERM)
     if result.get("stop_reason") == "max_hours":
-        print(f"train.py: stopped at step {result['step']}: at this machine's speed the run "
-              f"would take more than --config.max_hours={_CONFIG.value.max_hours:g} h "
-              f"(the log gives the projection); its checkpoint in {_WORKDIR.value} resumes "
-              "with the same command", file=sys.stderr)  # fmt: skip
+        print(
+            f"train.py: stopped at step {result['step']}: at this machine's speed the run "
+            f"would take more than --config.max_hours={_CONFIG.value.max_hours:g} h "
+            f"(the log gives the projection); its checkpoint in {_WORKDIR.value} resumes "
+            "with the same command",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_OVER_TIME)
 
 

@@ -19,9 +19,9 @@ from conftest import xla_flags
 from flax import serialization
 from PIL import Image
 
-from opa_jax import train
+from opa_jax import train, train_data
 from opa_jax.errors import InputError
-from opa_jax.models import base, checkpoint, load_model, zoo
+from opa_jax.models import base, checkpoint, load_model, model_card, zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # for `configs`, as scripts/train.py does
@@ -82,7 +82,7 @@ def test_training_learns_and_writes_a_loadable_model(dataset, uninterrupted):
     assert test["count"] == 32 and test["accuracy"] >= 0.9
     # The written model reproduces the recorded accuracy through the attack's interface.
     model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
-    images, labels, class_names = train.load_split(f"folder:{dataset}", "test", (32, 32, 3))
+    images, labels, class_names = train_data.load_split(f"folder:{dataset}", "test", (32, 32, 3))
     predictions = np.argmax(model.apply_fn(model.params, images.astype(np.float32)), -1)
     assert np.mean(predictions == labels) == test["accuracy"]
     assert model.class_names == class_names == ("bright", "dark")
@@ -137,7 +137,9 @@ def test_resume_after_stop_equals_uninterrupted_run(dataset, uninterrupted, tmp_
     assert second["accuracies"] == reference["accuracies"]
     meta = checkpoint.read_model_json(os.path.join(workdir, "model"))
     assert meta["train_cpu_from_step"] == 10 and meta["train_cpu_s"] > 0
-    assert "from step 10 on (not kept before)" in train.model_card(os.path.join(workdir, "model"))
+    assert "from step 10 on (not kept before)" in model_card.model_card(
+        os.path.join(workdir, "model")
+    )
 
 
 def test_a_run_projected_past_max_hours_stops_at_its_first_log_line(dataset, tmp_path):
@@ -179,8 +181,9 @@ def test_progressive_resizing_trains_its_early_phases_on_smaller_images(dataset,
     whole = train.train_and_evaluate(config, str(tmp_path / "again"))
     assert whole["accuracies"]["test"]["accuracy"] >= 0.9  # evaluated at the native size
     resumed = str(tmp_path / "resumed")
-    first = train.train_and_evaluate(tiny_config(dataset, progressive_resizing="16:0.25,24:0.5",
-                                                 stop_after_steps=7), resumed)  # fmt: skip
+    first = train.train_and_evaluate(
+        tiny_config(dataset, progressive_resizing="16:0.25,24:0.5", stop_after_steps=7), resumed
+    )
     assert first["stopped"] and first["step"] == 7
     second = train.train_and_evaluate(config, resumed)
     for (path, value), (_, expected) in zip(
@@ -189,7 +192,7 @@ def test_progressive_resizing_trains_its_early_phases_on_smaller_images(dataset,
         strict=True,
     ):
         np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=str(path))
-    card = train.model_card(os.path.join(resumed, "model"))
+    card = model_card.model_card(os.path.join(resumed, "model"))
     assert "progressive resizing `16:0.25,24:0.5`" in card
 
 
@@ -202,12 +205,14 @@ def test_a_resized_train_step_feeds_the_model_antialiased_smaller_images():
         shapes.append(images.shape)
         return module.apply(variables, images, **kwargs)
 
-    state = train.TrainState.create(apply_fn=apply_fn, params=variables["params"],
-                                    tx=optax.sgd(0.1), batch_stats={})  # fmt: skip
+    state = train.TrainState.create(
+        apply_fn=apply_fn, params=variables["params"], tx=optax.sgd(0.1), batch_stats={}
+    )
     images = np.full((4, 32, 32, 3), 200, np.uint8)
     options = dict(seed=0, augment_padding=0, label_smoothing=0.0, num_classes=2)
-    _, metrics = train.train_step(state, images, np.zeros(4, np.int32), train_size=(16, 12),
-                                  **options)  # fmt: skip
+    _, metrics = train.train_step(
+        state, images, np.zeros(4, np.int32), train_size=(16, 12), **options
+    )
     assert shapes == [(4, 16, 12, 3)] and int(metrics["count"]) == 4
     resized = jax.image.resize(images.astype(np.float32), (4, 16, 12, 3), "linear", antialias=True)
     np.testing.assert_allclose(resized, 200.0, atol=1e-3)  # a flat image stays flat
@@ -222,8 +227,9 @@ def test_a_resized_train_step_feeds_the_model_antialiased_smaller_images():
         ("16:1.0", "nin", "within \\(0, 1\\)"),
     ],
 )
-def test_bad_progressive_resizing_is_refused_before_any_step(dataset, tmp_path, spec, model,
-                                                             message):  # fmt: skip
+def test_bad_progressive_resizing_is_refused_before_any_step(
+    dataset, tmp_path, spec, model, message
+):
     config = tiny_config(dataset, progressive_resizing=spec, model=model)
     with pytest.raises(InputError, match=message):
         train.setup(config, str(tmp_path / "w"))
@@ -288,7 +294,8 @@ def _slowed(training, seconds_at):
 
 
 def test_a_run_slowed_only_at_its_first_log_line_is_judged_again_and_goes_on(
-        dataset, tmp_path, caplog):  # fmt: skip
+    dataset, tmp_path, caplog
+):
     """Steps 2-4 sleep 0.5 s (another job's burst), the rest take milliseconds: the first
     log line projects about 9.5 s (19 steps at its rate; 11-15 s if steps are slow), over
     max_hours (8 s) but under twice it, so the run is judged again at the next line,
@@ -302,7 +309,8 @@ def test_a_run_slowed_only_at_its_first_log_line_is_judged_again_and_goes_on(
 
 
 def test_a_run_over_max_hours_at_each_of_its_first_log_lines_stops_at_the_third(
-        dataset, tmp_path, caplog):  # fmt: skip
+    dataset, tmp_path, caplog
+):
     """Every step sleeps 0.5 s: each log line (every 2 steps) projects the 7 steps after
     the first at that rate, about 3.5 s (up to 5.6 s if steps take 0.3 s more), over
     max_hours (3 s) but under twice it, so the run stops at the third line (step 6)."""
@@ -315,12 +323,14 @@ def test_a_run_over_max_hours_at_each_of_its_first_log_lines_stops_at_the_third(
 
 
 def test_the_logged_rate_leaves_out_evaluations_and_the_eta_adds_those_due(
-        dataset, tmp_path, monkeypatch, caplog):  # fmt: skip
+    dataset, tmp_path, monkeypatch, caplog
+):
     """An evaluation every 4 steps that takes over 4 s: the step-8 log line's images/s is
     of the train steps alone, and its ETA counts the 2 evaluations still due (steps 8 and
     12). The bounds hold for train steps of up to 0.5 s (a loaded machine)."""
-    config = tiny_config(dataset, num_steps=16, log_every=8, checkpoint_every=100,
-                         eval_every_epochs=1.0)  # fmt: skip
+    config = tiny_config(
+        dataset, num_steps=16, log_every=8, checkpoint_every=100, eval_every_epochs=1.0
+    )
     evaluate = train.periodic_evaluation
 
     def slow_evaluation(*args):
@@ -329,8 +339,9 @@ def test_the_logged_rate_leaves_out_evaluations_and_the_eta_adds_those_due(
 
     monkeypatch.setattr(train, "periodic_evaluation", slow_evaluation)
     with caplog.at_level(logging.INFO):
-        state, _, stopped, _ = train.train_loop(config, str(tmp_path), train.setup(
-            config, str(tmp_path)))  # fmt: skip
+        state, _, stopped, _ = train.train_loop(
+            config, str(tmp_path), train.setup(config, str(tmp_path))
+        )
     assert stopped == "" and int(state.step) == 16
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 8/16"))
     rate, eta = re.search(r"([0-9.]+) images/s, ETA ([0-9.]+)s", line).groups()
@@ -375,11 +386,18 @@ def test_bad_dataset_specs_and_options(dataset, tmp_path):
 def test_script_exits_nonzero_with_the_message(tmp_path, flag, message):
     workdir = tmp_path / "run"
     completed = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
-         f"--config={os.path.join(REPO, 'configs', 'train_nin.py')}", f"--workdir={workdir}",
-         "--config.exact_test_data=", flag],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            f"--config={os.path.join(REPO, 'configs', 'train_nin.py')}",
+            f"--workdir={workdir}",
+            "--config.exact_test_data=",
+            flag,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert message in completed.stderr
     assert not workdir.exists() or not any(workdir.iterdir())  # nothing written
@@ -387,9 +405,15 @@ def test_script_exits_nonzero_with_the_message(tmp_path, flag, message):
 
 def test_schedules_warm_up_peak_and_decay():
     settings = train.OptimizerSettings(
-        optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-        schedule="warmup_cosine", warmup_epochs=2.0, one_cycle_pct_start=0.25,
-    )  # fmt: skip
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="warmup_cosine",
+        warmup_epochs=2.0,
+        one_cycle_pct_start=0.25,
+    )
     schedule = train.make_schedule(settings, total_steps=100, steps_per_epoch=10)
     assert float(schedule(0)) == 0.0 and abs(float(schedule(20)) - 0.1) < 1e-7
     assert float(schedule(60)) < 0.1 and float(schedule(100)) < 1e-6
@@ -418,7 +442,7 @@ def test_augmentation_is_a_padded_crop_maybe_flipped():
     padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
     seen = set()
     for i in range(20):
-        out = np.asarray(train.augment_image(jax.random.key(i), image, 2))
+        out = np.asarray(train_data.augment_image(jax.random.key(i), image, 2))
         matches = [
             (top, left, flip)
             for top in range(5)
@@ -450,15 +474,27 @@ def train_script(workdir, data_dir, cpu_devices: int) -> subprocess.CompletedPro
     env = dict(os.environ, XLA_FLAGS=xla_flags())  # no device count: the config sets it
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
-         f"--config={os.path.join(REPO, 'configs', 'train_nin.py')}", f"--workdir={workdir}",
-         f"--config.dataset=folder:{data_dir}", "--config.exact_test_data=",
-         "--config.model_overrides.width=0.125", "--config.batch_size=16",
-         "--config.eval_batch_size=32", f"--config.num_steps={PARALLEL_STEPS}",
-         "--config.warmup_epochs=0.5",
-         "--config.learning_rate=0.05", f"--config.cpu_devices={cpu_devices}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            f"--config={os.path.join(REPO, 'configs', 'train_nin.py')}",
+            f"--workdir={workdir}",
+            f"--config.dataset=folder:{data_dir}",
+            "--config.exact_test_data=",
+            "--config.model_overrides.width=0.125",
+            "--config.batch_size=16",
+            "--config.eval_batch_size=32",
+            f"--config.num_steps={PARALLEL_STEPS}",
+            "--config.warmup_epochs=0.5",
+            "--config.learning_rate=0.05",
+            f"--config.cpu_devices={cpu_devices}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_data_parallel_steps_do_not_depend_on_the_device_count(dataset, tmp_path):
@@ -486,16 +522,24 @@ def test_data_parallel_steps_do_not_depend_on_the_device_count(dataset, tmp_path
     sharded = load_model(f"ckpt:{tmp_path / 'devices3' / 'model'}")
     assert len(one.meta["devices"]) == 1 and len(sharded.meta["devices"]) == 2
     module = zoo.build("nin", width=0.125, num_classes=2)
-    initial = dict(jax.tree_util.tree_leaves_with_path(
-        base.init_variables(module, jax.random.key(0), (32, 32, 3))))  # fmt: skip
+    initial = dict(
+        jax.tree_util.tree_leaves_with_path(
+            base.init_variables(module, jax.random.key(0), (32, 32, 3))
+        )
+    )
     leaves = jax.tree_util.tree_leaves_with_path(sharded.params)
     expected = dict(jax.tree_util.tree_leaves_with_path(one.params))
     assert len(leaves) == len(expected) == len(initial)
     moved = []
     for path, value in leaves:
         scale = np.abs(expected[path]).max()
-        np.testing.assert_allclose(value, expected[path], rtol=0, atol=1e-4 * scale + 1e-6,
-                                   err_msg=jax.tree_util.keystr(path))  # fmt: skip
+        np.testing.assert_allclose(
+            value,
+            expected[path],
+            rtol=0,
+            atol=1e-4 * scale + 1e-6,
+            err_msg=jax.tree_util.keystr(path),
+        )
         moved.append(np.abs(expected[path] - initial[path]).max() / (scale + 1e-6))
     assert max(moved) > 1e-2  # training moved the weights far beyond the tolerance
     assert one.meta["accuracies"] == sharded.meta["accuracies"]
@@ -527,8 +571,9 @@ def test_history_is_the_epochs_to_accuracy_curve_across_a_resume(dataset, uninte
     train.train_and_evaluate(config, workdir)  # checkpoints at steps 8 and 12
     with open(os.path.join(workdir, train.HISTORY_FILE), "a") as f:  # as if killed at step 17
         f.write(json.dumps({"step": 16, "epoch": 4.0, "train_seconds": 0.0}) + "\n")
-    result = train.train_and_evaluate(tiny_config(dataset, eval_every_epochs=1.0,
-                                                  checkpoint_every=8), workdir)  # fmt: skip
+    result = train.train_and_evaluate(
+        tiny_config(dataset, eval_every_epochs=1.0, checkpoint_every=8), workdir
+    )
     history = train.read_history(workdir)
     assert [r["step"] for r in history] == [4, 8, 12, 16]  # epochs 1-4; the end is the final eval
     assert [r["epoch"] for r in history] == [1.0, 2.0, 3.0, 4.0]
@@ -558,10 +603,11 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     train.train_and_evaluate(config, workdir)
     _, seconds_at_stop, (cpu_at_stop, cpu_from_step) = train.read_train_state(workdir, config)
     assert seconds_at_stop > 0 and cpu_at_stop > 0 and cpu_from_step == 0
-    train.train_and_evaluate(tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0),
-                             workdir)  # fmt: skip
+    train.train_and_evaluate(
+        tiny_config(dataset, save_dtype="float16", eval_every_epochs=1.0), workdir
+    )
     model = load_model(f"ckpt:{os.path.join(workdir, 'model')}")
-    images, labels, _ = train.load_split(f"folder:{dataset}", "test", (32, 32, 3))
+    images, labels, _ = train_data.load_split(f"folder:{dataset}", "test", (32, 32, 3))
     predictions = np.argmax(model.apply_fn(model.params, images.astype(np.float32)), -1)
     meta = model.meta
     assert meta["weights_dtype"] == "float16"
@@ -580,7 +626,7 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     cpu = [r["train_cpu_seconds"] for r in meta["history"]]
     assert cpu == sorted(cpu) and 0 < cpu[0] and cpu[-1] < meta["train_cpu_s"]
     assert meta["command"]  # how it was run
-    card = train.model_card(os.path.join(workdir, "model"))
+    card = model_card.model_card(os.path.join(workdir, "model"))
     assert "weights stored as float16" in card and "20 steps of 16, 5 epochs" in card
     assert f"{meta['train_cpu_s'] / 3600:.2f} h of process CPU time" in card
     accuracy = meta["accuracies"]["test"]
@@ -588,8 +634,9 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     curve = [line for line in card.splitlines() if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in curve] == ["| 1", "| 2", "| 3", "| 4", "| 5 (final)"]
     script = os.path.join(REPO, "scripts", "model_card.py")
-    completed = subprocess.run([sys.executable, script, str(tmp_path / "missing")],
-                               capture_output=True, text=True)  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, script, str(tmp_path / "missing")], capture_output=True, text=True
+    )
     assert completed.returncode != 0 and "no such directory" in completed.stderr
 
 
@@ -602,15 +649,26 @@ def start_long_run(workdir, data_dir, *flags) -> tuple[subprocess.Popen, list[st
     """scripts/train.py on a tiny NiN with steps to spare, once it has logged steps; and
     the lines it logged until then."""
     process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
-         f"--config={os.path.join(REPO, 'configs', 'train_default.py')}", f"--workdir={workdir}",
-         "--config.model=nin", "--config.model_overrides.width=0.125",
-         f"--config.dataset=folder:{data_dir}", "--config.exact_test_data=",
-         "--config.batch_size=16", "--config.num_steps=100000", "--config.log_every=2",
-         "--config.cpu_devices=1", *flags],
-        stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            f"--config={os.path.join(REPO, 'configs', 'train_default.py')}",
+            f"--workdir={workdir}",
+            "--config.model=nin",
+            "--config.model_overrides.width=0.125",
+            f"--config.dataset=folder:{data_dir}",
+            "--config.exact_test_data=",
+            "--config.batch_size=16",
+            "--config.num_steps=100000",
+            "--config.log_every=2",
+            "--config.cpu_devices=1",
+            *flags,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags()),
-    )  # fmt: skip
+    )
     lines = []
     for line in process.stderr:  # absl logs to stderr
         lines.append(line)
@@ -636,8 +694,9 @@ def test_sigterm_checkpoints_and_time_bounds_what_a_kill_loses(dataset, tmp_path
     assert any(f"resumed from {terminated} at step {step}" in line for line in lines)
 
     killed = tmp_path / "killed"
-    process, _ = start_long_run(killed, dataset, "--config.checkpoint_every=100000",
-                                "--config.checkpoint_every_seconds=0.2")  # fmt: skip
+    process, _ = start_long_run(
+        killed, dataset, "--config.checkpoint_every=100000", "--config.checkpoint_every_seconds=0.2"
+    )
     # Keep reading its log, so that a full pipe never blocks the run before it checkpoints.
     threading.Thread(target=process.stderr.read, daemon=True).start()
     deadline = time.time() + 60
