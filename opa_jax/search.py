@@ -64,9 +64,10 @@ class Search(Protocol):
 def de_config(config: ml_collections.ConfigDict, **overrides) -> de.DEConfig:
     """The DE settings of `config.de` (its preset, then every field set), with the
     `overrides` that are not None on top."""
-    fields = {k: v for k, v in config.de.items() if k != "preset"}
+    fields = {"num_pixels": config.pixels}
+    fields.update({k: v for k, v in config.de.items() if k != "preset"})
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    return de.DEConfig.from_preset(config.de.preset, num_pixels=config.pixels, **fields)
+    return de.DEConfig.from_preset(config.de.preset, **fields)
 
 
 def search_config(config: ml_collections.ConfigDict, image_shape, method: str | None = None,
