@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.de.generations = 2  # ... with few generations here; the paper runs 100
     config.precision = "float32"
     # The main section's engine: 'full' forward passes (its efficiency is against the
-    # forward ceiling), 'incremental' or 'auto' (opa_jax/incremental.py).
+    # forward ceiling), 'incremental' or 'auto' (opa_jax/incremental/).
     config.evaluator = "full"
     config.slots = 0  # in-flight images per device; 0 = devices.auto_slots (1 on a CPU)
     # CPU hosts: XLA devices the cores are split into, as in attack runs (0 = one per core,

@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.precision = "float32"  # float32 or bfloat16 model forward passes
     # Execution (does not change results).
     # How candidates are evaluated: 'full' forward passes, 'incremental' (recompute only
-    # what the pixels reach, from each image's clean activations; opa_jax/incremental.py),
+    # what the pixels reach, from each image's clean activations; opa_jax/incremental/),
     # or 'auto': incremental where XLA counts fewer FLOPs for it (docs/benchmarks.md).
     config.evaluator = "auto"
     config.slots = 0  # in-flight images per device; 0 = choose from memory
