@@ -2,7 +2,9 @@
 
 A `Tally` is built from result records (the lines of `results.jsonl`): the
 paper's measurements (Su et al. 2019, Sec. IV-C: success rate, confidence,
-number of target classes, class pairs) kept as counts and sums. Two tallies
+number of target classes, class pairs) kept as counts and sums. A complete
+exhaustive search (`search_complete` records) adds every class it pushed an
+image to, so one non-targeted pass gives the targeted measurements. Two tallies
 combine by addition (`merge`) into the tally of all their records, so partial
 tallies (of chunks, hosts or runs) need not keep their records. The summary
 and the report tally every host's records of a workdir at once.
@@ -64,6 +66,10 @@ class Tally:
     pair_attempts: np.ndarray = None  # [C, C] attacks, true label -> target (targeted only)
     adv_label_counts: np.ndarray = None  # [C] adversarial labels of successes
     reached: dict = dataclasses.field(default_factory=dict)  # image -> set of labels reached
+    # Complete exhaustive searches (`search_complete` records): every class each image was
+    # pushed to, true label -> class, and how many such records there were.
+    reach_pairs: np.ndarray = None
+    complete_searches: int = 0
     attacked_images: set = dataclasses.field(default_factory=set)
 
     def __post_init__(self):
@@ -74,6 +80,8 @@ class Tally:
             self.pair_attempts = np.zeros((c, c), np.int64)
         if self.adv_label_counts is None:
             self.adv_label_counts = np.zeros((c,), np.int64)
+        if self.reach_pairs is None:
+            self.reach_pairs = np.zeros((c, c), np.int64)
 
     def add(self, record: dict) -> None:
         self.attacks += 1
@@ -94,6 +102,12 @@ class Tally:
             self.pair_counts[true_label, adv] += 1
             self.adv_label_counts[adv] += 1
             self.reached.setdefault(image, set()).add(adv)
+        if record.get("classes_reached"):  # a search that saw more than its answer's class
+            self.reached.setdefault(image, set()).update(record["classes_reached"])
+        if record.get("search_complete"):
+            self.complete_searches += 1
+            for reached in record["classes_reached"]:
+                self.reach_pairs[true_label, reached] += 1
 
     def update(self, records: Iterable[dict]) -> Tally:
         for record in records:
@@ -102,13 +116,23 @@ class Tally:
 
     def merge(self, other: Tally) -> Tally:
         merged = Tally(self.num_classes)
-        for f in ("attacks", "successes", "confidence_sum", "confidence_sq_sum", "queries_sum",
-                  "queries_success_sum", "generations_success_sum"):  # fmt: skip
+        added = (
+            "attacks",
+            "successes",
+            "confidence_sum",
+            "confidence_sq_sum",
+            "queries_sum",
+            "queries_success_sum",
+            "generations_success_sum",
+            "complete_searches",
+        )
+        for f in added:
             setattr(merged, f, getattr(self, f) + getattr(other, f))
         merged.queries_success = self.queries_success + other.queries_success
         merged.pair_counts = self.pair_counts + other.pair_counts
         merged.pair_attempts = self.pair_attempts + other.pair_attempts
         merged.adv_label_counts = self.adv_label_counts + other.adv_label_counts
+        merged.reach_pairs = self.reach_pairs + other.reach_pairs
         merged.attacked_images = self.attacked_images | other.attacked_images
         for tally in (self, other):
             for image, labels in tally.reached.items():
@@ -127,7 +151,7 @@ class Tally:
         q = np.asarray(self.queries_success, np.float64)
         images = len(self.attacked_images)
         fooled = len([i for i in self.attacked_images if self.reached.get(i)])
-        return {
+        summary = {
             "attacks": n,
             "images": images,
             "successes": s,
@@ -147,3 +171,7 @@ class Tally:
             "pair_attempts": self.pair_attempts.tolist(),
             "num_target_classes": self.num_target_classes().tolist(),
         }
+        if self.complete_searches:
+            summary["complete_searches"] = self.complete_searches
+            summary["reach_pair_counts"] = self.reach_pairs.tolist()
+        return summary

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from opa_jax import data, de, metrics
+from opa_jax import charts, data, de, metrics, report_search
 from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 
@@ -49,16 +49,23 @@ class RunResults:
     def method(self) -> str:
         if self.config["method"] == "fgsm":
             return f"FGSM (eps {self.config['fgsm']['epsilon']:g})"
+        searched = report_search.method_name(self.config)
+        if searched:
+            return searched
         settings = self.config["de"]
         preset = settings["preset"]
-        budget = {k: settings.get(k) or de.PRESETS.get(preset, {}).get(k)
-                  for k in ("popsize", "generations")}  # fmt: skip
+        budget = {
+            k: settings.get(k) or de.PRESETS.get(preset, {}).get(k)
+            for k in ("popsize", "generations")
+        }
         size = f"{budget['popsize']}x{budget['generations']}"
         return f"random search ({size})" if preset == "random" else f"DE ({preset}, {size})"
 
     @property
     def pixels(self) -> int | None:
-        return None if self.config["method"] == "fgsm" else int(self.config["pixels"])
+        if self.config["method"] in ("fgsm", "min_pixels"):  # no one pixel count
+            return None
+        return int(self.config["pixels"])
 
 
 def _unique_names(workdirs: Sequence[str]) -> list[str]:
@@ -110,33 +117,43 @@ def load_run_results(workdir: str, name: str | None = None) -> RunResults:
 # Tables.
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def summary_table(runs: Sequence[RunResults]) -> str:
     """One row per run, in the form of the paper's Table 2 (success rate over attacks:
     images, or image-target pairs when targeted; confidence over successes)."""
-    header = ["run", "model", "pixels", "mode", "method", "images", "attacks", "success rate",
-              "confidence", "images with >= 1 success", "mean queries",
-              "mean queries (successes)"]  # fmt: skip
+    header = [
+        "run",
+        "model",
+        "pixels",
+        "mode",
+        "method",
+        "images",
+        "attacks",
+        "success rate",
+        "confidence",
+        "images with >= 1 success",
+        "mean queries",
+        "mean queries (successes)",
+    ]
     rows = []
     for run in runs:
         s = run.tally.summary()
-        rows.append([
-            run.name, run.model, "-" if run.pixels is None else str(run.pixels), run.mode,
-            run.method, str(s["images"]), str(s["attacks"]), _percent(s["success_rate"]),
-            _percent(s["confidence"]),
-            _percent(s["images_fooled_rate"]) if s["images"] else "-",
-            f"{s['mean_queries']:.0f}", f"{s['mean_queries_success']:.0f}",
-        ])  # fmt: skip
-    return _table(header, rows)
+        rows.append(
+            [
+                run.name,
+                run.model,
+                "-" if run.pixels is None else str(run.pixels),
+                run.mode,
+                run.method,
+                str(s["images"]),
+                str(s["attacks"]),
+                charts.percent(s["success_rate"]),
+                charts.percent(s["confidence"]),
+                charts.percent(s["images_fooled_rate"]) if s["images"] else "-",
+                f"{s['mean_queries']:.0f}",
+                f"{s['mean_queries_success']:.0f}",
+            ]
+        )
+    return charts.table(header, rows)
 
 
 def _interval(values) -> str:
@@ -146,18 +163,30 @@ def _interval(values) -> str:
 def interval_table(runs: Sequence[RunResults]) -> str:
     """95% intervals, one row per run: Wilson intervals of the success rate (over attacks)
     and of the share of images fooled, and a normal interval of the mean confidence."""
-    header = ["run", "success rate", "95% interval", "confidence", "95% interval",
-              "images with >= 1 success", "95% interval"]  # fmt: skip
+    header = [
+        "run",
+        "success rate",
+        "95% interval",
+        "confidence",
+        "95% interval",
+        "images with >= 1 success",
+        "95% interval",
+    ]
     rows = []
     for run in runs:
         s = run.tally.summary()
-        rows.append([
-            run.name, _percent(s["success_rate"]), _interval(s["success_rate_ci95"]),
-            _percent(s["confidence"]) if s["successes"] else "-",
-            _interval(s["confidence_ci95"]) if s["successes"] > 1 else "-",
-            f"{s['images_fooled']}/{s['images']}", _interval(s["images_fooled_rate_ci95"]),
-        ])  # fmt: skip
-    return _table(header, rows)
+        rows.append(
+            [
+                run.name,
+                charts.percent(s["success_rate"]),
+                _interval(s["success_rate_ci95"]),
+                charts.percent(s["confidence"]) if s["successes"] else "-",
+                _interval(s["confidence_ci95"]) if s["successes"] > 1 else "-",
+                f"{s['images_fooled']}/{s['images']}",
+                _interval(s["images_fooled_rate_ci95"]),
+            ]
+        )
+    return charts.table(header, rows)
 
 
 def pixel_table(runs: Sequence[RunResults]) -> str | None:
@@ -167,15 +196,16 @@ def pixel_table(runs: Sequence[RunResults]) -> str | None:
     for run in runs:
         if run.pixels is not None and run.records:
             s = run.tally.summary()
-            cell = f"{_percent(s['success_rate'])} ({s['attacks']})"
+            cell = f"{charts.percent(s['success_rate'])} ({s['attacks']})"
             groups.setdefault((run.model, run.mode, run.method), {})[run.pixels] = cell
     if not any(len(cells) > 1 for cells in groups.values()):
         return None
     pixel_counts = sorted({p for cells in groups.values() for p in cells})
     header = ["model", "mode", "method"] + [f"{p} px" for p in pixel_counts]
-    rows = [[*key, *(cells.get(p, "-") for p in pixel_counts)]
-            for key, cells in sorted(groups.items())]  # fmt: skip
-    return _table(header, rows)
+    rows = [
+        [*key, *(cells.get(p, "-") for p in pixel_counts)] for key, cells in sorted(groups.items())
+    ]
+    return charts.table(header, rows)
 
 
 def perturbation_size(run: RunResults, dataset=None) -> tuple[float | None, float | None]:
@@ -215,18 +245,35 @@ def comparison_table(runs: Sequence[RunResults], datasets: dict) -> str | None:
         for run in sorted(group, key=lambda r: (r.config["method"], r.method, r.pixels or 0)):
             s = run.tally.summary()
             changed, linf = perturbation_size(run, datasets.get(run.name))
-            rows.append([
-                model, mode, run.method, "-" if run.pixels is None else str(run.pixels),
-                str(s["attacks"]), _percent(s["success_rate"]), _percent(s["confidence"]),
-                f"{s['mean_queries']:.0f}",
-                "-" if changed is None else f"{changed:.1f}",
-                "-" if linf is None else f"{linf:.1f}",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    model,
+                    mode,
+                    run.method,
+                    "-" if run.pixels is None else str(run.pixels),
+                    str(s["attacks"]),
+                    charts.percent(s["success_rate"]),
+                    charts.percent(s["confidence"]),
+                    f"{s['mean_queries']:.0f}",
+                    "-" if changed is None else f"{changed:.1f}",
+                    "-" if linf is None else f"{linf:.1f}",
+                ]
+            )
     if not rows:
         return None
-    header = ["model", "mode", "method", "pixels", "attacks", "success rate", "confidence",
-              "mean queries", "mean pixels changed", "mean L-inf (0-255)"]  # fmt: skip
-    return _table(header, rows)
+    header = [
+        "model",
+        "mode",
+        "method",
+        "pixels",
+        "attacks",
+        "success rate",
+        "confidence",
+        "mean queries",
+        "mean pixels changed",
+        "mean L-inf (0-255)",
+    ]
+    return charts.table(header, rows)
 
 
 # ---------------------------------------------------------------------------
@@ -274,9 +321,12 @@ def open_dataset(run: RunResults):
         return None, "the images are resized, but the summary holds no model input shape"
     try:
         dataset = data.load_dataset(
-            spec, config["split"], shape if config.get("resize") != "none" else None,
-            config.get("resize", "none"), config.get("data_dir") or None,
-        )  # fmt: skip
+            spec,
+            config["split"],
+            shape if config.get("resize") != "none" else None,
+            config.get("resize", "none"),
+            config.get("data_dir") or None,
+        )
     except InputError as e:
         return None, str(e)
     return dataset, None
@@ -286,29 +336,16 @@ def _short(name: str, length: int = 14) -> str:
     return name if len(name) <= length else name[: length - 1] + "."
 
 
-def _save(fig, path: str) -> None:
-    """Saves a figure as a small PNG: 256 adaptive colours are plenty for charts and
-    32x32 images, and about a third of the size."""
-    import io
-
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=90, format="png")
-    plt.close(fig)
-    with Image.open(buffer) as image:
-        image.convert("RGB").quantize(256).save(path, optimize=True)
-
-
 def plot_examples(run: RunResults, dataset, path: str, max_examples: int = 6) -> bool:
     """Original and attacked images of successful attacks, the changed pixels circled."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
     chosen, seen = [], set()
-    successes = sorted((r for r in run.records if r["success"] and r["perturbation"]),
-                       key=lambda r: (-r["adv_prob"], r["image"]))  # fmt: skip
+    successes = sorted(
+        (r for r in run.records if r["success"] and r["perturbation"]),
+        key=lambda r: (-r["adv_prob"], r["image"]),
+    )
     for record in successes:
         if record["image"] not in seen:
             chosen.append(record)
@@ -325,12 +362,17 @@ def plot_examples(run: RunResults, dataset, path: str, max_examples: int = 6) ->
         true, adv = record["true_label"], record["adv_label"]
         top, bottom = axes[0, column], axes[1, column]
         top.imshow(original, interpolation="nearest")
-        top.set_title(f"image {record['image']}\n{_short(names[true])} "
-                      f"{100 * record['clean_probs'][true]:.0f}%", fontsize=9)  # fmt: skip
+        top.set_title(
+            f"image {record['image']}\n{_short(names[true])} "
+            f"{100 * record['clean_probs'][true]:.0f}%",
+            fontsize=9,
+        )
         bottom.imshow(adversarial, interpolation="nearest")
-        bottom.set_xlabel(f"{_short(names[adv])} {100 * record['adv_prob']:.0f}%\n"
-                          f"({_short(names[true])} {100 * record['adv_probs'][true]:.0f}%)",
-                          fontsize=9)  # fmt: skip
+        bottom.set_xlabel(
+            f"{_short(names[adv])} {100 * record['adv_prob']:.0f}%\n"
+            f"({_short(names[true])} {100 * record['adv_probs'][true]:.0f}%)",
+            fontsize=9,
+        )
         radius = max(1.2, original.shape[0] / 24)
         for x, y, *_ in record["perturbation"]:
             bottom.add_patch(Circle((y, x), radius, fill=False, color="red", lw=1.5))
@@ -343,7 +385,7 @@ def plot_examples(run: RunResults, dataset, path: str, max_examples: int = 6) ->
         axes[1, 0].set_ylabel("attacked (to target)", fontsize=10)
     fig.suptitle(f"{run.name}: {run.model}, {run.pixels} px {run.mode}, {run.method}", fontsize=11)
     fig.tight_layout()
-    _save(fig, path)
+    charts.save(fig, path)
     return True
 
 
@@ -359,11 +401,11 @@ def _shown_classes(counts: np.ndarray) -> np.ndarray:
     return np.sort(order[: min(MAX_LABELLED_CLASSES, max(1, int(np.sum(counts > 0))))])
 
 
-def plot_pair_heatmap(run: RunResults, path: str) -> None:
-    """Successful attacks by true class (rows) and adversarial class (columns)."""
+def plot_pair_heatmap(run: RunResults, path: str, pairs=None, what="successful attacks") -> None:
+    """Successful attacks (or `pairs`) by true class (rows) and adversarial class (columns)."""
     import matplotlib.pyplot as plt
 
-    pairs = run.tally.pair_counts
+    pairs = run.tally.pair_counts if pairs is None else np.asarray(pairs)
     shown = _shown_classes(pairs.sum(0) + pairs.sum(1))
     pairs = pairs[np.ix_(shown, shown)]
     labels = [_short(run.class_names[c]) for c in shown]
@@ -374,27 +416,39 @@ def plot_pair_heatmap(run: RunResults, path: str) -> None:
     for i in range(len(shown)):
         for j in range(len(shown)):
             if pairs[i, j]:
-                ax.text(j, i, str(pairs[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if pairs[i, j] > 0.6 * peak else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    str(pairs[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if pairs[i, j] > 0.6 * peak else "black",
+                )
     ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.set_xlabel("adversarial class")
     ax.set_ylabel("true class")
-    ax.set_title(f"{run.name}: successful attacks\n{run.model}, {run.mode}, {run.method}",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(f"{run.name}: {what}\n{run.model}, {run.mode}, {run.method}", fontsize=10)
     from matplotlib.ticker import MaxNLocator
 
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, ticks=MaxNLocator(integer=True))
     fig.tight_layout()
-    _save(fig, path)
+    charts.save(fig, path)
 
 
 def _annotate_bars(ax, bars, texts):
     for bar, text in zip(bars, texts, strict=True):
         if text:
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7, xytext=(0, 1),
-                        textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 1),
+                textcoords="offset points",
+            )
 
 
 def plot_target_classes(runs: Sequence[RunResults], path: str) -> None:
@@ -416,7 +470,7 @@ def plot_target_classes(runs: Sequence[RunResults], path: str) -> None:
     ax.set_title("Targeted attacks: to how many classes can an image be pushed?", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    charts.save(fig, path)
 
 
 def plot_success_by_pixels(runs: Sequence[RunResults], path: str) -> None:
@@ -439,8 +493,9 @@ def plot_success_by_pixels(runs: Sequence[RunResults], path: str) -> None:
         present = [label for label in labels if p in groups[label]]
         for k, label in enumerate(present):
             value = 100 * groups[label][p]
-            bars = ax.bar(x + (k - (len(present) - 1) / 2) * width, value, width,
-                          color=colours[label])  # fmt: skip
+            bars = ax.bar(
+                x + (k - (len(present) - 1) / 2) * width, value, width, color=colours[label]
+            )
             _annotate_bars(ax, bars, [f"{value:.0f}%"])
     for label in labels:
         ax.bar([0], [0], 0, color=colours[label], label=label)  # one legend entry each
@@ -450,7 +505,7 @@ def plot_success_by_pixels(runs: Sequence[RunResults], path: str) -> None:
     ax.set_title("Success rate by number of pixels", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
     fig.tight_layout()
-    _save(fig, path)
+    charts.save(fig, path)
 
 
 def plot_adv_labels(runs: Sequence[RunResults], path: str) -> None:
@@ -467,17 +522,85 @@ def plot_adv_labels(runs: Sequence[RunResults], path: str) -> None:
         share = 100 * counts / max(run.tally.successes, 1)
         x = np.arange(len(shown)) + (k - (len(runs) - 1) / 2) * width
         ax.bar(x, share, width, label=f"{run.name} ({run.tally.successes} successes)")
-    ax.set_xticks(range(len(shown)), [_short(runs[0].class_names[c]) for c in shown],
-                  rotation=45, ha="right", fontsize=8)  # fmt: skip
+    ax.set_xticks(
+        range(len(shown)),
+        [_short(runs[0].class_names[c]) for c in shown],
+        rotation=45,
+        ha="right",
+        fontsize=8,
+    )
     ax.set_ylabel("% of successful attacks")
     ax.set_title("Adversarial class of successful attacks", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    _save(fig, path)
+    charts.save(fig, path)
 
 
 # ---------------------------------------------------------------------------
 # The report.
+
+
+def _search_sections(runs, datasets, out: str) -> list[str]:
+    """The report's parts on complete exhaustive searches (classes reached, vulnerable
+    pixels) and on minimum-pixels runs (share fooled against k)."""
+    lines = []
+
+    def figure(title: str, file_name: str, caption: str):
+        lines.extend([f"### {title}", "", f"![{title}]({file_name})", "", caption, ""])
+
+    complete = report_search.complete_searches(runs)
+    if complete:
+        lines += [
+            "## Exhaustive search: classes reached and vulnerable pixels",
+            "",
+            "Every position times every colour of the set, for each image: the positions "
+            "where some colour fools the model, the candidates that fool it, and the "
+            "classes it can be pushed to (the paper's number of target classes; an image "
+            "counts as fooled when it reaches at least one).",
+            "",
+            report_search.reach_table(complete),
+            "",
+        ]
+        for run in complete:
+            file_name = _file_name("reached_pairs", run)
+            what = "classes reached (images)"
+            plot_pair_heatmap(run, os.path.join(out, file_name), run.tally.reach_pairs, what)
+            figure(
+                f"{run.name}: classes reached",
+                file_name,
+                "Images by true class (rows) and each class the search pushed them to.",
+            )
+            dataset = datasets.get(run.name)
+            file_name = _file_name("vulnerable", run)
+            if dataset is not None and report_search.plot_vulnerable_maps(
+                run, dataset, os.path.join(out, file_name)
+            ):
+                figure(
+                    f"{run.name}: vulnerable pixels",
+                    file_name,
+                    "The most vulnerable images; red marks each position where some "
+                    "colour of the set fools the model.",
+                )
+    fewest = report_search.min_pixels_runs(runs)
+    if fewest:
+        lines += [
+            "## Minimum pixels",
+            "",
+            "The smallest number of pixels that fools each image: the exhaustive one-pixel "
+            "search first, then each larger k on the images not yet fooled. Shares are "
+            "cumulative, with 95% Wilson intervals; queries sum every stage an image "
+            "went through.",
+            "",
+            report_search.min_pixels_table(fewest),
+            "",
+        ]
+        report_search.plot_min_pixels(fewest, os.path.join(out, "min_pixels.png"))
+        figure(
+            "Share fooled against pixels",
+            "min_pixels.png",
+            "Cumulative share of images fooled with at most k pixels.",
+        )
+    return lines
 
 
 def write_report(workdirs: Sequence[str], out: str) -> str:
@@ -499,19 +622,33 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
                 run.class_names = tuple(dataset.class_names)
         datasets[run.name] = dataset
     lines = ["# One-pixel attack report", ""]
-    lines += ["Success rate is over attacks: images, or (image, target class) pairs when "
-              "targeted. Confidence is the mean probability of the adversarial class over "
-              "successful attacks. Queries are model evaluations per attack.", ""]  # fmt: skip
+    lines += [
+        "Success rate is over attacks: images, or (image, target class) pairs when "
+        "targeted. Confidence is the mean probability of the adversarial class over "
+        "successful attacks. Queries are model evaluations per attack.",
+        "",
+    ]
     lines += ["## Results", "", summary_table(runs), ""]
-    lines += ["### 95% intervals", "",
-              "Wilson score intervals for the rates; a normal interval for the mean "
-              "confidence. In targeted runs an image's attacks are not independent, so the "
-              "success rate's interval is too narrow there; the per-image column is not.",
-              "", interval_table(runs), ""]  # fmt: skip
+    lines += [
+        "### 95% intervals",
+        "",
+        "Wilson score intervals for the rates; a normal interval for the mean "
+        "confidence. In targeted runs an image's attacks are not independent, so the "
+        "success rate's interval is too narrow there; the per-image column is not.",
+        "",
+        interval_table(runs),
+        "",
+    ]
     by_pixels = pixel_table(runs)
     if by_pixels:
-        lines += ["## Success rate by number of pixels", "",
-                  "Success rate (attacks) for each pixel count.", "", by_pixels, ""]  # fmt: skip
+        lines += [
+            "## Success rate by number of pixels",
+            "",
+            "Success rate (attacks) for each pixel count.",
+            "",
+            by_pixels,
+            "",
+        ]
     comparison = comparison_table(runs, datasets)
     if comparison:
         lines += ["## DE, random search and FGSM", "", comparison, ""]
@@ -520,6 +657,8 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
         c = run.config
         de_settings = {k: v for k, v in c["de"].items() if v is not None}
         detail = f"fgsm={c['fgsm']}" if c["method"] == "fgsm" else f"de={de_settings}"
+        if c["method"] in ("exhaustive", "corner_search", "min_pixels"):
+            detail = f"{c['method']}={c.get(c['method'])}"
         lines.append(
             f"- **{run.name}**: model `{c['model']}`, data `{c['data']}` ({c['split']}), "
             f"selection `{c['selection'] or 'all'}`, num_images {c['num_images'] or 'all'}, "
@@ -541,9 +680,12 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
     targeted = [r for r in runs if r.config["targeted"] and r.records]
     if targeted:
         plot_target_classes(targeted, os.path.join(out, "target_classes.png"))
-        figure("Number of target classes", "target_classes.png",
-               "For each image, the number of target classes it was successfully pushed "
-               "to (Su et al. 2019, Fig. 3).")  # fmt: skip
+        figure(
+            "Number of target classes",
+            "target_classes.png",
+            "For each image, the number of target classes it was successfully pushed "
+            "to (Su et al. 2019, Fig. 3).",
+        )
     with_successes = [r for r in runs if r.tally.successes]
     by_classes: dict[tuple, list[RunResults]] = {}
     for run in with_successes:
@@ -552,9 +694,14 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
         file_name = "adversarial_labels.png" if k == 0 else f"adversarial_labels_{k}.png"
         plot_adv_labels(group, os.path.join(out, file_name))
         figure("Adversarial classes", file_name)
+    lines += _search_sections(runs, datasets, out)
     if with_successes:
-        lines += ["## Class pairs", "", "Successful attacks by true class (rows) and "
-                  "adversarial class (columns).", ""]  # fmt: skip
+        lines += [
+            "## Class pairs",
+            "",
+            "Successful attacks by true class (rows) and adversarial class (columns).",
+            "",
+        ]
     for run in with_successes:
         file_name = _file_name("pairs", run)
         plot_pair_heatmap(run, os.path.join(out, file_name))
@@ -566,10 +713,15 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
         if dataset is not None and plot_examples(run, dataset, os.path.join(out, file_name)):
             examples.append((run.name, file_name))
     if examples:
-        lines += ["## Examples", "", "Top: the original image, its true class and the model's "
-                  "confidence. Bottom: the attacked image (changed pixels circled), the "
-                  "adversarial class and its probability, and the true class's probability "
-                  "(in brackets). The most confident successes, one per image.", ""]  # fmt: skip
+        lines += [
+            "## Examples",
+            "",
+            "Top: the original image, its true class and the model's "
+            "confidence. Bottom: the attacked image (changed pixels circled), the "
+            "adversarial class and its probability, and the true class's probability "
+            "(in brackets). The most confident successes, one per image.",
+            "",
+        ]
     for name, file_name in examples:
         figure(name, file_name)
     if notes:

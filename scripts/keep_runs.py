@@ -37,10 +37,15 @@ def _is_record(name: str) -> bool:
 
 
 def _records(run: str) -> list[str]:
-    """The record files of `run`, relative to it."""
+    """The record files of `run`, relative to it (with a min_pixels run's stages/*.jsonl)."""
     found = []
     for root, _, names in os.walk(run):
-        found += [os.path.relpath(os.path.join(root, n), run) for n in names if _is_record(n)]
+        stage = os.path.basename(root) == "stages"
+        found += [
+            os.path.relpath(os.path.join(root, n), run)
+            for n in names
+            if _is_record(n) or (stage and n.endswith(".jsonl"))
+        ]
     return sorted(found)
 
 

@@ -195,3 +195,44 @@ def test_min_pixels_refuses_bad_stage_settings(tmp_path):
         config = tiny_config(setup, method="min_pixels", num_images=2, **{field: value})
         with pytest.raises(InputError, match=message):
             run.run_attack(config, str(tmp_path / f"run_{value}"))
+
+
+def test_exhaustive_run_summary_and_report(tmp_path):
+    from opa_jax import report
+
+    setup = write_tiny_setup(tmp_path / "setup")
+    config = tiny_config(
+        setup,
+        method="exhaustive",
+        num_images=4,
+        **{"exhaustive.stop": "none", "exhaustive.popsize": 64},
+    )
+    summary = run.run_attack(config, str(tmp_path / "grid"))
+    records = [json.loads(line) for line in open(tmp_path / "grid" / "results.jsonl")]
+    assert summary["complete_searches"] == 4 and all(r["search_complete"] for r in records)
+    for r in records:  # the image reaches a class iff some candidate fools it
+        assert bool(r["classes_reached"]) == r["success"] == (r["fooling_positions"] > 0)
+        assert r["true_label"] not in r["classes_reached"]
+    reach = np.asarray(summary["reach_pair_counts"])
+    assert reach.sum() == sum(len(r["classes_reached"]) for r in records)
+    counts = summary["num_target_classes"]
+    assert counts == [sum(len(r["classes_reached"]) == n for r in records) for n in range(10)]
+
+    min_config = tiny_config(
+        setup,
+        method="min_pixels",
+        num_images=4,
+        **{"min_pixels.ks": "2", "min_pixels.popsize": 8, "min_pixels.generations": 3},
+    )
+    run.run_attack(min_config, str(tmp_path / "fewest"))
+    path = report.write_report(
+        [str(tmp_path / "grid"), str(tmp_path / "fewest")], str(tmp_path / "r")
+    )
+    text = open(path).read()
+    assert "## Exhaustive search: classes reached and vulnerable pixels" in text
+    assert "## Minimum pixels" in text and "fooled at k <= 2" in text
+    assert "exhaustive (corners, stop none)" in text
+    assert (tmp_path / "r" / "min_pixels.png").stat().st_size > 0
+    assert (tmp_path / "r" / "reached_pairs_grid.png").stat().st_size > 0
+    if any(r["fooling_positions"] for r in records):
+        assert (tmp_path / "r" / "vulnerable_grid.png").stat().st_size > 0
