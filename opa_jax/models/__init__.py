@@ -14,8 +14,9 @@ normalises its own input. A model is chosen by a spec string:
 The modules form one chain, each importing only those before it: `base`
 (the interface, constants) and `convention` (input conventions) <- `layers` <- the
 architectures (`nin`, `allconv`, `vgg`, `alexnet`) <- `zoo` (the registry) <- the
-loaders (`checkpoint`, `alexnet_weights`, `keras_import`, `onnx_import`) <- this
-package (`load_model`). `model_card` renders a checkpoint's `model.json` as markdown.
+loaders (`checkpoint`, `alexnet_weights`, and `keras_import` and `onnx_import` over
+`importing`, what the file importers share) <- this package (`load_model`).
+`model_card` renders a checkpoint's `model.json` as markdown.
 """
 
 from __future__ import annotations
