@@ -47,9 +47,8 @@ class CornerSearchConfig:
             (self.stop in STOP_RULES, f"corner_search.stop={self.stop!r}: expected {STOP_RULES}"),
             (self.num_pixels >= 1, f"pixels={self.num_pixels}: expected >= 1"),
             (self.popsize >= 1, f"corner_search.popsize={self.popsize}: expected >= 1"),
-            (self.generations >= 0,
-             f"corner_search.generations={self.generations}: expected >= 0"),
-        ]  # fmt: skip
+            (self.generations >= 0, f"corner_search.generations={self.generations}: expected >= 0"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
@@ -100,8 +99,9 @@ class CornerSearchConfig:
         ).reshape(self.popsize, -1)  # [popsize, k * 5]
         return jnp.where(fresh, initial, trial)
 
-    def update(self, state: CornerState, fresh, candidates, probs, true_label, target_label,
-               targeted: bool) -> CornerState:  # fmt: skip
+    def update(
+        self, state: CornerState, fresh, candidates, probs, true_label, target_label, targeted: bool
+    ) -> CornerState:
         fitness, is_adv = de.objective(probs, true_label, target_label, targeted)
         i = jnp.argmin(fitness)
         keep = fresh | (fitness[i] <= state.current_fitness)

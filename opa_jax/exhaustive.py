@@ -125,12 +125,14 @@ class ExhaustiveConfig:
             [row[:, None].astype(jnp.float32), col[:, None].astype(jnp.float32), rgb], axis=1
         )  # [popsize, 5]
 
-    def update(self, state: GridState, fresh, candidates, probs, true_label, target_label,
-               targeted: bool) -> GridState:  # fmt: skip
+    def update(
+        self, state: GridState, fresh, candidates, probs, true_label, target_label, targeted: bool
+    ) -> GridState:
         state = jax.tree.map(
             lambda empty, old: jnp.where(fresh, empty, old),
-            self.empty_state(probs.shape[-1], None), state,
-        )  # fmt: skip
+            self.empty_state(probs.shape[-1], None),
+            state,
+        )
         index, real, chunk = self._chunk(state, fresh)
         fitness, is_adv = de.objective(probs, true_label, target_label, targeted)  # [popsize]
         fitness = jnp.where(real, fitness, jnp.inf)

@@ -89,17 +89,22 @@ def run_stage(config, plan, k: int, items: attack.WorkItems, workdir: str) -> li
     records of those items."""
     rule = stage_rule(config, plan.model.image_shape, k)
     done = {_key(r): r for r in _stage_records(workdir, k)}
-    keys = [(int(i), None if t < 0 else int(t))
-            for i, t in zip(items.indices, items.target_labels, strict=True)]  # fmt: skip
+    keys = [
+        (int(i), None if t < 0 else int(t))
+        for i, t in zip(items.indices, items.target_labels, strict=True)
+    ]
     todo = items.select(np.asarray([key not in done for key in keys], bool))
-    logging.info("min_pixels: k=%d, %d items (%d already done)", k, len(items),
-                 len(items) - len(todo))  # fmt: skip
+    logging.info(
+        "min_pixels: k=%d, %d items (%d already done)", k, len(items), len(items) - len(todo)
+    )
     if len(todo):
         evaluator = incremental.make_evaluator(config.evaluator, plan.model, k)
-        slots, chunk = devices.slots_and_chunk(config, plan.model, rule.popsize, len(todo),
-                                               evaluator)  # fmt: skip
-        attacker = attack.Attacker(plan.model, rule, bool(config.targeted), slots,
-                                   jax.local_devices(), evaluator)  # fmt: skip
+        slots, chunk = devices.slots_and_chunk(
+            config, plan.model, rule.popsize, len(todo), evaluator
+        )
+        attacker = attack.Attacker(
+            plan.model, rule, bool(config.targeted), slots, jax.local_devices(), evaluator
+        )
         with config.unlocked():
             stage_config = ml_collections.ConfigDict(config.to_dict())
         stage_config.pixels = k
@@ -108,16 +113,28 @@ def run_stage(config, plan, k: int, items: attack.WorkItems, workdir: str) -> li
         os.makedirs(os.path.dirname(path), exist_ok=True)
         started, finished = time.time(), 0
         with results.Writer(path) as writer:
-            for res in attacker.run(jax.random.key(config.seed), todo, plan.dataset.read, chunk,
-                                    call_seconds=config.flush_seconds):  # fmt: skip
-                records = [workdir_lib.record(stage_config, todo, plan.clean_probs, res, i, rule)
-                           for i in range(len(res.work_ids))]  # fmt: skip
+            for res in attacker.run(
+                jax.random.key(config.seed),
+                todo,
+                plan.dataset.read,
+                chunk,
+                call_seconds=config.flush_seconds,
+            ):
+                records = [
+                    workdir_lib.record(stage_config, todo, plan.clean_probs, res, i, rule)
+                    for i in range(len(res.work_ids))
+                ]
                 writer.write(records)
                 writer.flush()
                 done.update((_key(r), r) for r in records)
                 finished += len(records)
-                logging.info("min_pixels: k=%d, %d/%d done, %.2f images/s", k, finished,
-                             len(todo), finished / max(time.time() - started, 1e-9))  # fmt: skip
+                logging.info(
+                    "min_pixels: k=%d, %d/%d done, %.2f images/s",
+                    k,
+                    finished,
+                    len(todo),
+                    finished / max(time.time() - started, 1e-9),
+                )
     return [done[key] for key in keys]
 
 
@@ -158,20 +175,24 @@ def run_min_pixels(config: ml_collections.ConfigDict, plan, workdir: str) -> dic
     results.repair(path)
     written = {_key(r) for r in results.read(path)}
     with results.Writer(path) as writer:
-        writer.write(final_record(stages) for key, stages in per_item.items()
-                     if key not in written)  # fmt: skip
+        writer.write(final_record(stages) for key, stages in per_item.items() if key not in written)
     hosts.barrier("min_pixels stages done")
     finals = workdir_lib.read_all_results(workdir)
     minima = [r["min_pixels"] for r in finals if r["min_pixels"] is not None]
-    return workdir_lib.write_summary(workdir, config, plan.model, extra={
-        "fooled_by_k": fooled_by_k(finals, ks),
-        "fooled_by_k_ci95": {
-            str(k): list(metrics.wilson_interval(n, len(finals)))
-            for k, n in fooled_by_k(finals, ks).items()
+    return workdir_lib.write_summary(
+        workdir,
+        config,
+        plan.model,
+        extra={
+            "fooled_by_k": fooled_by_k(finals, ks),
+            "fooled_by_k_ci95": {
+                str(k): list(metrics.wilson_interval(n, len(finals)))
+                for k, n in fooled_by_k(finals, ks).items()
+            },
+            "median_min_pixels": float(np.median(minima)) if minima else None,
+            "queries_total": int(sum(r["queries"] for r in finals)),
+            "stage_search": config.min_pixels.search,
+            "stage_budget": config.min_pixels.popsize * (config.min_pixels.generations + 1),
+            "wall_seconds_this_run": time.time() - started,
         },
-        "median_min_pixels": float(np.median(minima)) if minima else None,
-        "queries_total": int(sum(r["queries"] for r in finals)),
-        "stage_search": config.min_pixels.search,
-        "stage_budget": config.min_pixels.popsize * (config.min_pixels.generations + 1),
-        "wall_seconds_this_run": time.time() - started,
-    })  # fmt: skip
+    )

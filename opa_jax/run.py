@@ -53,35 +53,57 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
     results.repair(path)
     # Done items from every host's file: a rerun on another number of hosts (whose
     # shares differ) redoes none of them.
-    done = {(r["image"], r["target_label"]): r["success"]
-            for r in workdir_lib.read_all_results(workdir)}  # fmt: skip
+    done = {
+        (r["image"], r["target_label"]): r["success"] for r in workdir_lib.read_all_results(workdir)
+    }
     items = plan.items
-    item_keys = [(int(i), None if t < 0 else int(t))
-                 for i, t in zip(items.indices, items.target_labels, strict=True)]  # fmt: skip
+    item_keys = [
+        (int(i), None if t < 0 else int(t))
+        for i, t in zip(items.indices, items.target_labels, strict=True)
+    ]
     not_done = np.asarray([key not in done for key in item_keys], bool)
     todo = items.select(not_done)
     local_devices = jax.local_devices()
     logging.info(
         "%d work items (%d already done), %d device(s) x %d slots, chunks of %d, %s evaluator",
-        len(items), len(items) - len(todo), len(local_devices), plan.slots, plan.chunk_size,
+        len(items),
+        len(items) - len(todo),
+        len(local_devices),
+        plan.slots,
+        plan.chunk_size,
         plan.evaluator.name if plan.evaluator else "no",
-    )  # fmt: skip
+    )
     started = time.time()
     finished = len(items) - len(todo)
     successes = sum(done[key] for key in item_keys if key in done)
     counters = attack.LoopCounters()
     with results.Writer(path) as writer:
         if config.method == "fgsm":
-            batches = baselines.fgsm_results(plan.model, todo, plan.dataset.read,
-                                             config.fgsm.epsilon)  # fmt: skip
+            batches = baselines.fgsm_results(
+                plan.model, todo, plan.dataset.read, config.fgsm.epsilon
+            )
         else:
-            attacker = attack.Attacker(plan.model, plan.search, bool(config.targeted),
-                                       plan.slots, local_devices, plan.evaluator)  # fmt: skip
-            batches = attacker.run(jax.random.key(config.seed), todo, plan.dataset.read,
-                                   plan.chunk_size, counters, config.flush_seconds)  # fmt: skip
+            attacker = attack.Attacker(
+                plan.model,
+                plan.search,
+                bool(config.targeted),
+                plan.slots,
+                local_devices,
+                plan.evaluator,
+            )
+            batches = attacker.run(
+                jax.random.key(config.seed),
+                todo,
+                plan.dataset.read,
+                plan.chunk_size,
+                counters,
+                config.flush_seconds,
+            )
         for res in batches:
-            records = [workdir_lib.record(config, todo, plan.clean_probs, res, i, plan.search)
-                       for i in range(len(res.work_ids))]  # fmt: skip
+            records = [
+                workdir_lib.record(config, todo, plan.clean_probs, res, i, plan.search)
+                for i in range(len(res.work_ids))
+            ]
             writer.write(records)
             writer.flush()  # each device call is sized to last about flush_seconds
             finished += len(records)
@@ -93,27 +115,40 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
             logging.info(
                 "%d/%d done, success %.1f%%, %.2f images/s, %.0f queries/s, "
                 "active %.1f%% of evaluations, ETA %.0f s",
-                finished, len(items), 100.0 * successes / max(finished, 1), rate, qps,
-                100.0 * counters.active_evaluations / max(counters.evaluations, 1), eta,
-            )  # fmt: skip
+                finished,
+                len(items),
+                100.0 * successes / max(finished, 1),
+                rate,
+                qps,
+                100.0 * counters.active_evaluations / max(counters.evaluations, 1),
+                eta,
+            )
     wall_seconds = time.time() - started
     # Each host's share is done (a barrier): its figures, summed over the hosts.
-    shares = hosts.gather("share figures", {
-        "wall_seconds": wall_seconds,
-        "evaluations": counters.evaluations,
-        "active_evaluations": counters.active_evaluations,
-    })  # fmt: skip
+    shares = hosts.gather(
+        "share figures",
+        {
+            "wall_seconds": wall_seconds,
+            "evaluations": counters.evaluations,
+            "active_evaluations": counters.active_evaluations,
+        },
+    )
     evaluations = sum(s["evaluations"] for s in shares)
-    return workdir_lib.write_summary(workdir, config, plan.model, extra={
-        "wall_seconds_this_run": max(s["wall_seconds"] for s in shares),
-        "evaluations_this_run": evaluations,
-        "active_evaluation_share": (
-            sum(s["active_evaluations"] for s in shares) / evaluations if evaluations else None
-        ),
-        "processes": len(shares),
-        "images_checked": plan.images_checked,
-        "eligible_images": plan.eligible_images,
-    })  # fmt: skip
+    return workdir_lib.write_summary(
+        workdir,
+        config,
+        plan.model,
+        extra={
+            "wall_seconds_this_run": max(s["wall_seconds"] for s in shares),
+            "evaluations_this_run": evaluations,
+            "active_evaluation_share": (
+                sum(s["active_evaluations"] for s in shares) / evaluations if evaluations else None
+            ),
+            "processes": len(shares),
+            "images_checked": plan.images_checked,
+            "eligible_images": plan.eligible_images,
+        },
+    )
 
 
 def compare_evaluators(config: ml_collections.ConfigDict, workdir: str) -> dict:

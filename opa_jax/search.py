@@ -53,8 +53,9 @@ class Search(Protocol):
 
     def propose(self, key, state, fresh, low, high) -> jax.Array: ...
 
-    def update(self, state, fresh, candidates, probs, true_label, target_label,
-               targeted: bool) -> Any: ...  # fmt: skip
+    def update(
+        self, state, fresh, candidates, probs, true_label, target_label, targeted: bool
+    ) -> Any: ...
 
     def outputs(self, state) -> dict: ...
 
@@ -70,8 +71,12 @@ def de_config(config: ml_collections.ConfigDict, **overrides) -> de.DEConfig:
     return de.DEConfig.from_preset(config.de.preset, **fields)
 
 
-def search_config(config: ml_collections.ConfigDict, image_shape, method: str | None = None,
-                  pixels: int | None = None) -> Search:  # fmt: skip
+def search_config(
+    config: ml_collections.ConfigDict,
+    image_shape,
+    method: str | None = None,
+    pixels: int | None = None,
+) -> Search:
     """The search rule of `config.method` (or `method`) for images of `image_shape`,
     at `config.pixels` (or `pixels`) pixels."""
     method = method or config.method
@@ -86,15 +91,21 @@ def search_config(config: ml_collections.ConfigDict, image_shape, method: str | 
             )
         ex = config.exhaustive
         return exhaustive.ExhaustiveConfig(
-            image_shape=tuple(image_shape[:2]), colours=ex.colours, stop=ex.stop,
+            image_shape=tuple(image_shape[:2]),
+            colours=ex.colours,
+            stop=ex.stop,
             popsize=ex.popsize,
-        )  # fmt: skip
+        )
     if method == "corner_search":
         cs = config.corner_search
         return corner_search.CornerSearchConfig(
-            image_shape=tuple(image_shape[:2]), num_pixels=pixels, popsize=cs.popsize,
-            generations=cs.generations, colours=cs.colours, stop=cs.stop,
-        )  # fmt: skip
+            image_shape=tuple(image_shape[:2]),
+            num_pixels=pixels,
+            popsize=cs.popsize,
+            generations=cs.generations,
+            colours=cs.colours,
+            stop=cs.stop,
+        )
     raise InputError(f"method={method!r}: expected one of {SEARCH_METHODS}")
 
 
