@@ -107,4 +107,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.incremental.popsize = 0
     config.incremental.repetitions = 3
     config.incremental.loop_calls = 2
+    # The exhaustive one-pixel search (stop at the first fooling candidate) against the
+    # configured DE with its stop rule, on the first `num_images` images, interleaved.
+    # configs/benchmark_search.py runs it alone on the shipped NiN.
+    config.search = ml_collections.ConfigDict()
+    config.search.enabled = False
+    config.search.num_images = 8
+    config.search.repetitions = 2
+    config.search.colours = "corners"
+    config.search.popsize = 512  # grid candidates per generation
+    config.search.de_generations = 100  # DE's here: the paper's (de.generations is the main's)
     return config

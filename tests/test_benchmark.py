@@ -434,3 +434,34 @@ def test_evaluator_point_times_the_valid_taps_route_against_the_previous_one():
         assert row[name]["median"] > 0, name
     text = "\n".join(markdown.incremental_lines({"incremental": [row]}))
     assert "| tiny-vgg16 | 1 | " in text and "one product per valid tap" in text
+
+
+def test_search_section_times_the_exhaustive_search_against_de(tiny_keras_spec, tmp_path):
+    config = tiny_config()
+    for name in ("early_stop", "bf16", "memory", "scaling", "profile"):
+        config[name].enabled = False
+    config.breakdown = False
+    config.baseline.enabled = False
+    config.search.enabled = True
+    config.search.num_images = 3
+    config.search.repetitions = 2
+    config.search.popsize = 64
+    config.search.de_generations = 3
+    model = load_model(tiny_keras_spec)
+    report = benchmark(config, str(tmp_path), model=model, log=lambda _: None)
+
+    r = report["search"]
+    assert r["images"] == 3 and r["de"]["generations"] == 3 and r["de"]["popsize"] == POPSIZE
+    h, w = model.image_shape[:2]
+    assert r["exhaustive"]["grid_size"] == h * w * 8
+    assert len(r["images_per_s_ratio"]["values"]) == 2
+    assert 0 < r["exhaustive_run"]["mean_queries"] <= h * w * 8
+    assert r["de_run"]["mean_queries"] <= POPSIZE * 4
+    grid_fooled, de_fooled = r["exhaustive_run"]["successes"], r["de_run"]["successes"]
+    assert isinstance(r["exhaustive_fools_every_de_success"], bool)
+    if r["exhaustive_fools_every_de_success"]:
+        assert grid_fooled >= de_fooled
+    text = open(tmp_path / "benchmark.md").read()
+    assert (
+        "**Exhaustive search against DE**" in text and "Exhaustive / DE images per second" in text
+    )

@@ -254,6 +254,32 @@ def incremental_lines(report: dict) -> list[str]:
     return lines
 
 
+def search_lines(report: dict) -> list[str]:
+    r = report["search"]
+    de_run, grid_run = r["de_run"], r["exhaustive_run"]
+    de_name = f"DE ({r['de']['popsize']} x {r['de']['generations']}, stop {r['de']['stop']})"
+    grid_name = f"exhaustive ({r['exhaustive']['colours']}, {r['exhaustive']['grid_size']})"
+    lines = [
+        "",
+        f"**Exhaustive search against DE** ({r['images']} images, {r['evaluator']} evaluator, "
+        "interleaved in one process):",
+        "",
+        "| search | images/s | queries/s | mean queries an image | fooled |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in ((de_name, de_run), (grid_name, grid_run)):
+        lines.append(
+            f"| {name} | {fmt(run['images_per_s'], 3)} | {fmt(run['queries_per_s'])} | "
+            f"{run['mean_queries']:.0f} | {run['successes']} |"
+        )
+    lines += [
+        "",
+        f"Exhaustive / DE images per second: **{fmt(r['images_per_s_ratio'], 2)}**; the "
+        f"exhaustive search fools every image DE fools: {r['exhaustive_fools_every_de_success']}.",
+    ]
+    return lines
+
+
 # Rows of the main table (scipy_baseline, early_stop), then one table per section.
 SECTION_LINES = (
     ("scipy_baseline", scipy_baseline_lines),
@@ -265,6 +291,7 @@ SECTION_LINES = (
     ("scaling", scaling_lines),
     ("xla_flags", xla_flags_lines),
     ("incremental", incremental_lines),
+    ("search", search_lines),
 )
 
 

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from opa_jax import attack, de, devices, incremental, plan, profiling, provenance
+from opa_jax import attack, de, devices, exhaustive, incremental, plan, profiling, provenance
 from opa_jax.bench import children, costs, markdown, measure
 from opa_jax.models import LoadedModel, load_model
 
@@ -506,6 +506,72 @@ def _log_evaluator_point(log, spec: str, num_pixels: int, row: dict) -> None:
         )
 
 
+def search_section(setting: Setting) -> dict:
+    """The exhaustive one-pixel search against the configured DE (with its stop rule),
+    on the same images in one process, interleaved: images/s, queries and successes,
+    and whether the search fools every image DE fools."""
+    config, section = setting.config, setting.config.search
+    reference = plan.de_config(config, generations=section.de_generations)
+    grid = exhaustive.ExhaustiveConfig(
+        image_shape=tuple(setting.model.image_shape[:2]),
+        colours=section.colours,
+        stop="first",
+        popsize=section.popsize,
+    )
+    images = setting.workload.take(section.num_images)
+    chunk = measure.whole_chunk(len(images.images), len(jax.local_devices()))
+    rules = {"de": reference, "exhaustive": grid}
+    runs = {name: [] for name in rules}
+    for rule in rules.values():  # compile, on one image with the same chunk
+        measure.run_engine(
+            setting.model,
+            rule,
+            setting.slots,
+            images.take(1),
+            config.seed,
+            chunk=chunk,
+            evaluator=setting.evaluator,
+        )
+    for _ in range(section.repetitions):
+        for name, rule in rules.items():
+            run = measure.run_engine(
+                setting.model, rule, setting.slots, images, config.seed, evaluator=setting.evaluator
+            )
+            setting.log(
+                f"search: {name}, {run['images']} images in {run['seconds']:.1f} s, "
+                f"{run['successes']} fooled, {run['mean_queries']:.0f} queries an image"
+            )
+            runs[name].append(run)
+    fooled = {name: np.asarray(r[0]["success_by_work_id"], bool) for name, r in runs.items()}
+    ratio = [
+        e["images_per_s"] / d["images_per_s"]
+        for d, e in zip(runs["de"], runs["exhaustive"], strict=True)
+    ]
+    return {
+        "search": {
+            "images": len(images.images),
+            "de": {
+                "stop": reference.stop,
+                "popsize": reference.popsize,
+                "generations": reference.generations,
+            },
+            "exhaustive": {"colours": grid.colours, "grid_size": grid.grid_size},
+            "evaluator": getattr(setting.evaluator, "name", str(setting.evaluator)),
+            **{
+                name: {
+                    "images_per_s": measure.spread([r["images_per_s"] for r in rs]),
+                    "queries_per_s": measure.spread([r["queries_per_s"] for r in rs]),
+                    "mean_queries": rs[0]["mean_queries"],
+                    "successes": rs[0]["successes"],
+                }
+                for name, rs in (("de_run", runs["de"]), ("exhaustive_run", runs["exhaustive"]))
+            },
+            "images_per_s_ratio": measure.spread(ratio),
+            "exhaustive_fools_every_de_success": bool(np.all(fooled["exhaustive"] >= fooled["de"])),
+        }
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     name: str  # its entry in the report's section_seconds, and its name in `needs`
@@ -543,6 +609,7 @@ SECTIONS = (
     Section("devices", _devices_enabled, devices_section),
     Section("xla_flags", lambda config: _on(config, "xla_flags"), xla_flags_section),
     Section("incremental", lambda config: _on(config, "incremental"), incremental_section),
+    Section("search", lambda config: _on(config, "search"), search_section),
 )
 
 
