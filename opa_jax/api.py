@@ -90,8 +90,9 @@ class Model(LoadedModel):
             return jnp.asarray(out, jnp.float32)
 
         try:
-            out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((2, *image_shape),
-                                                                        jnp.float32))  # fmt: skip
+            out = jax.eval_shape(
+                apply_fn, params, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+            )
         except (TypeError, ValueError, flax.errors.FlaxError) as err:
             raise InputError(
                 f"model {name!r} does not run on [N, {', '.join(map(str, image_shape))}] "
@@ -211,6 +212,35 @@ def _pixels(images, image_shape) -> np.ndarray:
     return images.astype(np.uint8)
 
 
+def _work_items(
+    model: LoadedModel, labels, indices, eligible, targeted, targets, target_labels
+) -> attack_lib.WorkItems:
+    """`attack_images`' (image, target) pairs over the `eligible` rows: one per image
+    with `target_labels` [N], every class of `targets` but the true one when
+    `targeted`, else one untargeted pair."""
+    n = len(labels)
+    if target_labels is not None:
+        target_labels = np.asarray(target_labels, np.int64)
+        if target_labels.shape != (n,):
+            raise InputError(f"target_labels: expected {n} class indices, one per image")
+        rows = [(p, int(target_labels[p])) for p in eligible]
+    elif targeted:
+        classes = range(model.num_classes) if targets == "all" else [int(t) for t in targets]
+        rows = [(p, t) for p in eligible for t in classes if t != labels[p]]
+    else:
+        rows = [(p, -1) for p in eligible]
+    bad = sorted({t for _, t in rows if not -1 <= t < model.num_classes})
+    if bad:
+        raise InputError(f"targets: classes {bad} are not in [0, {model.num_classes})")
+    positions = np.asarray([p for p, _ in rows], np.int64)
+    return attack_lib.WorkItems(
+        positions=positions,
+        indices=indices[positions],
+        true_labels=labels[positions].astype(np.int32),
+        target_labels=np.asarray([t for _, t in rows], np.int32),
+    )
+
+
 def attack_images(
     model: LoadedModel,
     images,
@@ -264,27 +294,8 @@ def attack_images(
 
     clean = attack_lib.predict_probs(model, images.astype(np.float32))
     eligible = np.flatnonzero(clean.argmax(-1) == labels) if only_correct else np.arange(n)
-    if target_labels is not None:
-        targeted = True
-        target_labels = np.asarray(target_labels, np.int64)
-        if target_labels.shape != (n,):
-            raise InputError(f"target_labels: expected {n} class indices, one per image")
-        rows = [(p, int(target_labels[p])) for p in eligible]
-    elif targeted:
-        classes = range(model.num_classes) if targets == "all" else [int(t) for t in targets]
-        rows = [(p, t) for p in eligible for t in classes if t != labels[p]]
-    else:
-        rows = [(p, -1) for p in eligible]
-    bad = sorted({t for _, t in rows if not -1 <= t < model.num_classes})
-    if bad:
-        raise InputError(f"targets: classes {bad} are not in [0, {model.num_classes})")
-    positions = np.asarray([p for p, _ in rows], np.int64)
-    items = attack_lib.WorkItems(
-        positions=positions,
-        indices=indices[positions],
-        true_labels=labels[positions].astype(np.int32),
-        target_labels=np.asarray([t for _, t in rows], np.int32),
-    )
+    items = _work_items(model, labels, indices, eligible, targeted, targets, target_labels)
+    targeted = targeted or target_labels is not None
 
     devices = list(devices or jax.local_devices())
     per_device_items = max(1, -(-len(items) // len(devices)))
@@ -300,10 +311,14 @@ def attack_images(
             jax.random.key(seed), items, lambda p: images[p], chunk_size or 4 * slots
         )
         for res in batches:
-            records += [workdir_lib.record(record_config, items, clean, res, i)
-                        for i in range(len(res.work_ids))]  # fmt: skip
-    order = {(int(i), None if t < 0 else int(t)): k for k, (i, t) in enumerate(
-        zip(items.indices, items.target_labels, strict=True))}  # fmt: skip
+            records += [
+                workdir_lib.record(record_config, items, clean, res, i)
+                for i in range(len(res.work_ids))
+            ]
+    order = {
+        (int(i), None if t < 0 else int(t)): k
+        for k, (i, t) in enumerate(zip(items.indices, items.target_labels, strict=True))
+    }
     records.sort(key=lambda r: order[(r["image"], r["target_label"])])
     summary = metrics.Tally(model.num_classes).update(records).summary()
     return AttackResult(
