@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -37,9 +38,11 @@ class WorkItems:
     def select(self, rows) -> WorkItems:
         """The items at `rows` (an index array, boolean mask or slice)."""
         return WorkItems(
-            self.positions[rows], self.indices[rows], self.true_labels[rows],
+            self.positions[rows],
+            self.indices[rows],
+            self.true_labels[rows],
             self.target_labels[rows],
-        )  # fmt: skip
+        )
 
 
 @dataclasses.dataclass
@@ -65,14 +68,18 @@ class Results:
     @classmethod
     def concatenate(cls, chunks: Sequence[Results]) -> Results:
         """The rows of several chunks as one, in the chunks' order."""
-        return cls(*[jax.tree.map(lambda *rows: np.concatenate(rows),
-                                  *[getattr(c, f.name) for c in chunks])
-                     for f in dataclasses.fields(cls)])  # fmt: skip
+        join = lambda *rows: np.concatenate(rows)
+        fields = [
+            jax.tree.map(join, *[getattr(c, f.name) for c in chunks])
+            for f in dataclasses.fields(cls)
+        ]
+        return cls(*fields)
 
     def select(self, rows) -> Results:
         """The rows `rows` (an index array or mask) of every field."""
-        return type(self)(*[jax.tree.map(lambda x: x[rows], getattr(self, f.name))
-                            for f in dataclasses.fields(self)])  # fmt: skip
+        take = lambda x: x[rows]
+        fields = [jax.tree.map(take, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        return type(self)(*fields)
 
     def sorted_by_work_id(self) -> Results:
         return self.select(np.argsort(self.work_ids))
@@ -102,9 +109,14 @@ class Attacker:
     """
 
     def __init__(
-        self, model, config: Search, targeted: bool, num_slots: int, devices=None,
+        self,
+        model,
+        config: Search,
+        targeted: bool,
+        num_slots: int,
+        devices=None,
         evaluator="full",
-    ):  # fmt: skip
+    ):
         if num_slots < 1:
             raise InputError(f"slots={num_slots}: expected >= 1")
         self.model = model
@@ -173,10 +185,14 @@ class Attacker:
                 )
             )
             device_seconds = time.perf_counter() - started
-            finished, taken, device_counters = jax.device_get(
-                (finished, taken, (state.evaluations, state.active_evaluations, state.iterations,
-                                   state.nan_seen, state.work_ids))
-            )  # fmt: skip
+            state_counters = (
+                state.evaluations,
+                state.active_evaluations,
+                state.iterations,
+                state.nan_seen,
+                state.work_ids,
+            )
+            finished, taken, device_counters = jax.device_get((finished, taken, state_counters))
             elapsed = time.perf_counter() - started
             evaluations, active_evaluations, iterations, nan_seen, work_ids = device_counters
             if np.any(nan_seen):
@@ -208,7 +224,7 @@ class Attacker:
                 adv_probs=finished.probs[rows],
                 generations=finished.generations[rows],
                 queries=finished.queries[rows],
-                outputs=jax.tree.map(lambda x: x[rows], finished.outputs),
+                outputs=jax.tree.map(operator.itemgetter(rows), finished.outputs),
             )
             drained = all(c >= len(p) for p, c in zip(pending, cursor, strict=True))
             if drained and np.all(work_ids < 0):
@@ -218,9 +234,13 @@ class Attacker:
         """Idle slots on every device, placed as `run` and `lower` place them."""
         num_devices = len(self.devices)
         state = engine.init_state(
-            self.num_slots * num_devices, tuple(self.model.image_shape), self.model.num_classes,
-            self.config, num_devices, self.evaluator,
-        )  # fmt: skip
+            self.num_slots * num_devices,
+            tuple(self.model.image_shape),
+            self.model.num_classes,
+            self.config,
+            num_devices,
+            self.evaluator,
+        )
         return jax.device_put(state, NamedSharding(self.mesh, P("data")))
 
     def lower(self, chunk_size: int) -> jax.stages.Lowered:
@@ -230,19 +250,25 @@ class Attacker:
         queue = engine.empty_queue(chunk_size * num_devices, tuple(self.model.image_shape))
         queue = queue.replace(length=np.zeros((num_devices,), np.int32))
         return self._run_queue.lower(
-            jax.random.key(0), self._initial_state(),
+            jax.random.key(0),
+            self._initial_state(),
             jax.device_put(queue, NamedSharding(self.mesh, P("data"))),
-            np.asarray(True), self._params, np.int32(1),
-        )  # fmt: skip
+            np.asarray(True),
+            self._params,
+            np.int32(1),
+        )
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_loop(apply_fn, config: Search, targeted: bool, mesh: Mesh, evaluator=None):
     """The device loop, sharded over `mesh` and jitted; cached so repeated runs reuse it."""
     run_queue = functools.partial(
-        engine.run_queue, apply_fn=apply_fn, config=config, targeted=targeted,
+        engine.run_queue,
+        apply_fn=apply_fn,
+        config=config,
+        targeted=targeted,
         evaluator=evaluator,
-    )  # fmt: skip
+    )
 
     def per_device(key, state, queue, final, params, max_iterations):
         queue = queue.replace(length=queue.length[0])
