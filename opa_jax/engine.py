@@ -80,9 +80,13 @@ def image_key(key, index, target):
 
 
 def init_state(
-    num_slots: int, image_shape, num_classes: int, config: Search, num_devices: int = 1,
+    num_slots: int,
+    image_shape,
+    num_classes: int,
+    config: Search,
+    num_devices: int = 1,
     evaluator=None,
-) -> EngineState:  # fmt: skip
+) -> EngineState:
     empty = config.empty_state(num_classes, image_shape)
     activations = evaluator.empty_activations(num_slots) if evaluator is not None else {}
     return EngineState(
@@ -135,6 +139,12 @@ def _refill(state: EngineState, queue: Queue, cursor):
     return state, cursor + jnp.sum(take)
 
 
+def _select_rows(mask, new, old):
+    """Leaf by leaf, the rows of `new` where `mask` [S] is set and of `old` elsewhere."""
+    pick = lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+    return jax.tree.map(pick, new, old)
+
+
 def _generation(state: EngineState, key, evaluator, params, config, targeted, low, high):
     """One generation for every slot: propose, one evaluation of all candidates, update."""
     num_slots = state.work_ids.shape[0]
@@ -145,16 +155,12 @@ def _generation(state: EngineState, key, evaluator, params, config, targeted, lo
     )  # [S, popsize, genes]
     activations = state.activations
     if activations:  # the clean pass, for the slots that took a new image
+        clean_pass = lambda: evaluator.activations(params, state.images)
         activations = jax.lax.cond(
             jnp.any(state.fresh),
-            lambda: jax.tree.map(
-                lambda new, old: jnp.where(
-                    state.fresh.reshape((-1,) + (1,) * (new.ndim - 1)), new, old
-                ),
-                evaluator.activations(params, state.images), activations,
-            ),
+            lambda: _select_rows(state.fresh, clean_pass(), activations),
             lambda: activations,
-        )  # fmt: skip
+        )
     logits = evaluator.logits(
         params, activations, state.images, candidates, config.round_rgb
     )  # [S, popsize, C]
@@ -163,22 +169,24 @@ def _generation(state: EngineState, key, evaluator, params, config, targeted, lo
     nan_seen = state.nan_seen | jnp.any(active[:, None, None] & ~jnp.isfinite(logits))
     probs = jax.nn.softmax(logits, axis=-1)  # [S, popsize, C]
     new_de = jax.vmap(config.update, in_axes=(0, 0, 0, 0, 0, 0, None))(
-        state.de_state, state.fresh, candidates, probs,
-        state.true_labels, state.target_labels, targeted,
-    )  # fmt: skip
+        state.de_state,
+        state.fresh,
+        candidates,
+        probs,
+        state.true_labels,
+        state.target_labels,
+        targeted,
+    )
     # Idle slots keep their (meaningless) state and never finish.
-    new_de = jax.tree.map(
-        lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
-        new_de, state.de_state,
-    )  # fmt: skip
+    new_de = _select_rows(active, new_de, state.de_state)
     evaluations = float(num_slots * config.popsize)
+    active_evaluations = jnp.sum(active).astype(jnp.float32) * config.popsize
     return state.replace(
         de_state=new_de,
         activations=activations,
         fresh=jnp.zeros_like(state.fresh),
         evaluations=state.evaluations + evaluations,
-        active_evaluations=state.active_evaluations
-        + jnp.sum(active).astype(jnp.float32) * config.popsize,
+        active_evaluations=state.active_evaluations + active_evaluations,
         iterations=state.iterations + 1,
         nan_seen=nan_seen,
     )
