@@ -36,18 +36,29 @@ _INIT_TAG = 0x7FFF_FFFF
 # argmax). `random`: random search with the paper's query budget.
 PRESETS = {
     "paper": dict(
-        popsize=400, generations=100, strategy="rand1", mutation=0.5, mutation_high=0.0,
-        crossover=1.0, init="paper", bounds_handling="clip", stop="threshold",
+        popsize=400,
+        generations=100,
+        strategy="rand1",
+        mutation=0.5,
+        mutation_high=0.0,
+        crossover=1.0,
+        init="paper",
+        bounds_handling="clip",
+        stop="threshold",
     ),
     "scipy": dict(
-        popsize=400, generations=75, strategy="best1", mutation=0.5, mutation_high=1.0,
-        crossover=1.0, init="latin_hypercube", bounds_handling="resample", stop="argmax",
+        popsize=400,
+        generations=75,
+        strategy="best1",
+        mutation=0.5,
+        mutation_high=1.0,
+        crossover=1.0,
+        init="latin_hypercube",
+        bounds_handling="resample",
+        stop="argmax",
     ),
-    "random": dict(
-        popsize=400, generations=100, strategy="random", mutation=0.5, mutation_high=0.0,
-        crossover=1.0, init="paper", bounds_handling="clip", stop="threshold",
-    ),
-}  # fmt: skip
+}
+PRESETS["random"] = dict(PRESETS["paper"], strategy="random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +123,9 @@ class DEConfig:
     def propose(self, key, state: ImageState, fresh, low, high) -> jax.Array:
         return propose(key, state, fresh, self, low, high)
 
-    def update(self, state: ImageState, fresh, candidates, probs, true_label, target_label,
-               targeted: bool) -> ImageState:  # fmt: skip
+    def update(
+        self, state: ImageState, fresh, candidates, probs, true_label, target_label, targeted: bool
+    ) -> ImageState:
         return update(state, fresh, candidates, probs, true_label, target_label, self, targeted)
 
     def outputs(self, state: ImageState) -> dict:
@@ -282,15 +294,21 @@ def empty_image_state(config: DEConfig, num_classes: int) -> ImageState:
 def propose(key, state: ImageState, fresh, config: DEConfig, low, high) -> jax.Array:
     """Candidates to evaluate for one image: its initial population when `fresh`."""
     initial = init_population(jax.random.fold_in(key, _INIT_TAG), config, low, high)
-    trial = mutate(
-        jax.random.fold_in(key, state.generation + 1), state.population, state.fitness,
-        config, low, high,
-    )  # fmt: skip
+    trial_key = jax.random.fold_in(key, state.generation + 1)
+    trial = mutate(trial_key, state.population, state.fitness, config, low, high)
     return jnp.where(fresh, initial, trial)
 
 
-def update(state: ImageState, fresh, candidates, probs, true_label, target_label,
-           config: DEConfig, targeted: bool) -> ImageState:  # fmt: skip
+def update(
+    state: ImageState,
+    fresh,
+    candidates,
+    probs,
+    true_label,
+    target_label,
+    config: DEConfig,
+    targeted: bool,
+) -> ImageState:
     """Selection, best tracking and the stop rule after evaluating `candidates`."""
     fitness, is_adv = objective(probs, true_label, target_label, targeted)  # [popsize] each
     # Selection (Sec. III-C): a child replaces its parent when at least as good.
