@@ -223,10 +223,15 @@ def op_conv(node: Node, inputs, weights: Weights):
     padding = _spatial_padding(node, x.shape[1:3], kernel_hw, strides, dilations)
     kernel = weights.get(node, "kernel", lambda: kernel_oihw.transpose(2, 3, 1, 0))  # HWIO
     y = jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, rhs_dilation=dilations,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        x,
+        kernel,
+        strides,
+        padding,
+        rhs_dilation=dilations,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
         precision=HIGHEST,
-    )  # fmt: skip
+    )
     if len(inputs) > 2 and inputs[2] is not None:
         y = y + weights.get(node, "bias", static(inputs[2], "the bias B"))
     return [Value(y, NHWC)]
@@ -254,15 +259,19 @@ def _pool_geometry(node: Node, in_hw):
     return kernel, strides, dilations, padding, explicit
 
 
+def _pool_windows(x, init, op, kernel, strides, dilations, padding):
+    """`jax.lax.reduce_window` of `op` over the spatial windows of NHWC `x`."""
+    window, step, dilation = ((1, *v, 1) for v in (kernel, strides, dilations))
+    padding = [(0, 0), *padding, (0, 0)]
+    return jax.lax.reduce_window(x, init, op, window, step, padding, window_dilation=dilation)
+
+
 def op_max_pool(node: Node, inputs, weights: Weights):
     if any(node.outputs[1:]):
         raise NodeError("the Indices output is used; only the pooled values are supported")
     x = channels_last(inputs[0], node)
     kernel, strides, dilations, padding, _ = _pool_geometry(node, x.shape[1:3])
-    y = jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, *kernel, 1), (1, *strides, 1),
-        [(0, 0), *padding, (0, 0)], window_dilation=(1, *dilations, 1),
-    )  # fmt: skip
+    y = _pool_windows(x, -jnp.inf, jax.lax.max, kernel, strides, dilations, padding)
     return [Value(y, NHWC)]
 
 
@@ -284,10 +293,7 @@ def _window_counts(size, k, s, d, padding, explicit, include_pad: bool) -> np.nd
 def op_average_pool(node: Node, inputs, weights: Weights):
     x = channels_last(inputs[0], node)
     kernel, strides, dilations, padding, explicit = _pool_geometry(node, x.shape[1:3])
-    sums = jax.lax.reduce_window(
-        x, 0.0, jax.lax.add, (1, *kernel, 1), (1, *strides, 1),
-        [(0, 0), *padding, (0, 0)], window_dilation=(1, *dilations, 1),
-    )  # fmt: skip
+    sums = _pool_windows(x, 0.0, jax.lax.add, kernel, strides, dilations, padding)
     include_pad = bool(node.attrs.get("count_include_pad", 0))
     counts_h, counts_w = (
         _window_counts(size, k, s, d, pad, exp, include_pad)
@@ -313,8 +319,8 @@ def op_batch_norm(node: Node, inputs, weights: Weights):
     if any(node.outputs[1:]):
         raise NodeError("its running-statistics outputs are used; expected an inference graph")
     x = inputs[0]
-    scale, bias, mean, var = (static(v, what) for v, what in zip(
-        inputs[1:5], ("scale", "B", "input_mean", "input_var"), strict=True))  # fmt: skip
+    names = ("scale", "B", "input_mean", "input_var")
+    scale, bias, mean, var = (static(v, what) for v, what in zip(inputs[1:5], names, strict=True))
     epsilon = node.attrs.get("epsilon", 1e-5)
     rank = len(x.shape)
     if rank < 2 or x.shape[1] != scale.shape[0]:
@@ -932,21 +938,28 @@ def _parse(model, path: str, image_size):
             raise _error(
                 path, f"node {name!r} ({proto.op_type}) reads undefined value(s) {missing}"
             )
-        parsed.append(Node(
-            name=name, op_type=proto.op_type, inputs=tuple(proto.input),
+        node = Node(
+            name=name,
+            op_type=proto.op_type,
+            inputs=tuple(proto.input),
             outputs=tuple(v if v in read else "" for v in proto.output),  # '' = unused
-            attrs=_attributes(proto, path, name), opset=opset,
-        ))  # fmt: skip
+            attrs=_attributes(proto, path, name),
+            opset=opset,
+        )
+        parsed.append(node)
     parsed, dropped = _drop_final_softmax(parsed, output_name)
     info = {
-        "input": {"name": image_input.name, "layout": "NCHW" if nchw else "NHWC",
-                  "batch": "1 (mapped over the batch)" if batch_one else "dynamic"},
+        "input": {
+            "name": image_input.name,
+            "layout": "NCHW" if nchw else "NHWC",
+            "batch": "1 (mapped over the batch)" if batch_one else "dynamic",
+        },
         "output": output_name,
         "opset": opset,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "operators": sorted({node.op_type for node in parsed}),
         "dropped_final": dropped,
-    }  # fmt: skip
+    }
     return (
         Graph(path, tuple(parsed), constants, image_input.name, nchw, output_name),
         image_hw,
@@ -967,8 +980,9 @@ def _input_layout(value, path: str, image_size):
             f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}; expected FLOAT (float32)",
         )
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-    described = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                 for d in tensor.shape.dim]  # fmt: skip
+    described = [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim
+    ]
     if len(dims) != 4 or 3 not in (dims[1], dims[3]):
         raise _error(
             path,
