@@ -47,18 +47,29 @@ def make_forward(module, mesh: Mesh):
     return jax.jit(forward, in_shardings=(replicated, sharded), out_shardings=sharded)
 
 
-def make_train_step(name: str, mesh: Mesh, fast_gradients: bool, width: float = 1.0,
-                    train_size: tuple[int, int] | None = None):  # fmt: skip
+def make_train_step(
+    name: str,
+    mesh: Mesh,
+    fast_gradients: bool,
+    width: float = 1.0,
+    train_size: tuple[int, int] | None = None,
+):
     """`step(state, images, labels) -> (state, metrics)` of `opa_jax.train`, its
     initial state replicated on `mesh`, and the initial variables; with `train_size`,
     the step of progressive resizing's phase at that (height, width)."""
     arch = zoo.get_architecture(name)
     module = zoo.build(name, fast_gradients=fast_gradients, width=width)
     step_fn, tx, _ = train.make_train_step_fn(
-        SETTINGS, 1000, 100, mesh,
-        seed=0, augment_padding=4, label_smoothing=0.0, num_classes=arch.num_classes,
+        SETTINGS,
+        1000,
+        100,
+        mesh,
+        seed=0,
+        augment_padding=4,
+        label_smoothing=0.0,
+        num_classes=arch.num_classes,
         train_size=train_size,
-    )  # fmt: skip
+    )
     variables = base.init_variables(module, jax.random.key(0), arch.image_shape)
     state = train.TrainState.create(
         apply_fn=module.apply,
@@ -75,8 +86,14 @@ def _seconds(fn) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, batch_size: int = 128, device_counts=(1, 2), rounds: int = 3,
-            width: float = 1.0, log=print) -> list[dict]:  # fmt: skip
+def measure(
+    name: str,
+    batch_size: int = 128,
+    device_counts=(1, 2),
+    rounds: int = 3,
+    width: float = 1.0,
+    log=print,
+) -> list[dict]:
     """Per device count: seconds per image of the eval forward and of the train step,
     with the plain and with the fast operations, the step's ratio to the forward of
     the same operations, and hours per epoch of `EPOCH_IMAGES` images (`width` < 1
@@ -111,28 +128,32 @@ def measure(name: str, batch_size: int = 128, device_counts=(1, 2), rounds: int 
     for round_index in range(rounds):
         for key, fn in timers.items():
             times[key].append(_seconds(fn))
-        log(f"{name} round {round_index + 1}/{rounds}: "
-            + ", ".join(f"{key} {values[-1]:.2f}s" for key, values in times.items()))  # fmt: skip
+        log(
+            f"{name} round {round_index + 1}/{rounds}: "
+            + ", ".join(f"{key} {values[-1]:.2f}s" for key, values in times.items())
+        )
     rows = []
     for count in device_counts:
         row = {"model": name, "devices": count, "batch_size": batch_size, "width": width}
         for ops in ("plain", "fast"):
             forward = min(times[count, ops, "forward"]) / batch_size
             step = min(times[count, ops, "step"]) / batch_size
-            row.update({
+            seconds = {what: times[count, ops, what] for what in ("forward", "step")}
+            row |= {
                 f"{ops}_forward_s_per_image": forward,
                 f"{ops}_step_s_per_image": step,
                 f"{ops}_ratio": step / forward,
                 f"{ops}_images_per_s": 1 / step,
                 f"{ops}_hours_per_epoch": step * EPOCH_IMAGES / 3600,
-                f"{ops}_seconds": {what: times[count, ops, what] for what in ("forward", "step")},
-            })  # fmt: skip
+                f"{ops}_seconds": seconds,
+            }
         rows.append(row)
     return rows
 
 
-def measure_sizes(name: str, sizes, batch_size: int = 128, rounds: int = 3,
-                  width: float = 1.0, log=print) -> list[dict]:  # fmt: skip
+def measure_sizes(
+    name: str, sizes, batch_size: int = 128, rounds: int = 3, width: float = 1.0, log=print
+) -> list[dict]:
     """Progressive resizing's price list: the train step (fast operations, one device) at
     the native size and at each of `sizes` (heights; widths in the image's aspect ratio),
     timed in interleaved rounds, with each size's speed-up over the native step beside
@@ -141,10 +162,9 @@ def measure_sizes(name: str, sizes, batch_size: int = 128, rounds: int = 3,
     height, width_px = arch.image_shape[:2]
     rng = np.random.default_rng(0)
     mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
-    images, labels = jax.device_put((
-        rng.integers(0, 256, (batch_size, *arch.image_shape), dtype=np.uint8),
-        rng.integers(0, arch.num_classes, batch_size, dtype=np.int32),
-    ))  # fmt: skip
+    images = rng.integers(0, 256, (batch_size, *arch.image_shape), dtype=np.uint8)
+    labels = rng.integers(0, arch.num_classes, batch_size, dtype=np.int32)
+    images, labels = jax.device_put((images, labels))
     shapes = [(height, width_px)] + [(s, max(round(s * width_px / height), 1)) for s in sizes]
     timers = {}
     for shape in shapes:
@@ -162,16 +182,24 @@ def measure_sizes(name: str, sizes, batch_size: int = 128, rounds: int = 3,
     for round_index in range(rounds):
         for shape, fn in timers.items():
             times[shape].append(_seconds(fn))
-        log(f"{name} sizes, round {round_index + 1}/{rounds}: "
-            + ", ".join(f"{h}x{w} {t[-1]:.2f}s" for (h, w), t in times.items()))  # fmt: skip
+        log(
+            f"{name} sizes, round {round_index + 1}/{rounds}: "
+            + ", ".join(f"{h}x{w} {t[-1]:.2f}s" for (h, w), t in times.items())
+        )
     native = min(times[shapes[0]])
-    return [{
-        "model": name, "height": h, "width": w, "batch_size": batch_size,
-        "images_per_s": batch_size / min(times[h, w]),
-        "speedup": native / min(times[h, w]),
-        "pixel_share": h * w / (height * width_px),
-        "seconds": times[h, w],
-    } for h, w in shapes]  # fmt: skip
+    return [
+        {
+            "model": name,
+            "height": h,
+            "width": w,
+            "batch_size": batch_size,
+            "images_per_s": batch_size / min(times[h, w]),
+            "speedup": native / min(times[h, w]),
+            "pixel_share": h * w / (height * width_px),
+            "seconds": times[h, w],
+        }
+        for h, w in shapes
+    ]
 
 
 def sizes_markdown(rows: list[dict]) -> str:
@@ -210,8 +238,10 @@ def markdown(rows: list[dict]) -> str:
         f"{row['plain_' + field]:{spec}} / {row['fast_' + field]:{spec}}"
     )
     for row in rows:
-        ms = {ops: {what: 1e3 * row[f"{ops}_{what}_s_per_image"] for what in ("forward", "step")}
-              for ops in ("plain", "fast")}  # fmt: skip
+        ms = {
+            ops: {what: 1e3 * row[f"{ops}_{what}_s_per_image"] for what in ("forward", "step")}
+            for ops in ("plain", "fast")
+        }
         lines.append(
             f"| {row['model']} | {row['devices']} "
             f"| {ms['plain']['forward']:.2f} / {ms['fast']['forward']:.2f} "
@@ -249,8 +279,9 @@ def benchmark(config, out: str, log=print) -> str:
     for name in config.models:
         rows += measure(name, config.batch_size, counts, config.rounds, config.width, log=log)
         if sizes:
-            size_rows += measure_sizes(name, sizes, config.batch_size, config.rounds,
-                                       config.width, log=log)  # fmt: skip
+            size_rows += measure_sizes(
+                name, sizes, config.batch_size, config.rounds, config.width, log=log
+            )
     host["load_average_after"] = os.getloadavg()
     table = markdown(rows)
     if size_rows:
