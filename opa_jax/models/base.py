@@ -21,9 +21,17 @@ from flax import serialization, traverse_util
 from opa_jax.errors import InputError
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 # Per-channel RGB pixel mean and standard deviation of the CIFAR-10 training set.
 CIFAR10_MEAN = (125.307, 122.95, 113.865)
 CIFAR10_STD = (62.9932, 62.0887, 66.7048)

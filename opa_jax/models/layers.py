@@ -52,16 +52,26 @@ def conv(features, kernel, name, *, dtype, fast_gradients, **options) -> nn.Conv
     """A square `nn.Conv`; with `fast_gradients`, through `conv_general_dilated` below
     (the same values, and gradients that are fast on the CPU)."""
     backend = conv_general_dilated if fast_gradients else None
-    return nn.Conv(features, (kernel, kernel), dtype=dtype, conv_general_dilated=backend,
-                   name=name, **options)  # fmt: skip
+    return nn.Conv(
+        features, (kernel, kernel), dtype=dtype, conv_general_dilated=backend, name=name, **options
+    )
 
 
-def conv_bn_relu(x, features, kernel, name, *, batch_norm, train, dtype, fast_gradients,
-                 stride=1, padding=None):  # fmt: skip
+def conv_bn_relu(
+    x, features, kernel, name, *, batch_norm, train, dtype, fast_gradients, stride=1, padding=None
+):
     """Conv (no bias when followed by batch norm), optional batch norm, ReLU."""
     padding = kernel // 2 if padding is None else padding
-    x = conv(features, kernel, name, dtype=dtype, fast_gradients=fast_gradients, strides=stride,
-             padding=padding, use_bias=not batch_norm)(x)  # fmt: skip
+    x = conv(
+        features,
+        kernel,
+        name,
+        dtype=dtype,
+        fast_gradients=fast_gradients,
+        strides=stride,
+        padding=padding,
+        use_bias=not batch_norm,
+    )(x)
     if batch_norm:
         x = nn.BatchNorm(
             use_running_average=not train,
@@ -406,9 +416,19 @@ _conv_vjp = jax.custom_vjp(_conv_vjp_impl, nondiff_argnums=(2, 3))
 _conv_vjp.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):  # fmt: skip
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
     """`lax.conv_general_dilated`'s signature, for `nn.Conv(conv_general_dilated=...)`.
 
     2-D NHWC convolutions without dilation, groups or precision options take
@@ -426,9 +446,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     )
     if not plain:
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
-        )  # fmt: skip
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+        )
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     return fast_conv(lhs, rhs, window_strides, padding)
@@ -474,8 +503,12 @@ _max_pool_vjp = jax.custom_vjp(_max_pool_forward, nondiff_argnums=(1, 2, 3))
 _max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def fast_max_pool(images, window: Sequence[int], strides: Sequence[int] | None = None,
-                  padding: str | Sequence[tuple[int, int]] = "VALID"):  # fmt: skip
+def fast_max_pool(
+    images,
+    window: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "VALID",
+):
     """`flax.linen.max_pool` on NHWC images [N, H, W, C], with a scatter-free gradient."""
     window = tuple(window)
     strides = tuple(strides) if strides is not None else (1,) * len(window)
