@@ -152,9 +152,12 @@ def export_workdir(workdir: str, out: str, fmt: str = "png", batch_size: int = 2
     model = load_model(model_spec, allow_pickle=config.allow_pickle, onnx=config.get("onnx"))
     model = model.with_precision(config.precision)
     dataset = data_lib.load_dataset(
-        from_run_start(config.data, started_in), config.split, model.image_shape, config.resize,
+        from_run_start(config.data, started_in),
+        config.split,
+        model.image_shape,
+        config.resize,
         config.data_dir or None,
-    )  # fmt: skip
+    )
     position_of = {int(index): p for p, index in enumerate(dataset.indices)}
     missing = sorted({r["image"] for r in records} - set(position_of))
     if missing:

@@ -38,8 +38,10 @@ def trace(fn: Callable[[], object], logdir: str) -> tuple[object, str, float]:
         started = time.perf_counter()
         out = fn()
         wall = time.perf_counter() - started
-    files = sorted(glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)  # fmt: skip
+    files = sorted(
+        glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
     if not files:
         raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {logdir}")
     return out, files[-1], wall
@@ -53,16 +55,23 @@ def _device_timelines(events: list[dict]) -> set[tuple]:
     operations, and the stream lines repeat them as kernels); otherwise the
     XLA CPU client's threads (`tf_XLA...`).
     """
-    process = {e["pid"]: e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "process_name"}  # fmt: skip
-    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "thread_name"}  # fmt: skip
+    process = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    thread = {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
     slices = {(e.get("pid"), e.get("tid")) for e in events if e.get("ph") == "X"}
     devices = {k for k in slices if process.get(k[0], "").startswith("/device:")}
     if devices:
         ops = {k for k in devices if thread.get(k, "") == "XLA Ops"}
-        return ops or {k for k in devices
-                       if not thread.get(k, "").startswith(("XLA Modules", "Steps"))}  # fmt: skip
+        return ops or {
+            k for k in devices if not thread.get(k, "").startswith(("XLA Modules", "Steps"))
+        }
     return {k for k in slices if thread.get(k, "").startswith("tf_XLA")}
 
 
@@ -110,7 +119,13 @@ def op_table(trace_file: str, top: int = 15) -> dict:
         totals.update(self_times(spans))
     device_seconds = sum(totals.values())
     share = lambda seconds: seconds / device_seconds if device_seconds else 0.0
-    ops = [{"name": name, "seconds": seconds, "share": share(seconds), "count": counts[name]}
-           for name, seconds in totals.most_common(top)]  # fmt: skip
-    return {"ops": ops, "device_seconds": device_seconds, "timelines": len(timelines),
-            "trace_file": trace_file}  # fmt: skip
+    ops = [
+        {"name": name, "seconds": seconds, "share": share(seconds), "count": counts[name]}
+        for name, seconds in totals.most_common(top)
+    ]
+    return {
+        "ops": ops,
+        "device_seconds": device_seconds,
+        "timelines": len(timelines),
+        "trace_file": trace_file,
+    }

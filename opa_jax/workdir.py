@@ -190,8 +190,9 @@ def method_name(config: ml_collections.ConfigDict) -> str:
     return config.method
 
 
-def record(config, items: attack.WorkItems, clean_probs: dict, res: attack.Results, i: int,
-           rule=None):  # fmt: skip
+def record(
+    config, items: attack.WorkItems, clean_probs: dict, res: attack.Results, i: int, rule=None
+):
     """The `results.jsonl` record of row `i` of `res`; `rule`, the search rule, adds the
     fields of its extra outputs."""
     w = int(res.work_ids[i])
