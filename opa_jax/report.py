@@ -603,15 +603,9 @@ def _search_sections(runs, datasets, out: str) -> list[str]:
     return lines
 
 
-def write_report(workdirs: Sequence[str], out: str) -> str:
-    """Writes `out/report.md` and its figures; returns the report's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    if not workdirs:
-        raise InputError("no workdirs given")
-    runs = [load_run_results(w, n) for w, n in zip(workdirs, _unique_names(workdirs), strict=True)]
-    os.makedirs(out, exist_ok=True)
+def _open_datasets(runs: Sequence[RunResults]) -> tuple[dict, list[str]]:
+    """Each run's dataset (None where it cannot be read, with a note saying why); class
+    names from the dataset where the model has none."""
     datasets, notes = {}, []
     for run in runs:
         dataset, reason = open_dataset(run) if run.records else (None, "no results yet")
@@ -621,6 +615,11 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
             if len(dataset.class_names) == run.tally.num_classes:  # the model has no names
                 run.class_names = tuple(dataset.class_names)
         datasets[run.name] = dataset
+    return datasets, notes
+
+
+def _tables(runs: Sequence[RunResults], datasets: dict) -> list[str]:
+    """The report's title, tables and settings, as lines."""
     lines = ["# One-pixel attack report", ""]
     lines += [
         "Success rate is over attacks: images, or (image, target class) pairs when "
@@ -666,6 +665,20 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
             f"{detail}."
         )
     lines.append("")
+    return lines
+
+
+def write_report(workdirs: Sequence[str], out: str) -> str:
+    """Writes `out/report.md` and its figures; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if not workdirs:
+        raise InputError("no workdirs given")
+    runs = [load_run_results(w, n) for w, n in zip(workdirs, _unique_names(workdirs), strict=True)]
+    os.makedirs(out, exist_ok=True)
+    datasets, notes = _open_datasets(runs)
+    lines = _tables(runs, datasets)
 
     def figure(title: str, file_name: str, caption: str = ""):
         lines.extend([f"### {title}", "", f"![{title}]({file_name})", ""])

@@ -193,8 +193,14 @@ def plot_min_pixels(runs: Sequence, path: str) -> None:
         share = [100 * by_k[k] / len(run.records) for k in ks]
         ax.step(ks, share, where="post", marker="o", label=f"{run.name} ({run.model})")
         for k, value in zip(ks, share, strict=True):
-            ax.annotate(f"{value:.0f}%", (k, value), xytext=(0, 4), textcoords="offset points",
-                        ha="center", fontsize=7)  # fmt: skip
+            ax.annotate(
+                f"{value:.0f}%",
+                (k, value),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+            )
     ax.set_xscale("log")
     ticks = sorted({k for run in runs for k in fooled_by_k(run)})
     ax.set_xticks(ticks, [str(k) for k in ticks])

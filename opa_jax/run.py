@@ -78,28 +78,7 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
     successes = sum(done[key] for key in item_keys if key in done)
     counters = attack.LoopCounters()
     with results.Writer(path) as writer:
-        if config.method == "fgsm":
-            batches = baselines.fgsm_results(
-                plan.model, todo, plan.dataset.read, config.fgsm.epsilon
-            )
-        else:
-            attacker = attack.Attacker(
-                plan.model,
-                plan.search,
-                bool(config.targeted),
-                plan.slots,
-                local_devices,
-                plan.evaluator,
-            )
-            batches = attacker.run(
-                jax.random.key(config.seed),
-                todo,
-                plan.dataset.read,
-                plan.chunk_size,
-                counters,
-                config.flush_seconds,
-            )
-        for res in batches:
+        for res in _batches(config, plan, todo, counters):
             records = [
                 workdir_lib.record(config, todo, plan.clean_probs, res, i, plan.search)
                 for i in range(len(res.work_ids))
@@ -123,7 +102,33 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
                 100.0 * counters.active_evaluations / max(counters.evaluations, 1),
                 eta,
             )
-    wall_seconds = time.time() - started
+    return _summarise(config, plan, workdir, counters, time.time() - started)
+
+
+def _batches(config, plan, todo: attack.WorkItems, counters: attack.LoopCounters):
+    """The results of `todo`'s attacks (FGSM's, or the search rule's), as they finish."""
+    if config.method == "fgsm":
+        return baselines.fgsm_results(plan.model, todo, plan.dataset.read, config.fgsm.epsilon)
+    attacker = attack.Attacker(
+        plan.model,
+        plan.search,
+        bool(config.targeted),
+        plan.slots,
+        jax.local_devices(),
+        plan.evaluator,
+    )
+    return attacker.run(
+        jax.random.key(config.seed),
+        todo,
+        plan.dataset.read,
+        plan.chunk_size,
+        counters,
+        config.flush_seconds,
+    )
+
+
+def _summarise(config, plan, workdir: str, counters: attack.LoopCounters, wall_seconds: float):
+    """Writes (and returns) the run's summary, with this run's figures of every host."""
     # Each host's share is done (a barrier): its figures, summed over the hosts.
     shares = hosts.gather(
         "share figures",
