@@ -539,7 +539,7 @@ def run_table(measures: Sequence[ModelMeasures]) -> str:
             fooled = share_cell(run.fooled_count, run.images)
             reached, mean = "-", "-"
             if run.classes_reached:
-                reached = "= fooled" if run.kind == "exhaustive" else fooled
+                reached = f"{fooled} = fooled" if run.kind == "exhaustive" else fooled
                 counts = [n for n in run.classes_reached.values() if n]
                 mean = f"{np.mean(counts):.2f}" if counts else "-"
             if run.kind == "de_targeted":

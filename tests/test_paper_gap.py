@@ -209,6 +209,8 @@ def test_markdown_and_figures(measured, tmp_path):
     assert "not measured: needs a model named nin_plain" in recipe
     assert "| nin | 71.66% |" in text  # the paper's figure beside ours
     assert "10/12 (83.3%" in text  # the accuracy, both test sets
+    assert "| 4/10 (40.0%, 95% 16.8-68.7%) = fooled |" in text  # >= 1 class, complete search
+    assert "| 2/5 (40.0%, 95% 11.8-76.9%) |" in text  # pushed to >= 1 target, targeted DE
     for name in ("fooled_by_margin.png", "margins.png"):
         assert f"]({name})" in text
         size = (tmp_path / "out" / name).stat().st_size
