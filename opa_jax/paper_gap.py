@@ -248,10 +248,14 @@ def logits_of(model, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
 def _margins(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(p(true), true logit minus the largest other logit) per row."""
-    shifted = logits - logits.max(-1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+    probs = _softmax(logits)
     rows = np.arange(len(labels))
     others = logits.copy()
     others[rows, labels] = -np.inf
@@ -303,8 +307,7 @@ def measure_model(entry: ModelEntry, exact: data.Dataset, jpeg, batch_size: int 
 def _record_prob_diff(runs, exact: data.Dataset, logits: np.ndarray) -> float:
     """The largest difference between a record's clean probabilities and the model's
     here: a check that the runs attacked these images with this model."""
-    shifted = logits - logits.max(-1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+    probs = _softmax(logits)
     largest = 0.0
     for run in runs:
         for image, (true_label, clean_probs) in run.clean.items():
