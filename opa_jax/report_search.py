@@ -12,13 +12,12 @@ minimum-pixels run.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
-from opa_jax import charts, metrics
+from opa_jax import charts, metrics, min_pixels
 
 
 def method_name(config: dict) -> str | None:
@@ -33,9 +32,8 @@ def method_name(config: dict) -> str | None:
         return f"corner search ({cs.get('popsize')}x{cs.get('generations')})"
     if method == "min_pixels":
         mp = config.get("min_pixels", {})
-        return f"min pixels (1, {mp.get('ks')}; {mp.get('search')} {mp.get('popsize')}x" + (
-            f"{mp.get('generations')})"
-        )
+        budget = f"{mp.get('popsize')}x{mp.get('generations')}"
+        return f"min pixels (1, {mp.get('ks')}; {mp.get('search')} {budget})"
     return None
 
 
@@ -129,23 +127,16 @@ def min_pixels_runs(runs: Sequence) -> list:
     return [run for run in runs if run.config["method"] == "min_pixels" and run.records]
 
 
-def _summary(run) -> dict:
-    path = os.path.join(run.workdir, "summary.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def _ks(run) -> list[int]:
-    ks = str(run.config.get("min_pixels", {}).get("ks", ""))
-    return [1, *(int(k) for k in ks.split(",") if k.strip())]
+    """The run's stage pixel counts, as `min_pixels` read them from its config."""
+    stages = ml_collections.ConfigDict({"min_pixels": run.config.get("min_pixels", {})})
+    return min_pixels.pixel_counts(stages)
 
 
 def fooled_by_k(run) -> dict[int, int]:
     """The cumulative count of fooled images at each k of the run's stages."""
-    found = [r["min_pixels"] for r in run.records if r.get("min_pixels") is not None]
-    return {k: sum(m <= k for m in found) for k in _ks(run)}
+    counts = min_pixels.fooled_by_k(run.records, _ks(run))
+    return {int(k): n for k, n in counts.items()}
 
 
 def min_pixels_table(runs: Sequence) -> str:

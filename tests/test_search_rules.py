@@ -224,13 +224,17 @@ def test_exhaustive_run_summary_and_report(tmp_path):
         num_images=4,
         **{"min_pixels.ks": "2", "min_pixels.popsize": 8, "min_pixels.generations": 3},
     )
-    run.run_attack(min_config, str(tmp_path / "fewest"))
+    fewest = run.run_attack(min_config, str(tmp_path / "fewest"))
     path = report.write_report(
         [str(tmp_path / "grid"), str(tmp_path / "fewest")], str(tmp_path / "r")
     )
     text = open(path).read()
     assert "## Exhaustive search: classes reached and vulnerable pixels" in text
     assert "## Minimum pixels" in text and "fooled at k <= 2" in text
+    row = next(line for line in text.splitlines() if line.startswith("| fewest | corner_search"))
+    cells = row.split(" | ")
+    assert cells[3].startswith(f"{fewest['fooled_by_k']['1']} (")
+    assert cells[4].startswith(f"{fewest['fooled_by_k']['2']} (")
     assert "exhaustive (corners, stop none)" in text
     assert (tmp_path / "r" / "min_pixels.png").stat().st_size > 0
     assert (tmp_path / "r" / "reached_pairs_grid.png").stat().st_size > 0
