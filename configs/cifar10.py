@@ -3,7 +3,8 @@
     --config=configs/cifar10.py:MODEL,PIXELS,MODE, e.g. configs/cifar10.py:nin,3,targeted
 
 DE with the paper's settings (population 400, 100 generations, F = 0.5) on the
-exact CIFAR-10 test images; MODEL in nin, allconv, vgg16, lenet, resnet.
+exact CIFAR-10 test images; MODEL in nin, allconv, vgg16, lenet, resnet, and NiN's
+variants nin_no_smoothing, nin_plain, nin_plain_noaug (configs/train_nin.py).
 """
 
 from configs import common

@@ -14,11 +14,16 @@ from configs import default
 CIFAR10_EXACT = "folder:../shared/data/cifar10-test-exact|tfds:cifar10"
 
 # CIFAR-10 models by name: the paper's zoo, trained by scripts/train.py into
-# checkpoints/cifar10/<name>, and the Keras models of one-pixel-attack-keras.
+# checkpoints/cifar10/<name>; NiN's variants one factor nearer the paper's recipe
+# (configs/train_nin.py, trained and shipped by scripts/paper_gap_zoo.sh); and the Keras
+# models of one-pixel-attack-keras.
 CIFAR10_MODELS = {
     "nin": "ckpt:checkpoints/cifar10/nin",
     "allconv": "ckpt:checkpoints/cifar10/allconv",
     "vgg16": "ckpt:checkpoints/cifar10/vgg16",
+    "nin_no_smoothing": "ckpt:checkpoints/cifar10/nin_no_smoothing",
+    "nin_plain": "ckpt:checkpoints/cifar10/nin_plain",
+    "nin_plain_noaug": "ckpt:checkpoints/cifar10/nin_plain_noaug",
     "lenet": "keras:../shared/data/keras/lenet.h5",
     "resnet": "keras:../shared/data/keras/resnet.h5",
 }

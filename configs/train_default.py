@@ -84,16 +84,23 @@ CPU_DATASET = "folder:runs/data/cifar10-jpeg"
 CPU_VARIANTS = ("cpu", "short")
 
 
-def apply_variant(config: ml_collections.ConfigDict, variant: str, config_file: str,
-                  epochs: dict, learning_rate: float) -> None:  # fmt: skip
+def apply_variant(
+    config: ml_collections.ConfigDict,
+    variant: str,
+    config_file: str,
+    epochs: dict,
+    learning_rate: float,
+    others: tuple[str, ...] = (),
+) -> None:
     """Applies `variant` of a training config: `long` leaves it as it is; `cpu` and
     `short` apply the CPU recipe with `epochs[variant]` epochs (`short` is cut to the
-    epochs that end in about two hours on 2 idle cores)."""
+    epochs that end in about two hours on 2 idle cores). `others` are the config file's
+    own variants, named in the error for an unknown one."""
     if variant in CPU_VARIANTS:
         apply_cpu_recipe(config, num_epochs=epochs[variant], learning_rate=learning_rate)
     elif variant != "long":
-        choices = " or ".join(CPU_VARIANTS)
-        raise ValueError(f"{config_file}:{variant}: expected the variant long, {choices}")
+        choices = ", ".join(("long", *CPU_VARIANTS, *others))
+        raise ValueError(f"{config_file}:{variant}: expected a variant among {choices}")
 
 
 def apply_cpu_recipe(config: ml_collections.ConfigDict, num_epochs: int, learning_rate: float):

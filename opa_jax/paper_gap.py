@@ -38,6 +38,7 @@ PAPER_RATES = {"nin": 0.7166, "allconv": 0.6871, "vgg16": 0.6353}
 MODEL_FACTORS = (
     ("label smoothing", "nin_no_smoothing", "nin", "NiN trained with label_smoothing=0"),
     ("paper recipe", "nin_plain", "nin", "NiN trained as Lin et al.: dropout, no batch norm"),
+    ("crops and flips", "nin_plain_noaug", "nin_plain", "NiN as Lin et al., without crops, flips"),
 )
 NUM_MARGIN_BINS = 5
 

@@ -210,7 +210,8 @@ def test_every_config_loads_and_resolves():
     specs = every_config_spec()
     files = {s.split(":")[0] for s in specs}
     assert {"default.py", "lenet.py", "alexnet_imagenet_1px.py", *PARAMETERISED} <= files
-    assert len(specs) == 3 * 30 + 10 + len(files) - len(PARAMETERISED)
+    grid = 3 * 6 + 2  # per model: 3 files x 3 pixel counts x 2 modes, and FGSM's 2 modes
+    assert len(specs) == grid * len(common.CIFAR10_MODELS) + len(files) - len(PARAMETERISED)
     default_keys = flat_keys(default.get_config())
     methods = {}
     for spec in specs:
