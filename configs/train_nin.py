@@ -15,8 +15,11 @@ The variants that take the shipped recipe apart one factor at a time
 (scripts/paper_gap_zoo.sh trains and ships them under these names):
 - `no_smoothing`: `short` with label smoothing 0.
 - `plain`: NiN as Lin et al. trained it: `short` without batch norm and without label
-  smoothing, dropout 0.5 after both pooling blocks, one-cycle to 0.1 (a rate a network
-  without batch norm takes), crop and flip kept.
+  smoothing, dropout 0.5 after both pooling blocks, one-cycle to 0.1, crop and flip
+  kept. Its convolutions start from He's initialisation (opa_jax.models.layers): from
+  flax's default it stays near chance (loss 2.15-2.34 over the first 150 steps at
+  0.1, 2.28-2.31 over 175 at 0.03); from He's, its loss falls steadily, to 1.92 at
+  step 200 (train accuracy 27%, against the shipped recipe's 40%).
 - `plain_noaug`: `plain` without crops and flips.
 """
 

@@ -86,6 +86,16 @@ def test_batch_norm_off_restores_conv_biases():
     assert base.count_params(shapes) == 966_986  # the Caffe cifar10 NiN
 
 
+def test_kernels_start_from_he_without_batch_norm_and_from_lecun_with_it():
+    # He (variance 2 / fan-in) keeps a ReLU stack's scale; LeCun (1 / fan-in) is flax's.
+    for batch_norm, gain in ((False, 2.0), (True, 1.0)):
+        module = zoo.build("nin", batch_norm=batch_norm, width=0.25)
+        params = base.init_variables(module, jax.random.key(0), (32, 32, 3))["params"]
+        kernel = np.asarray(params["cccp3"]["kernel"])  # 1x1, 48 -> 48: 2,304 weights
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        assert np.std(kernel) == pytest.approx(math.sqrt(gain / fan_in), rel=0.1)
+
+
 def random_variables(shapes, seed=0):
     """Variables of the given shapes without compiling `init` (slow on the CPU)."""
     rng = np.random.default_rng(seed)

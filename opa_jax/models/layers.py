@@ -60,8 +60,14 @@ def conv(features, kernel, name, *, dtype, fast_gradients, **options) -> nn.Conv
 def conv_bn_relu(
     x, features, kernel, name, *, batch_norm, train, dtype, fast_gradients, stride=1, padding=None
 ):
-    """Conv (no bias when followed by batch norm), optional batch norm, ReLU."""
+    """Conv (no bias when followed by batch norm), optional batch norm, ReLU.
+
+    Without batch norm the kernel starts from He's initialisation (variance 2 / fan-in),
+    which keeps the activations' scale through a stack of ReLUs; flax's default (LeCun,
+    1 / fan-in) halves their variance at every layer, and a network as deep as NiN
+    then barely learns. With batch norm the default is kept."""
     padding = kernel // 2 if padding is None else padding
+    init = {} if batch_norm else {"kernel_init": nn.initializers.he_normal()}
     x = conv(
         features,
         kernel,
@@ -71,6 +77,7 @@ def conv_bn_relu(
         strides=stride,
         padding=padding,
         use_bias=not batch_norm,
+        **init,
     )(x)
     if batch_norm:
         x = nn.BatchNorm(
