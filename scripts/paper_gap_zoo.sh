@@ -56,32 +56,16 @@ for name in $VARIANTS; do
 done
 
 train_and_ship() {  # name; returns 3 when its training cannot end within $TRAIN_HOURS
-  local name=$1 workdir="$RUNS/train_$1" shipped="$CKPTS/$1" status=0
-  if [ -f "$shipped/model.json" ]; then
-    say "$name: shipped at $shipped"
-    return 0
+  local status=0
+  PYTHON="$PYTHON" bash scripts/train_and_ship.sh "$1" "configs/train_nin.py:${1#nin_}" \
+    "$RUNS/train_$1" "$CKPTS/$1" "$TRAIN_HOURS" "${TRAIN_FLAGS[@]}" || status=$?
+  if [ "$status" -eq 3 ]; then
+    say "$1: its training cannot end within GAP_MAX_TRAIN_HOURS=$TRAIN_HOURS h on this" \
+      "host; skipped with its checkpoint in $RUNS/train_$1 (the same command resumes it)"
+    return 3
+  elif [ "$status" -ne 0 ]; then
+    exit "$status"
   fi
-  if [ ! -f "$workdir/model/model.json" ]; then
-    say "$name: training in $workdir (resumes from its checkpoints)"
-    if [[ "${GAP_TRAIN_FLAGS:-}" != *--config.dataset=* ]]; then
-      bash scripts/prepare_cifar10_jpeg.sh  # the recipes' train set, runs/data/cifar10-jpeg
-    fi
-    "$PYTHON" scripts/train.py --config="configs/train_nin.py:${name#nin_}" \
-      --workdir="$workdir" --config.max_hours="$TRAIN_HOURS" "${TRAIN_FLAGS[@]}" || status=$?
-    if [ "$status" -eq 3 ]; then
-      say "$name: its training cannot end within GAP_MAX_TRAIN_HOURS=$TRAIN_HOURS h on this" \
-        "host; skipped with its checkpoint in $workdir (the same command resumes it)"
-      return 3
-    elif [ "$status" -ne 0 ]; then
-      exit "$status"
-    fi
-  fi
-  mkdir -p "$CKPTS"
-  rm -rf "$shipped.partial"
-  cp -r "$workdir/model" "$shipped.partial"
-  mv "$shipped.partial" "$shipped"
-  "$PYTHON" scripts/model_card.py "$shipped" > "$workdir/card.md"
-  say "$name: shipped to $shipped; model card in $workdir/card.md"
 }
 
 search() {  # name: the exhaustive one-pixel search over its first $IMAGES images

@@ -62,34 +62,17 @@ for name in $NETWORKS; do
 done
 
 train_and_ship() {  # name; sets over_time=1 when its training cannot end within $TRAIN_HOURS
-  local name=$1 workdir="$RUNS/train_$1" shipped="$CKPTS/$1" status=0
+  local status=0
   over_time=0
-  if [ -f "$shipped/model.json" ]; then
-    say "$name: shipped at $shipped"
-    return
+  PYTHON="$PYTHON" bash scripts/train_and_ship.sh "$1" "configs/train_$1.py:$RECIPE" \
+    "$RUNS/train_$1" "$CKPTS/$1" "$TRAIN_HOURS" "${TRAIN_FLAGS[@]}" || status=$?
+  if [ "$status" -eq 3 ]; then
+    say "$1: its training cannot end within ZOO_MAX_TRAIN_HOURS=$TRAIN_HOURS h on this host;" \
+      "skipped with its checkpoint in $RUNS/train_$1 (the same command resumes it)"
+    over_time=1
+  elif [ "$status" -ne 0 ]; then
+    exit "$status"
   fi
-  if [ ! -f "$workdir/model/model.json" ]; then
-    say "$name: training in $workdir (resumes from its checkpoints)"
-    if [[ "${ZOO_TRAIN_FLAGS:-}" != *--config.dataset=* ]]; then
-      bash scripts/prepare_cifar10_jpeg.sh  # the recipes' train set, runs/data/cifar10-jpeg
-    fi
-    "$PYTHON" scripts/train.py --config="configs/train_$name.py:$RECIPE" --workdir="$workdir" \
-      --config.max_hours="$TRAIN_HOURS" "${TRAIN_FLAGS[@]}" || status=$?
-    if [ "$status" -eq 3 ]; then
-      say "$name: its training cannot end within ZOO_MAX_TRAIN_HOURS=$TRAIN_HOURS h on this host;" \
-        "skipped with its checkpoint in $workdir (the same command resumes it)"
-      over_time=1
-      return
-    elif [ "$status" -ne 0 ]; then
-      exit "$status"
-    fi
-  fi
-  mkdir -p "$CKPTS"
-  rm -rf "$shipped.partial"
-  cp -r "$workdir/model" "$shipped.partial"
-  mv "$shipped.partial" "$shipped"
-  "$PYTHON" scripts/model_card.py "$shipped" > "$workdir/card.md"
-  say "$name: shipped to $shipped; model card in $workdir/card.md"
 }
 
 attack() {  # name workdir config images
