@@ -43,7 +43,7 @@ def loaded_model(
 ) -> LoadedModel:
     """The model named `KIND:PATH`, with CIFAR-10's class names when it has 10 classes.
 
-    Its meta holds the file's absolute path, `input_meta` (how the images are
+    Its meta holds the file's absolute path (or `<memory>`), `input_meta` (how the images are
     prepared), the parameter count, then the importer's own `meta`.
     """
     return LoadedModel(
@@ -54,7 +54,7 @@ def loaded_model(
         num_classes=num_classes,
         class_names=CIFAR10_CLASSES if num_classes == 10 else None,
         meta={
-            "source": os.path.abspath(path),
+            "source": path if path.startswith("<") else os.path.abspath(path),  # <memory>
             **input_meta,
             "param_count": int(sum(leaf.size for leaf in jax.tree.leaves(params))),
             **meta,

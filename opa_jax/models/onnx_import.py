@@ -44,6 +44,7 @@ PLAIN, NHWC, FLAT = "plain", "nhwc", "flat"
 HIGHEST = jax.lax.Precision.HIGHEST  # parity also on accelerators with TF32 matmuls
 
 _error = functools.partial(importing.error, "onnx")  # (path, message) -> InputError
+IN_MEMORY = "<memory>"  # the name of a model given as bytes or a ModelProto
 
 
 @dataclasses.dataclass(frozen=True)
@@ -743,16 +744,20 @@ def _logits(value: Value, graph: Graph) -> jax.Array:
 
 
 def load_onnx_model(
-    path: str,
+    path: str | bytes | Any,
     input_convention: InputConvention | None = None,
     image_size: tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Loads an ONNX image classifier as a `LoadedModel` (see the module docstring).
 
-    `image_size` (H, W) fixes a graph input whose height and width are dynamic.
+    `path` is an .onnx file, or the model itself: its serialized bytes (e.g. what
+    `torch.onnx.export` wrote into an `io.BytesIO`) or an `onnx.ModelProto`, named
+    `<memory>` in errors. `image_size` (H, W) fixes a graph input whose height and
+    width are dynamic.
     """
     convention = input_convention or InputConvention()
     model = _read(path)
+    path = path if isinstance(path, str) else IN_MEMORY
     graph, image_hw, batch_one, info = _parse(model, path, image_size)
     shape = (*image_hw, 3)
 
@@ -817,13 +822,27 @@ def load_options(section) -> dict:
     return {"input_convention": convention_lib.from_config(section), "image_size": image_size}
 
 
-def _read(path: str):
+def _read(source):
+    """The ModelProto of a file, of serialized bytes, or the ModelProto itself, checked."""
     import onnx
     from google.protobuf.message import DecodeError
 
-    importing.check_file("onnx", path, "an .onnx file")
+    path = source if isinstance(source, str) else IN_MEMORY
+    if isinstance(source, str):
+        importing.check_file("onnx", path, "an .onnx file")
+    elif not isinstance(source, bytes | bytearray | memoryview | onnx.ModelProto):
+        raise _error(
+            path,
+            f"got a {type(source).__name__}; expected a path, serialized bytes or an "
+            "onnx.ModelProto",
+        )
     try:
-        model = onnx.load(path)
+        if isinstance(source, onnx.ModelProto):
+            model = source
+        elif isinstance(source, str):
+            model = onnx.load(path)
+        else:
+            model = onnx.load_model_from_string(bytes(source))
     except onnx.checker.ValidationError as err:  # e.g. its external weights file is missing
         raise _error(
             path,
