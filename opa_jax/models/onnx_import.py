@@ -8,9 +8,12 @@ also checks shapes and operators before anything is returned), and then inside
 the attack's jit, where each node reads them back from `params`.
 
 NCHW graphs run channels-last: the images enter NHWC and stay so. A value
-carries its layout: `plain` (as the graph sees it), `nhwc` (a 4-D NCHW value
-stored channels-last) or `flat` (`[N, C*H*W]` flattened from an NCHW value,
-stored in H, W, C order). Weights are converted once, at load, to the layout
+carries its layout: `plain` (as the graph sees it, any rank: token tensors
+`[N, T, C]` of transformers are plain), `nhwc` (a 4-D NCHW value stored
+channels-last), `nlc` (a 3-D `[N, C, L]` value stored `[N, L, C]`: a map whose
+H and W were flattened, as a ViT's patch embedding writes `x.flatten(2)`, so
+that the Transpose to tokens moves no data) or `flat` (`[N, C*H*W]` flattened
+from an NCHW value, stored in H, W, C order). Weights are converted once, at load, to the layout
 of what they meet: Conv kernels OIHW -> HWIO, per-channel constants
 `[C, 1, 1]` -> `[C]`, and the rows of a Gemm/MatMul weight after a Flatten
 are permuted from C, H, W to H, W, C order, so no activation is transposed on
@@ -19,6 +22,8 @@ NumPy while tracing, so a dynamic batch axis costs nothing.
 
 The input convention (pixel scale, mean, std, channel order) comes from
 `opa_jax.models.convention`; by default the graph gets float RGB pixels 0-255.
+The image's channel count is the graph's (3, or 1 for a grayscale graph): it is the
+last axis of `LoadedModel.image_shape`.
 A trailing Softmax (or LogSoftmax) is dropped, so the model returns logits.
 """
 
@@ -40,7 +45,7 @@ from opa_jax.models import importing
 from opa_jax.models.base import LoadedModel
 from opa_jax.models.convention import InputConvention
 
-PLAIN, NHWC, FLAT = "plain", "nhwc", "flat"
+PLAIN, NHWC, NLC, FLAT = "plain", "nhwc", "nlc", "flat"
 HIGHEST = jax.lax.Precision.HIGHEST  # parity also on accelerators with TF32 matmuls
 
 _error = functools.partial(importing.error, "onnx")  # (path, message) -> InputError
@@ -65,6 +70,9 @@ class Value:
         if self.layout == NHWC:
             n, h, w, c = self.data.shape
             return (n, c, h, w)
+        if self.layout == NLC:
+            n, length, c = self.data.shape
+            return (n, c, length)
         return tuple(self.data.shape)
 
 
@@ -119,6 +127,8 @@ def plain(value: Value):
     """The value's data as the graph sees it (transposed back if stored channels-last)."""
     if value.layout == NHWC:
         return jnp.transpose(value.data, (0, 3, 1, 2))
+    if value.layout == NLC:
+        return jnp.transpose(value.data, (0, 2, 1))
     if value.layout == FLAT:
         c, h, w = value.chw
         n = value.data.shape[0]
@@ -142,6 +152,10 @@ def to_layout(array: np.ndarray, like: Value) -> np.ndarray | None:
         if array.ndim > 4:
             return None
         return array.reshape((1,) * (4 - array.ndim) + array.shape).transpose(0, 2, 3, 1)
+    if like.layout == NLC:
+        if array.ndim > 3:
+            return None
+        return array.reshape((1,) * (3 - array.ndim) + array.shape).transpose(0, 2, 1)
     if like.layout == FLAT:
         if array.ndim > 2:
             return None
@@ -355,10 +369,15 @@ def op_gemm(node: Node, inputs, weights: Weights):
 
 
 def op_matmul(node: Node, inputs, weights: Weights):
+    """2-D as Gemm; with batch axes (attention, token MLPs) NumPy's broadcasting matmul."""
     a, b = inputs
-    if len(a.shape) != 2 or len(b.shape) != 2:
-        return [Value(jnp.matmul(plain(a), plain(b), precision=HIGHEST))]
-    return [Value(_matmul(weights, node, a, b))]
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        return [Value(_matmul(weights, node, a, b))]
+    if a.static and b.static:
+        return [Value(np.matmul(a.data, b.data))]
+    lhs = float_operand(weights, node, "a", a) if a.static else plain(a)
+    rhs = float_operand(weights, node, "kernel", b) if b.static else plain(b)
+    return [Value(jnp.matmul(lhs, rhs, precision=HIGHEST))]
 
 
 def _matmul(weights: Weights, node: Node, a: Value, b: Value, trans_a=0, trans_b=0, alpha=1.0):
@@ -454,12 +473,17 @@ def _reshaped(in_shape, target, allowzero: bool) -> tuple[int, ...]:
 
 
 def _flattened(value: Value, out_shape) -> Value:
-    """An NHWC or FLAT value reshaped to [N, C*H*W] without moving data, else plain."""
+    """A reshape that moves no data where the layouts allow: NHWC to [N, C*H*W] (FLAT) or
+    [N, C, H*W] (NLC), and NLC back to [N, C, H, W]; else on the plain values."""
     n = value.shape[0]
     if value.layout == NHWC and out_shape == (n, math.prod(value.shape[1:])):
         _, c, h, w = value.shape
         layout, chw = (PLAIN, None) if h == w == 1 else (FLAT, (c, h, w))
         return Value(value.data.reshape(out_shape), layout, chw)
+    if value.layout == NHWC and out_shape == (n, value.shape[1], math.prod(value.shape[2:])):
+        return Value(value.data.reshape(n, out_shape[2], out_shape[1]), NLC)
+    if value.layout == NLC and len(out_shape) == 4 and out_shape[:2] == value.shape[:2]:
+        return Value(value.data.reshape(n, *out_shape[2:], out_shape[1]), NHWC)
     if value.layout == FLAT and out_shape == value.shape:
         return value
     if value.static:
@@ -485,6 +509,7 @@ def op_reshape(node: Node, inputs, weights: Weights):
 
 
 _NHWC_AXIS = (0, 3, 1, 2)  # graph axis of an NHWC-stored value -> stored axis
+_STORED_AXIS = {NHWC: _NHWC_AXIS, NLC: (0, 2, 1)}  # the same for each channels-last layout
 
 
 def op_concat(node: Node, inputs, weights: Weights):
@@ -493,8 +518,10 @@ def op_concat(node: Node, inputs, weights: Weights):
     axis = axis + rank if axis < 0 else axis
     if all(v.static for v in inputs):
         return [Value(np.concatenate([v.data for v in inputs], axis=axis))]
-    if all(v.layout == NHWC for v in inputs):
-        return [Value(jnp.concatenate([v.data for v in inputs], axis=_NHWC_AXIS[axis]), NHWC)]
+    layout = inputs[0].layout
+    if layout in _STORED_AXIS and all(v.layout == layout for v in inputs):
+        stored = _STORED_AXIS[layout][axis]
+        return [Value(jnp.concatenate([v.data for v in inputs], axis=stored), layout)]
     parts = [
         float_operand(weights, node, f"in{i}", v) if v.static else plain(v)
         for i, v in enumerate(inputs)
@@ -544,8 +571,12 @@ def op_transpose(node: Node, inputs, weights: Weights):
     perm = tuple(node.attrs.get("perm", tuple(reversed(range(len(x.shape))))))
     if x.layout == NHWC and perm == (0, 2, 3, 1):  # to NHWC: the stored data already is
         return [Value(x.data)]
+    if x.layout == NLC and perm == (0, 2, 1):  # [N, C, L] to tokens [N, L, C]: as stored
+        return [Value(x.data)]
     if x.layout == PLAIN and not x.static and perm == (0, 3, 1, 2):  # to NCHW: keep it stored
         return [Value(x.data, NHWC)]
+    if x.layout == PLAIN and not x.static and perm == (0, 2, 1):  # tokens to [N, C, L]
+        return [Value(x.data, NLC)]
     if x.static:
         return [Value(np.transpose(x.data, perm))]
     return [Value(jnp.transpose(plain(x), perm))]
@@ -562,22 +593,33 @@ def op_softmax(node: Node, inputs, weights: Weights):
     return [Value(fn(flat, axis=-1).reshape(x.shape))]
 
 
-def op_reduce_mean(node: Node, inputs, weights: Weights):
-    x = inputs[0]
-    rank = len(x.shape)
-    if node.opset >= 18 and len(inputs) > 1 and inputs[1] is not None:
-        axes = static(inputs[1], "axes")
-    else:
-        axes = node.attrs.get("axes", range(rank))
-    axes = sorted(int(a) % rank for a in axes)
-    keepdims = bool(node.attrs.get("keepdims", 1))
-    if x.layout == NHWC and keepdims:
-        return [
-            Value(jnp.mean(x.data, axis=tuple(_NHWC_AXIS[a] for a in axes), keepdims=True), NHWC)
-        ]
-    if x.layout == NHWC and axes == [2, 3]:  # global average pooling to [N, C]
-        return [Value(jnp.mean(x.data, axis=(1, 2)))]
-    return [Value(jnp.mean(plain(x), axis=tuple(axes), keepdims=keepdims))]
+def _reduce(numpy_fn, jax_fn):
+    """ReduceMean, ReduceSum, ...: axes from the input (opset 13 for ReduceSum, 18 for the
+    others) or the attribute; on static values in NumPy."""
+
+    def handler(node: Node, inputs, weights: Weights):
+        x = inputs[0]
+        rank = len(x.shape)
+        if len(inputs) > 1 and inputs[1] is not None:
+            axes = static(inputs[1], "axes")
+        else:
+            axes = node.attrs.get("axes")
+        if axes is None or len(np.atleast_1d(axes)) == 0:
+            if node.attrs.get("noop_with_empty_axes", 0):
+                return [x]
+            axes = range(rank)
+        axes = sorted(int(a) % rank for a in np.atleast_1d(axes))
+        keepdims = bool(node.attrs.get("keepdims", 1))
+        if x.static:
+            return [Value(np.asarray(numpy_fn(x.data, axis=tuple(axes), keepdims=keepdims)))]
+        if x.layout in _STORED_AXIS and keepdims:
+            stored = tuple(_STORED_AXIS[x.layout][a] for a in axes)
+            return [Value(jax_fn(x.data, axis=stored, keepdims=True), x.layout)]
+        if x.layout == NHWC and axes == [2, 3]:  # global average pooling to [N, C]
+            return [Value(jax_fn(x.data, axis=(1, 2)))]
+        return [Value(jax_fn(plain(x), axis=tuple(axes), keepdims=keepdims))]
+
+    return handler
 
 
 # Shape arithmetic: on static values in NumPy; the few traced uses on plain values.
@@ -669,6 +711,170 @@ def op_slice(node: Node, inputs, weights: Weights):
     return [Value(data[tuple(index)])]
 
 
+# Transformer and modern-CNN operators.
+
+
+def op_layer_norm(node: Node, inputs, weights: Weights):
+    """ONNX LayerNormalization: over the axes from `axis` on, then scale and bias."""
+    if any(node.outputs[1:]):
+        raise NodeError("its Mean or InvStdDev output is used; expected an inference graph")
+    x = plain(inputs[0])
+    axis = node.attrs.get("axis", -1) % x.ndim
+    axes = tuple(range(axis, x.ndim))
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    centred = x - mean
+    variance = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+    y = centred * jax.lax.rsqrt(variance + node.attrs.get("epsilon", 1e-5))
+    y = y * (
+        float_operand(weights, node, "scale", inputs[1]) if inputs[1].static else plain(inputs[1])
+    )
+    if len(inputs) > 2 and inputs[2] is not None:
+        bias = inputs[2]
+        y = y + (float_operand(weights, node, "bias", bias) if bias.static else plain(bias))
+    return [Value(y)]
+
+
+def _gelu(node: Node, x):
+    approximate = node.attrs.get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise NodeError(f"approximate={approximate!r}; expected 'none' or 'tanh'")
+    return jax.nn.gelu(x, approximate=approximate == "tanh")
+
+
+def _hard_sigmoid(node: Node, x):
+    alpha, beta = node.attrs.get("alpha", 0.2), node.attrs.get("beta", 0.5)
+    return jnp.clip(x * jnp.float32(alpha) + jnp.float32(beta), 0.0, 1.0)
+
+
+def _math(numpy_fn, jax_fn):
+    """An elementwise function: in NumPy on static values (shape arithmetic), else in JAX,
+    in the value's own layout."""
+
+    def handler(node: Node, inputs, weights: Weights):
+        x = inputs[0]
+        if x.static:
+            return [Value(np.asarray(numpy_fn(x.data)))]
+        return [dataclasses.replace(x, data=jax_fn(x.data))]
+
+    return handler
+
+
+def _variadic(numpy_fn, jax_fn, mean: bool = False):
+    """Max, Min, Sum, Mean of any number of inputs, as a chain of broadcasting binaries."""
+    pair = _binary(numpy_fn, jax_fn)
+
+    def handler(node: Node, inputs, weights: Weights):
+        total = inputs[0]
+        for i, value in enumerate(inputs[1:]):
+            (total,) = pair(
+                dataclasses.replace(node, name=f"{node.name}/{i}"), [total, value], weights
+            )
+        if mean and len(inputs) > 1:
+            divide = _binary(np.divide, jnp.divide)
+            count = Value(np.asarray(len(inputs), np.float32))
+            (total,) = divide(
+                dataclasses.replace(node, name=f"{node.name}/mean"), [total, count], weights
+            )
+        return [total]
+
+    return handler
+
+
+def op_mod(node: Node, inputs, weights: Weights):
+    if node.attrs.get("fmod", 0):
+        return _binary(np.fmod, jnp.fmod)(node, inputs, weights)
+    return _binary(np.mod, jnp.mod)(node, inputs, weights)
+
+
+def op_where(node: Node, inputs, weights: Weights):
+    condition, a, b = inputs
+    if condition.static and a.static and b.static:
+        return [Value(np.where(condition.data, a.data, b.data))]
+    lhs = float_operand(weights, node, "a", a) if a.static else plain(a)
+    rhs = float_operand(weights, node, "b", b) if b.static else plain(b)
+    choose = condition.data if condition.static else plain(condition)
+    return [Value(jnp.where(choose, lhs, rhs))]
+
+
+def op_expand(node: Node, inputs, weights: Weights):
+    """Broadcasts to a shape (both ways, as ONNX's Expand). A float constant stays a
+    parameter of its own shape, expanded inside the graph: the target shape usually holds
+    the batch size (a ViT's class token)."""
+    x = inputs[0]
+    target = tuple(int(d) for d in static(inputs[1], "the shape"))
+    out_shape = np.broadcast_shapes(x.shape, target)
+    if x.static and not np.issubdtype(x.data.dtype, np.floating):
+        return [Value(np.broadcast_to(x.data, out_shape).copy())]
+    data = weights.get(node, "input", x.data) if x.static else plain(x)
+    return [Value(jnp.broadcast_to(data, out_shape))]
+
+
+def op_tile(node: Node, inputs, weights: Weights):
+    x, repeats = inputs[0], [int(r) for r in static(inputs[1], "repeats")]
+    if x.static and not np.issubdtype(x.data.dtype, np.floating):
+        return [Value(np.tile(x.data, repeats))]
+    data = weights.get(node, "input", x.data) if x.static else plain(x)
+    return [Value(jnp.tile(data, repeats))]
+
+
+def op_constant_of_shape(node: Node, inputs, weights: Weights):
+    """Integers (shape arithmetic) in NumPy; floats as a filled JAX array, since the shape
+    may hold the batch size."""
+    shape = tuple(int(d) for d in static(inputs[0], "the shape"))
+    fill = np.asarray(node.attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
+    if np.issubdtype(fill.dtype, np.floating):
+        return [Value(jnp.full(shape, fill[0], fill.dtype))]
+    return [Value(np.full(shape, fill[0], fill.dtype))]
+
+
+def op_range(node: Node, inputs, weights: Weights):
+    start, limit, delta = (
+        static(v, what) for v, what in zip(inputs, ("start", "limit", "delta"), strict=True)
+    )
+    return [Value(np.arange(start, limit, delta, dtype=np.asarray(start).dtype))]
+
+
+def op_split(node: Node, inputs, weights: Weights):
+    """Split: sizes from the input (opset 13), the attribute (before 13), or equal parts
+    (`num_outputs` from opset 18, else one per output; the last part may be smaller)."""
+    x = inputs[0]
+    rank = len(x.shape)
+    axis = node.attrs.get("axis", 0) % rank
+    size = x.shape[axis]
+    if len(inputs) > 1 and inputs[1] is not None:
+        sizes = [int(v) for v in static(inputs[1], "split")]
+    elif "split" in node.attrs:
+        sizes = [int(v) for v in node.attrs["split"]]
+    else:
+        parts = node.attrs.get("num_outputs", len(node.outputs))
+        chunk = math.ceil(size / parts)
+        sizes = [chunk] * (parts - 1) + [size - chunk * (parts - 1)]
+    if sum(sizes) != size or len(sizes) != len(node.outputs) or min(sizes) < 0:
+        raise NodeError(f"cannot split {size} into {sizes} for {len(node.outputs)} outputs")
+    bounds = np.cumsum(sizes)[:-1].tolist()
+    if x.static:
+        return [Value(part) for part in np.split(x.data, bounds, axis=axis)]
+    if x.layout in _STORED_AXIS:
+        parts = jnp.split(x.data, bounds, axis=_STORED_AXIS[x.layout][axis])
+        return [Value(part, x.layout) for part in parts]
+    return [Value(part) for part in jnp.split(plain(x), bounds, axis=axis)]
+
+
+def op_einsum(node: Node, inputs, weights: Weights):
+    equation = node.attrs["equation"]
+    if all(v.static for v in inputs):
+        return [Value(np.einsum(equation, *(v.data for v in inputs)))]
+    operands = [
+        float_operand(weights, node, f"in{i}", v) if v.static else plain(v)
+        for i, v in enumerate(inputs)
+    ]
+    return [Value(jnp.einsum(equation, *operands, precision=HIGHEST))]
+
+
+def _erf_numpy(x):
+    return np.vectorize(math.erf, otypes=[np.asarray(x).dtype])(x)
+
+
 OPERATORS: dict[str, Callable] = {
     "Conv": op_conv,
     "Gemm": op_gemm,
@@ -696,7 +902,11 @@ OPERATORS: dict[str, Callable] = {
     "Softmax": op_softmax,
     "LogSoftmax": op_softmax,
     "Transpose": op_transpose,
-    "ReduceMean": op_reduce_mean,
+    "ReduceMean": _reduce(np.mean, jnp.mean),
+    "ReduceSum": _reduce(np.sum, jnp.sum),
+    "ReduceMax": _reduce(np.max, jnp.max),
+    "ReduceMin": _reduce(np.min, jnp.min),
+    "ReduceProd": _reduce(np.prod, jnp.prod),
     "Constant": op_constant,
     "Shape": op_shape,
     "Gather": op_gather,
@@ -704,6 +914,42 @@ OPERATORS: dict[str, Callable] = {
     "Squeeze": op_squeeze,
     "Cast": op_cast,
     "Slice": op_slice,
+    "LayerNormalization": op_layer_norm,
+    "Gelu": _unary(_gelu),
+    "Erf": _math(_erf_numpy, jax.lax.erf),
+    "HardSigmoid": _unary(_hard_sigmoid),
+    "HardSwish": _unary(lambda node, x: x * jnp.clip(x / 6 + 0.5, 0.0, 1.0)),
+    "Softplus": _unary(lambda node, x: jax.nn.softplus(x)),
+    "Elu": _unary(lambda node, x: jax.nn.elu(x, node.attrs.get("alpha", 1.0))),
+    "Sqrt": _math(np.sqrt, jnp.sqrt),
+    "Exp": _math(np.exp, jnp.exp),
+    "Log": _math(np.log, jnp.log),
+    "Neg": _math(np.negative, jnp.negative),
+    "Abs": _math(np.abs, jnp.abs),
+    "Reciprocal": _math(np.reciprocal, jnp.reciprocal),
+    "Floor": _math(np.floor, jnp.floor),
+    "Ceil": _math(np.ceil, jnp.ceil),
+    "Not": _math(np.logical_not, jnp.logical_not),
+    "Pow": _binary(np.power, jnp.power),
+    "Mod": op_mod,
+    "Equal": _binary(np.equal, jnp.equal),
+    "Less": _binary(np.less, jnp.less),
+    "LessOrEqual": _binary(np.less_equal, jnp.less_equal),
+    "Greater": _binary(np.greater, jnp.greater),
+    "GreaterOrEqual": _binary(np.greater_equal, jnp.greater_equal),
+    "And": _binary(np.logical_and, jnp.logical_and),
+    "Or": _binary(np.logical_or, jnp.logical_or),
+    "Max": _variadic(np.maximum, jnp.maximum),
+    "Min": _variadic(np.minimum, jnp.minimum),
+    "Sum": _variadic(np.add, jnp.add),
+    "Mean": _variadic(np.add, jnp.add, mean=True),
+    "Where": op_where,
+    "Expand": op_expand,
+    "Tile": op_tile,
+    "ConstantOfShape": op_constant_of_shape,
+    "Range": op_range,
+    "Split": op_split,
+    "Einsum": op_einsum,
 }
 
 
@@ -712,7 +958,7 @@ OPERATORS: dict[str, Callable] = {
 
 
 def forward(graph: Graph, weights: Weights, images) -> jax.Array:
-    """Runs the graph on model inputs [N, H, W, 3] (after the input convention) -> [N, C]."""
+    """Runs the graph on model inputs [N, H, W, C] (after the input convention) -> logits."""
     env: dict[str, Value] = {name: Value(array) for name, array in graph.constants.items()}
     env[graph.input_name] = Value(images, NHWC) if graph.nchw else Value(images)
     for node in graph.nodes:
@@ -758,11 +1004,11 @@ def load_onnx_model(
     convention = input_convention or InputConvention()
     model = _read(path)
     path = path if isinstance(path, str) else IN_MEMORY
-    graph, image_hw, batch_one, info = _parse(model, path, image_size)
-    shape = (*image_hw, 3)
+    graph, shape, batch_one, info = _parse(model, path, image_size)
+    prepare = _prepare(convention, shape[-1], path)
 
     def run(weights: Weights, images):
-        x = convention.apply(images)
+        x = prepare(images)
         if batch_one:  # the graph takes one image: map it over the batch
             return jax.vmap(lambda image: forward(graph, weights, image[None])[0])(x)
         return forward(graph, weights, x)
@@ -791,7 +1037,7 @@ def load_onnx_model(
     num_classes = int(out.shape[1])
 
     def apply_fn(params, images):
-        """[N, H, W, 3] float pixels 0-255 -> logits [N, num_classes]."""
+        """[N, H, W, C] float pixels 0-255 -> logits [N, num_classes]."""
         return run(Weights(params), images)
 
     return importing.loaded_model(
@@ -897,7 +1143,7 @@ def _attributes(proto, path: str, node_name: str) -> dict:
 
 
 def _parse(model, path: str, image_size):
-    """(Graph, (H, W), whether the graph's batch is fixed to 1, meta)."""
+    """(Graph, image shape (H, W, C), whether the graph's batch is fixed to 1, meta)."""
     from onnx import numpy_helper
 
     opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
@@ -917,7 +1163,7 @@ def _parse(model, path: str, image_size):
             "input and one output (the logits or probabilities)",
         )
     image_input, output_name = inputs[0], graph.output[0].name
-    nchw, image_hw, batch_one = _input_layout(image_input, path, image_size)
+    nchw, image_shape, batch_one = _input_layout(image_input, path, image_size)
 
     # Nodes, named uniquely, and kept only when the output depends on them.
     nodes, names = [], set()
@@ -981,14 +1227,14 @@ def _parse(model, path: str, image_size):
     }
     return (
         Graph(path, tuple(parsed), constants, image_input.name, nchw, output_name),
-        image_hw,
+        image_shape,
         batch_one,
         info,
     )
 
 
 def _input_layout(value, path: str, image_size):
-    """(NCHW?, (H, W), batch fixed to 1?) of the graph's image input."""
+    """(NCHW?, (H, W, C), batch fixed to 1?) of the graph's image input."""
     import onnx
 
     tensor = value.type.tensor_type
@@ -1002,13 +1248,14 @@ def _input_layout(value, path: str, image_size):
     described = [
         d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim
     ]
-    if len(dims) != 4 or 3 not in (dims[1], dims[3]):
+    nchw = _channels_first(dims)
+    if nchw is None:
         raise _error(
             path,
-            f"input {value.name!r} has shape {described}; expected RGB "
-            "images [N, 3, H, W] or [N, H, W, 3]",
+            f"input {value.name!r} has shape {described}; expected images "
+            "[N, C, H, W] or [N, H, W, C] with a fixed channel count (3 RGB, 1 grayscale)",
         )
-    nchw = dims[1] == 3
+    channels = dims[1] if nchw else dims[3]
     height, width = dims[2:4] if nchw else dims[1:3]
     if image_size:
         if (height or image_size[0], width or image_size[1]) != tuple(image_size):
@@ -1031,7 +1278,45 @@ def _input_layout(value, path: str, image_size):
             "re-export with a dynamic batch axis (torch.onnx.export(..., dynamic_axes="
             "{'input': {0: 'batch'}})) or with batch size 1",
         )
-    return nchw, (int(height), int(width)), dims[0] == 1
+    return nchw, (int(height), int(width), int(channels)), dims[0] == 1
+
+
+def _channels_first(dims) -> bool | None:
+    """Whether a 4-D image input [N, ?, ?, ?] is NCHW; None when it is not 4-D or its
+    channels cannot be told. The channel axis is the fixed one of axes 1 and 3; with both
+    fixed, the one beside a square (H, W), else the smaller (NCHW on a tie)."""
+    if len(dims) != 4 or (not dims[1] and not dims[3]):
+        return None
+    if not dims[1] or not dims[3]:
+        return bool(dims[1])
+    if dims[2] == dims[3] != dims[1]:
+        return True
+    if dims[1] == dims[2] != dims[3]:
+        return False
+    return dims[1] <= dims[3]
+
+
+def _prepare(convention: InputConvention, channels: int, path: str) -> Callable:
+    """The input convention for images of `channels` channels. The convention's
+    per-channel mean and std are RGB triples: a graph of another channel count takes
+    them only when the three are equal (e.g. `unit`, or a grayscale mean given thrice)."""
+    if channels == len(convention.mean):
+        return convention.apply
+    if len(set(convention.mean)) > 1 or len(set(convention.std)) > 1:
+        raise _error(
+            path,
+            f"the graph takes {channels}-channel images, and the input convention's mean "
+            f"{list(convention.mean)} and std {list(convention.std)} are per RGB channel; "
+            "give one value thrice (--config.onnx.mean=m,m,m --config.onnx.std=s,s,s)",
+        )
+    scale, mean, std = (
+        np.float32(v) for v in (convention.scale, convention.mean[0], convention.std[0])
+    )
+
+    def apply(images):
+        return (jnp.asarray(images, jnp.float32) * scale - mean) / std
+
+    return apply
 
 
 def _drop_final_softmax(nodes: list[Node], output_name: str) -> tuple[list[Node], str | None]:
