@@ -144,6 +144,38 @@ class Model(LoadedModel):
         return cls.from_function(fn, variables, image_shape=image_shape, name=name, **options)
 
     @classmethod
+    def from_torch(
+        cls,
+        module,
+        image_shape: tuple[int, int, int],
+        *,
+        input_convention: InputConvention | str | None = None,
+        exporter: str = "torchscript",
+        opset: int | None = None,
+        name: str | None = None,
+    ) -> Model:
+        """A PyTorch module (NCHW input, logits or probabilities out), exported to ONNX in
+        memory and run by the ONNX importer; needs `pip install 'opa_jax[torch]'`.
+
+        `image_shape` (H, W, 3) or (3, H, W). `input_convention`: what the module
+        takes, an `InputConvention` or a name ("unit": [0, 1] pixels, "imagenet",
+        "cifar10", ...; default: pixels 0-255 as they are). `exporter`: "torchscript"
+        (`dynamo=False`, opset 17 unless `opset`) or "dynamo" (needs onnxscript).
+        The module is exported in eval mode and left in the mode it was in.
+        """
+        from opa_jax.models import torch_export
+
+        loaded = torch_export.load_torch_model(
+            module,
+            image_shape,
+            input_convention=input_convention,
+            exporter=exporter,
+            opset=opset,
+            name=name,
+        )
+        return cls(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(LoadedModel)})
+
+    @classmethod
     def load(cls, spec: str, **options) -> Model:
         """A model spec as on the command line (`onnx:model.onnx`, `keras:x.h5`, `ckpt:DIR`,
         ...); `options` as `opa_jax.models.load_model` takes them."""
