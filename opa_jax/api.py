@@ -188,7 +188,7 @@ class AttackResult:
     """What `attack_images` found: one record per attack, as results.jsonl holds them."""
 
     records: list[dict]
-    summary: dict  # success rate, confidence, queries, ... (opa_jax.metrics)
+    summary: dict  # success rate, clean and robust accuracy, confidence, ... (opa_jax.metrics)
     model: Any = dataclasses.field(repr=False)
     images: np.ndarray = dataclasses.field(repr=False)  # [N, H, W, 3] the inputs
     positions: dict = dataclasses.field(repr=False)  # record's image index -> row of `images`
@@ -352,7 +352,10 @@ def attack_images(
         for k, (i, t) in enumerate(zip(items.indices, items.target_labels, strict=True))
     }
     records.sort(key=lambda r: order[(r["image"], r["target_label"])])
-    summary = metrics.Tally(model.num_classes).update(records).summary()
+    # Every image given is considered: clean and robust accuracy are over all N.
+    correct = int(np.sum(clean.argmax(-1) == labels))
+    tally = metrics.Tally(model.num_classes, images_considered=n, clean_correct=correct)
+    summary = tally.update(records).summary()
     return AttackResult(
         records=records,
         summary=summary,

@@ -14,6 +14,18 @@ rate over attacks, and the share of images pushed to at least one class), and
 a normal interval for the mean confidence over successes. In targeted runs the
 attacks on one image are not independent, so the attack-level interval there
 is narrower than a per-image one would be.
+
+Clean and robust accuracy follow RobustBench and AutoAttack (Croce & Hein,
+2020): over every image the run considered, the share the model classifies
+correctly (clean), and the share it classifies correctly and the attack does
+not fool (robust). The images considered are the run's selection up to its
+last image it attacks, so with `only_correct` the misclassified images skipped
+on the way count too; a misclassified image (skipped, or attacked with
+`only_correct=False`) is never robust. The records hold only attacked
+images, so the counts of images considered and of correctly classified ones
+come from the plan (`images_considered`, `clean_correct`); the fooled images
+among the correct ones come from the records. In a targeted run an image is
+fooled when any of its targets is reached.
 """
 
 from __future__ import annotations
@@ -51,6 +63,17 @@ def mean_interval(
     return (float(mean - half), float(mean + half))
 
 
+ACCURACY_FIELDS = (
+    "images_considered",
+    "clean_correct",
+    "clean_accuracy",
+    "clean_accuracy_ci95",
+    "robust_images",
+    "robust_accuracy",
+    "robust_accuracy_ci95",
+)
+
+
 @dataclasses.dataclass
 class Tally:
     num_classes: int
@@ -71,6 +94,12 @@ class Tally:
     reach_pairs: np.ndarray = None
     complete_searches: int = 0
     attacked_images: set = dataclasses.field(default_factory=set)
+    # Clean and robust accuracy: the images considered and the correctly classified ones
+    # among them (from the plan, as the records hold only attacked images), and the
+    # attacked images the model classified correctly (from each record's clean_probs).
+    images_considered: int = 0
+    clean_correct: int = 0
+    correct_images: set = dataclasses.field(default_factory=set)
 
     def __post_init__(self):
         c = self.num_classes
@@ -89,6 +118,8 @@ class Tally:
         image = record["image"]
         self.attacked_images.add(image)
         true_label, target = record["true_label"], record.get("target_label")
+        if int(np.argmax(record["clean_probs"])) == true_label:
+            self.correct_images.add(image)
         if target is not None:
             self.pair_attempts[true_label, target] += 1
         if record["success"]:
@@ -125,6 +156,8 @@ class Tally:
             "queries_success_sum",
             "generations_success_sum",
             "complete_searches",
+            "images_considered",
+            "clean_correct",
         )
         for f in added:
             setattr(merged, f, getattr(self, f) + getattr(other, f))
@@ -134,6 +167,7 @@ class Tally:
         merged.adv_label_counts = self.adv_label_counts + other.adv_label_counts
         merged.reach_pairs = self.reach_pairs + other.reach_pairs
         merged.attacked_images = self.attacked_images | other.attacked_images
+        merged.correct_images = self.correct_images | other.correct_images
         for tally in (self, other):
             for image, labels in tally.reached.items():
                 merged.reached.setdefault(image, set()).update(labels)
@@ -145,6 +179,29 @@ class Tally:
         for image in self.attacked_images:
             counts[len(self.reached.get(image, ()))] += 1
         return counts
+
+    def accuracy(self) -> dict:
+        """Clean and robust accuracy over the images considered, with Wilson intervals.
+
+        Robust accuracy needs every correctly classified image attacked: while some
+        are not (a run still going or killed), or when the images considered are
+        unknown (records kept from before they were stored), it is None.
+        """
+        n, correct = self.images_considered, self.clean_correct
+        if n <= 0:
+            return dict.fromkeys(ACCURACY_FIELDS)
+        fooled = len([i for i in self.correct_images if self.reached.get(i)])
+        complete = len(self.correct_images) >= correct
+        robust = correct - fooled if complete else None
+        return {
+            "images_considered": n,
+            "clean_correct": correct,
+            "clean_accuracy": correct / n,
+            "clean_accuracy_ci95": list(wilson_interval(correct, n)),
+            "robust_images": robust,
+            "robust_accuracy": None if robust is None else robust / n,
+            "robust_accuracy_ci95": None if robust is None else list(wilson_interval(robust, n)),
+        }
 
     def summary(self) -> dict:
         n, s = self.attacks, self.successes
@@ -171,6 +228,7 @@ class Tally:
             "pair_attempts": self.pair_attempts.tolist(),
             "num_target_classes": self.num_target_classes().tolist(),
         }
+        summary.update(self.accuracy())
         if self.complete_searches:
             summary["complete_searches"] = self.complete_searches
             summary["reach_pair_counts"] = self.reach_pairs.tolist()

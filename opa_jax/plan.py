@@ -51,6 +51,18 @@ def clean_pass(
     return eligible[:wanted], clean_probs
 
 
+def considered_positions(
+    positions: Sequence[int], eligible: Sequence[int], wanted: int
+) -> list[int]:
+    """The positions a run considers: the selection up to its last eligible position
+    when `wanted` were found (the misclassified ones skipped on the way included),
+    else the whole selection."""
+    positions = [int(p) for p in positions]
+    if len(eligible) < wanted or not eligible:
+        return positions
+    return positions[: positions.index(eligible[-1]) + 1]
+
+
 def target_classes(config, num_classes: int) -> list[int]:
     """The target classes of a targeted run: `config.targets`, 'all' or a comma list."""
     if config.targets == "all":
@@ -93,6 +105,11 @@ class Plan:
     clean_probs: dict[int, np.ndarray]  # dataset position -> clean probabilities [C]
     images_checked: int  # by the clean pass
     eligible_images: int
+    # Clean and robust accuracy's denominator (opa_jax.metrics): the selection up to the
+    # last eligible image (all of it when fewer are eligible than wanted), and the
+    # correctly classified images among those.
+    images_considered: int
+    clean_correct: int
     evaluator: Any  # how candidates are evaluated (opa_jax.incremental); None for FGSM
     slots: int  # in-flight images per device
     chunk_size: int  # queue items per device and loop call
@@ -111,6 +128,8 @@ class Plan:
             "dataset": {"name": self.dataset.name, "size": len(self.dataset)},
             "images_checked": self.images_checked,
             "eligible_images": self.eligible_images,
+            "images_considered": self.images_considered,
+            "clean_correct": self.clean_correct,
             "work_items": len(self.items),
             "devices": [str(d) for d in local_devices],
             "evaluator": self.evaluator.name if self.evaluator else None,
@@ -137,9 +156,10 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
     positions = data_lib.select(dataset, config.selection)
     if config.num_images < 0:
         raise InputError(f"num_images={config.num_images}: expected >= 0 (0 means all)")
-    eligible, clean_probs = clean_pass(
-        model, dataset, positions, config.num_images or len(positions), config.only_correct
-    )
+    wanted = config.num_images or len(positions)
+    eligible, clean_probs = clean_pass(model, dataset, positions, wanted, config.only_correct)
+    considered = considered_positions(positions, eligible, wanted)
+    clean_correct = sum(int(clean_probs[p].argmax() == dataset.labels[p]) for p in considered)
     rule = (
         search.search_config(config, model.image_shape)
         if config.method in search.SEARCH_METHODS
@@ -163,6 +183,8 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
         clean_probs=clean_probs,
         images_checked=len(clean_probs),
         eligible_images=len(eligible),
+        images_considered=len(considered),
+        clean_correct=clean_correct,
         evaluator=evaluator,
         slots=slots,
         chunk_size=chunk_size,

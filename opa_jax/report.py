@@ -107,7 +107,7 @@ def load_run_results(workdir: str, name: str | None = None) -> RunResults:
         name=name or os.path.basename(os.path.normpath(workdir)),
         config=config,
         records=records,
-        tally=metrics.Tally(num_classes).update(records),
+        tally=workdir_lib.read_tally(workdir, num_classes),
         class_names=class_names,
         image_shape=tuple(image_shape) if image_shape else None,
     )
@@ -187,6 +187,41 @@ def interval_table(runs: Sequence[RunResults]) -> str:
             ]
         )
     return charts.table(header, rows)
+
+
+def accuracy_table(runs: Sequence[RunResults]) -> str | None:
+    """Clean and robust accuracy over the images each run considered (RobustBench's and
+    AutoAttack's definitions, `opa_jax.metrics`), with Wilson intervals; None when no
+    run knows its images considered (runs from before run_info.json held them)."""
+    header = [
+        "run",
+        "images considered",
+        "clean accuracy",
+        "95% interval",
+        "robust accuracy",
+        "95% interval",
+        "success rate (attacks)",
+    ]
+    rows = []
+    for run in runs:
+        s = run.tally.summary()
+        if not s["images_considered"]:
+            continue
+        robust = s["robust_images"] is not None
+        rows.append(
+            [
+                run.name,
+                str(s["images_considered"]),
+                f"{charts.percent(s['clean_accuracy'])} ({s['clean_correct']})",
+                _interval(s["clean_accuracy_ci95"]),
+                f"{charts.percent(s['robust_accuracy'])} ({s['robust_images']})"
+                if robust
+                else "- (run not finished)",
+                _interval(s["robust_accuracy_ci95"]) if robust else "-",
+                charts.percent(s["success_rate"]),
+            ]
+        )
+    return charts.table(header, rows) if rows else None
 
 
 def pixel_table(runs: Sequence[RunResults]) -> str | None:
@@ -638,6 +673,21 @@ def _tables(runs: Sequence[RunResults], datasets: dict) -> list[str]:
         interval_table(runs),
         "",
     ]
+    accuracy = accuracy_table(runs)
+    if accuracy:
+        lines += [
+            "### Clean and robust accuracy",
+            "",
+            "As RobustBench and AutoAttack define them, over every image a run "
+            "considered: the misclassified images it skipped (`only_correct`) or "
+            "attacked count as considered and never as robust. Clean accuracy is the "
+            "share classified correctly; robust accuracy the share classified correctly "
+            "and not fooled (by any target, when targeted). Counts in brackets; Wilson "
+            "intervals.",
+            "",
+            accuracy,
+            "",
+        ]
     by_pixels = pixel_table(runs)
     if by_pixels:
         lines += [

@@ -46,7 +46,8 @@ def _run_attack(config: ml_collections.ConfigDict, workdir: str, dry_run: bool):
         return description
 
     workdir_lib.check_workdir(workdir, config)
-    workdir_lib.write_run_info(workdir, config, search.settings(plan.search))
+    considered = {"images_considered": plan.images_considered, "clean_correct": plan.clean_correct}
+    workdir_lib.write_run_info(workdir, config, search.settings(plan.search), considered)
     if config.method == "min_pixels":
         return min_pixels.run_min_pixels(config, plan, workdir)
     path = workdir_lib.results_path(workdir)

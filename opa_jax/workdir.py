@@ -122,8 +122,18 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     hosts.raise_if_any("config read", error)
 
 
-def write_run_info(workdir: str, config: ml_collections.ConfigDict, de_settings: dict | None):
-    """Process 0 writes `run_info.json`: the run's record and every host's (`processes`)."""
+def write_run_info(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    de_settings: dict | None,
+    considered: dict | None = None,
+):
+    """Process 0 writes `run_info.json`: the run's record and every host's (`processes`).
+
+    `considered` holds the plan's `images_considered` and `clean_correct`, which
+    clean and robust accuracy count over (`opa_jax.metrics`); the records hold only
+    the attacked images, so a resumed run and a report read them from here.
+    """
     processes = hosts.gather("run info", provenance.process())
     if not hosts.is_main():
         return
@@ -136,6 +146,7 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict, de_settings:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "de": de_settings,
         "processes": processes,
+        **(considered or {}),
     }
     files.write_atomic(os.path.join(workdir, RUN_INFO_FILE), json.dumps(info, indent=2))
 
@@ -154,6 +165,18 @@ def results_path(workdir: str) -> str:
     if jax.process_count() == 1:
         return os.path.join(workdir, RESULTS_FILE)
     return os.path.join(workdir, f"results.host{jax.process_index():03d}.jsonl")
+
+
+def read_tally(workdir: str, num_classes: int) -> metrics.Tally:
+    """The tally of every host's records of a workdir, with the images considered and
+    correctly classified that `run_info.json` holds (unknown, so no clean or robust
+    accuracy, for runs from before it held them)."""
+    info = read_run_info(workdir)
+    return metrics.Tally(
+        num_classes,
+        images_considered=info.get("images_considered", 0),
+        clean_correct=info.get("clean_correct", 0),
+    ).update(read_all_results(workdir))
 
 
 def read_all_results(workdir: str) -> list[dict]:
@@ -230,7 +253,7 @@ def write_summary(workdir: str, config, model: LoadedModel, extra: dict | None =
     (a barrier), so the tally holds every host's last records.
     """
     hosts.barrier("shares done")
-    tally = metrics.Tally(model.num_classes).update(read_all_results(workdir))
+    tally = read_tally(workdir, model.num_classes)
     summary = {
         "model": config.model,
         "data": config.data,

@@ -262,3 +262,30 @@ def test_example_images_come_from_the_alternative_the_run_read(images_setup, tmp
     workdir = write_workdir(tmp_path / "run2", config, [make_record(0, labels[0])])
     dataset, reason = report.open_dataset(report.load_run_results(str(workdir)))
     assert dataset is None and reason == "dataset folder 'gone' or 'also_gone' not found"
+
+
+def test_accuracy_table_over_the_images_considered(images_setup, tmp_path):
+    """Clean and robust accuracy rows from run_info.json's images considered: a finished
+    run, one with a correct image not attacked yet, and kept records from before
+    run_info.json held the count (no row)."""
+    setup, _, labels = images_setup
+    records = [make_record(i, labels[i], success=i < 3) for i in range(6)]
+    misclassified = make_record(6, labels[6], success=True)  # attacked, only_correct=False
+    misclassified["clean_probs"] = list(reversed(misclassified["clean_probs"]))
+    runs = {}
+    for name, kept, considered in (("done", records + [misclassified], {"images_considered": 8,
+                                    "clean_correct": 6}),
+                                   ("going", records[:5], {"images_considered": 8,
+                                    "clean_correct": 6}),
+                                   ("kept", records, None)):  # fmt: skip
+        workdir = write_workdir(tmp_path / name, tiny_config(setup), kept)
+        if considered:
+            (workdir / "run_info.json").write_text(json.dumps(considered))
+        runs[name] = report.load_run_results(str(workdir))
+    table = report.accuracy_table(list(runs.values())).splitlines()
+    # done: 6 of 8 correct (75.0%, Wilson 40.9-92.9%); images 0-2 fooled, 3-5 robust: 3/8.
+    # The misclassified image's success counts in the success rate (4 of 7), not as robust.
+    assert table[2] == "| done | 8 | 75.0% (6) | 40.9-92.9% | 37.5% (3) | 13.7-69.4% | 57.1% |"
+    assert table[3].startswith("| going | 8 | 75.0% (6) | 40.9-92.9% | - (run not finished) |")
+    assert len(table) == 4  # the kept run has no row
+    assert report.accuracy_table([runs["kept"]]) is None

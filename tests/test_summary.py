@@ -1,14 +1,17 @@
-"""Summary statistics against values worked out by hand from a few records."""
+"""Summary statistics against values worked out by hand from a few records, and clean
+and robust accuracy over the images a run considers."""
 
 import json
 
+import numpy as np
 import pytest
+from test_records import MISLABELLED, NUM_IMAGES, config_for
 from test_report import make_record
-from test_run import tiny_config
+from test_run import tiny_config, write_images, write_tiny_keras
 
-from opa_jax import metrics
+from opa_jax import attack, metrics, report, run
 from opa_jax import workdir as workdir_lib
-from opa_jax.models import LoadedModel
+from opa_jax.models import LoadedModel, load_model
 
 NUM_CLASSES = 4
 
@@ -109,3 +112,157 @@ def test_summary_intervals_of_the_hand_records():
     # Confidences 0.60, 0.90, 0.75, 0.55: mean 0.70, sample sd sqrt(0.025), n 4.
     half = metrics.Z_95 * (0.025 / 4) ** 0.5
     assert summary["confidence_ci95"] == pytest.approx((0.70 - half, 0.70 + half))
+
+
+# ---------------------------------------------------------------------------
+# Clean and robust accuracy (RobustBench's and AutoAttack's definitions).
+
+
+def misclassified(record, predicted):
+    """`record` for an image the model predicts as `predicted`, not its true label."""
+    probs = [0.1 / (NUM_CLASSES - 1)] * NUM_CLASSES
+    probs[predicted] = 0.9
+    return {**record, "clean_probs": probs}
+
+
+def test_robust_accuracy_counts_the_skipped_images_as_considered_and_not_robust():
+    """only_correct: the six hand records are the correctly classified images among ten
+    considered (four misclassified ones skipped on the way). Four are fooled, so two of
+    the ten are robust; the success rate stays over the six attacks."""
+    tally = metrics.Tally(NUM_CLASSES, images_considered=10, clean_correct=6)
+    summary = tally.update(hand_records()).summary()
+    assert_summary(summary)
+    assert summary["images_considered"] == 10 and summary["clean_correct"] == 6
+    assert summary["clean_accuracy"] == 0.6
+    assert summary["robust_images"] == 2 and summary["robust_accuracy"] == 0.2
+    assert summary["clean_accuracy_ci95"] == pytest.approx(metrics.wilson_interval(6, 10))
+    assert summary["robust_accuracy_ci95"] == pytest.approx(metrics.wilson_interval(2, 10))
+    # Robust accuracy = clean accuracy x (1 - success rate) over images here.
+    assert summary["robust_accuracy"] == pytest.approx(0.6 * (1 - summary["success_rate"]))
+
+
+def test_an_attacked_misclassified_image_is_never_robust():
+    """only_correct=False: images 1 and 2 are misclassified, and attacked. Image 1's
+    attack fails and image 2's succeeds; neither is robust, and neither is one of the
+    correctly classified images fooled. Correct: 0, 3, 4, 5; fooled among them: 0, 3,
+    5; robust: image 4 alone, of six."""
+    records = hand_records()
+    records[1] = misclassified(records[1], predicted=0)
+    records[2] = misclassified(records[2], predicted=0)
+    tally = metrics.Tally(NUM_CLASSES, images_considered=6, clean_correct=4)
+    summary = tally.update(records).summary()
+    assert summary["success_rate"] == 4 / 6  # as today: over every attack
+    assert summary["clean_accuracy"] == 4 / 6
+    assert summary["robust_images"] == 1 and summary["robust_accuracy"] == 1 / 6
+
+
+def test_robust_accuracy_of_a_targeted_run_counts_an_image_fooled_by_any_target():
+    records = [
+        make_record(0, 0, 1, success=True), make_record(0, 0, 2),  # fooled by target 1
+        make_record(1, 1, 0), make_record(1, 1, 2),  # robust
+        make_record(2, 2, 0), make_record(2, 2, 1, success=True),  # fooled by target 1
+    ]  # fmt: skip
+    summary = metrics.Tally(NUM_CLASSES, images_considered=4, clean_correct=3)
+    summary = summary.update(records).summary()
+    assert summary["success_rate"] == 2 / 6
+    assert summary["robust_images"] == 1 and summary["robust_accuracy"] == 1 / 4
+
+
+def test_robust_accuracy_waits_for_every_correct_image_and_needs_the_images_considered():
+    # Five of the six correctly classified images attacked so far: not yet known.
+    partial = metrics.Tally(NUM_CLASSES, images_considered=10, clean_correct=6)
+    summary = partial.update(hand_records()[:5]).summary()
+    assert summary["clean_accuracy"] == 0.6
+    assert summary["robust_images"] is None and summary["robust_accuracy"] is None
+    # Records without the images considered (kept from before they were stored).
+    unknown = metrics.Tally(NUM_CLASSES).update(hand_records()).summary()
+    assert all(unknown[key] is None for key in metrics.ACCURACY_FIELDS)
+    assert unknown["success_rate"] == 4 / 6
+
+
+def test_merged_tallies_add_the_images_considered():
+    records = hand_records()
+    halves = [metrics.Tally(NUM_CLASSES, images_considered=c, clean_correct=k).update(part)
+              for c, k, part in ((5, 3, records[:3]), (5, 3, records[3:]))]  # fmt: skip
+    merged = halves[0].merge(halves[1]).summary()
+    whole = metrics.Tally(NUM_CLASSES, images_considered=10, clean_correct=6)
+    whole = whole.update(records).summary()
+    for key in metrics.ACCURACY_FIELDS:
+        assert merged[key] == pytest.approx(whole[key]), key
+
+
+def test_summary_json_reads_the_images_considered_from_run_info(tmp_path):
+    """Two hosts' records and process 0's run_info.json: the summary's robust accuracy
+    is over the ten images the plan considered, not over the six attacked."""
+    records = hand_records()
+    for host, share in enumerate((records[::2], records[1::2])):
+        with open(tmp_path / f"results.host{host:03d}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in share)
+    (tmp_path / "run_info.json").write_text(
+        json.dumps({"images_considered": 10, "clean_correct": 6})
+    )
+    config = tiny_config({"model": "keras:m.h5", "data": "folder:d"})
+    model = LoadedModel("m", None, {}, (8, 8, 3), NUM_CLASSES, ("a", "b", "c", "d"))
+    written = workdir_lib.write_summary(str(tmp_path), config, model)
+    assert json.loads((tmp_path / "summary.json").read_text()) == written
+    assert written["clean_accuracy"] == 0.6 and written["robust_accuracy"] == 0.2
+    assert written["success_rate"] == 4 / 6
+
+
+@pytest.fixture(scope="module")
+def mislabelled(tmp_path_factory):
+    """test_records.py's tiny setup: images 1, 4 and 5 carry a label the model gets wrong."""
+    root = tmp_path_factory.mktemp("mislabelled")
+    model_spec = f"keras:{write_tiny_keras(root / 'tiny.h5')}"
+    model = load_model(model_spec)
+    images = np.random.default_rng(1).integers(0, 256, (NUM_IMAGES, 8, 8, 3), np.uint8)
+    labels = attack.predict_probs(model, images).argmax(-1)
+    labels[list(MISLABELLED)] = (labels[list(MISLABELLED)] + 1) % 10
+    write_images(root / "data", images, labels)
+    return {"model": model_spec, "data": f"folder:{root / 'data'}", "root": root,
+            "images": images, "labels": labels, "loaded": model}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "only_correct, considered, correct",
+    # Six wanted. Images 1, 4 and 5 are misclassified: only_correct skips them to find
+    # 0, 2, 3, 6, 7, 8 (nine considered); without it, 0-5 are attacked (three correct).
+    [(True, 9, 6), (False, 6, 3)],
+)
+def test_a_run_counts_the_images_considered_and_survives_resume(
+    mislabelled, tmp_path, only_correct, considered, correct
+):
+    config = config_for(mislabelled, only_correct=only_correct, num_images=6)
+    workdir = str(tmp_path / "run")
+    summary = run.run_attack(config, workdir)
+    assert (summary["images_considered"], summary["clean_correct"]) == (considered, correct)
+    records = workdir_lib.read_all_results(workdir)
+    assert len(records) == 6
+    fooled_correct = {r["image"] for r in records if r["success"]} - set(MISLABELLED)
+    assert summary["robust_images"] == correct - len(fooled_correct)
+    assert summary["robust_accuracy"] == pytest.approx((correct - len(fooled_correct)) / considered)
+    assert summary["clean_accuracy_ci95"] == pytest.approx(
+        metrics.wilson_interval(correct, considered)
+    )
+    # A rerun on the finished workdir resumes it (nothing to do) and tallies the same.
+    again = run.run_attack(config, workdir)
+    for key in metrics.ACCURACY_FIELDS:
+        assert again[key] == summary[key], key
+    # So does a report rebuilt from the records.
+    tally = report.load_run_results(workdir).tally.summary()
+    for key in metrics.ACCURACY_FIELDS:
+        assert tally[key] == summary[key], key
+
+
+def test_attack_images_gives_robust_accuracy_over_every_image_given(mislabelled):
+    """The Python API: every image given is considered, the three misclassified ones
+    skipped (only_correct) and counted as not robust."""
+    import opa_jax
+
+    images, labels = mislabelled["images"][:8], mislabelled["labels"][:8]  # 1, 4, 5 wrong
+    model = mislabelled["loaded"]
+    summary = opa_jax.attack_images(model, images, labels, popsize=16, generations=10).summary
+    assert summary["attacks"] == 5 and summary["images_considered"] == 8
+    assert summary["clean_correct"] == 5 and summary["clean_accuracy"] == 5 / 8
+    robust = 5 - summary["images_fooled"]
+    assert summary["robust_images"] == robust and summary["robust_accuracy"] == robust / 8
