@@ -54,7 +54,8 @@ def export_onnx(
 ) -> bytes:
     """The module as a serialized ONNX model: input `input` [batch, 3, H, W], output `logits`.
 
-    `opset` None: 17 for "torchscript", the exporter's own default for "dynamo".
+    `opset` None: the exporter's own default (`load_torch_model` asks for 17 from
+    "torchscript").
     The module is exported in eval mode (dropout off, batch-norm running statistics)
     and left in the mode it was in.
     """
@@ -86,7 +87,7 @@ def export_onnx(
                     (example,),
                     buffer,
                     dynamo=False,
-                    opset_version=opset or TORCHSCRIPT_OPSET,
+                    opset_version=opset,
                     dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                     **names,
                 )
@@ -116,12 +117,15 @@ def load_torch_model(
 ) -> LoadedModel:
     """The module as a `LoadedModel` named `name` (default `torch:ClassName`).
 
+    `opset` None: 17 for "torchscript", the exporter's own default for "dynamo".
     `input_convention`: what the module takes, as an `InputConvention` or a name of
     `convention.NAMED` ("unit" for [0, 1] pixels, "imagenet", "cifar10", ...);
     None gives it float pixels 0-255 as they are.
     """
     if isinstance(input_convention, str):
         input_convention = convention_lib.named(input_convention)
+    if opset is None and exporter == "torchscript":
+        opset = TORCHSCRIPT_OPSET
     onnx_bytes = export_onnx(module, image_shape, exporter=exporter, opset=opset)
     loaded = onnx_import.load_onnx_model(onnx_bytes, input_convention)
     _, height, width = chw(image_shape)

@@ -1,0 +1,168 @@
+"""Which torchvision classifiers the ONNX importer runs: export, load, compare with onnxruntime.
+
+For one architecture (random weights, eval mode, the smallest image size it
+accepts from `SIZES`), `measure_architecture` exports the module with each
+exporter of `EXPORTS`, loads the bytes with `onnx_import.load_onnx_model`,
+and compares the logits with onnxruntime's on the same random images. Each
+row says whether it loads, the largest logit difference relative to the
+largest logit, and the operators the graph holds that the importer lacks.
+`render_table` writes the rows as Markdown. Needs torch, torchvision and
+onnxruntime (and onnxscript for the dynamo exporter).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from opa_jax.errors import InputError
+from opa_jax.models import onnx_import, torch_export
+from opa_jax.models.convention import InputConvention
+
+SIZES = (32, 64, 96, 128, 160, 224, 299, 384, 518)  # tried in order; the first that runs
+EXPORTS = (("torchscript", 17), ("torchscript", None), ("dynamo", None))  # None: the default
+MAX_BYTES = 2**31 - 1  # protobuf's limit on one serialized ModelProto
+NUM_IMAGES = 2
+
+
+LARGE = ("large", "_l", "_h_", "b5", "b6", "b7", "16gf", "32gf", "128gf", "161", "152", "101")
+
+
+def architectures() -> list[str]:
+    """torchvision's classification models (those of `torchvision.models` itself), the
+    largest families last."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(names, key=lambda name: any(part in name for part in LARGE))
+
+
+def build(name: str):
+    """The architecture with random weights (seed 0), in eval mode."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def smallest_size(module) -> int:
+    """The first of `SIZES` at which the module runs on one image."""
+    import torch
+
+    errors = []
+    for size in SIZES:
+        try:
+            with torch.no_grad():
+                module(torch.zeros(1, 3, size, size))
+            return size
+        except (RuntimeError, ValueError, AssertionError, IndexError) as err:
+            errors.append(f"{size}: {str(err).splitlines()[0][:120]}")
+    raise ValueError(f"runs at none of {SIZES} ({'; '.join(errors[-2:])})")
+
+
+def missing_operators(model_proto) -> list[str]:
+    """The graph's operators that `onnx_import.OPERATORS` lacks (domain-qualified if not ONNX)."""
+    missing = set()
+    for node in model_proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            missing.add(f"{node.domain}.{node.op_type}")
+        elif node.op_type not in onnx_import.OPERATORS:
+            missing.add(node.op_type)
+    return sorted(missing)
+
+
+def compare(onnx_bytes: bytes, size: int, seed: int = 0) -> dict:
+    """Loads the graph with opa_jax and onnxruntime and compares their logits.
+
+    Both get the same [0, 1] images (the module's own input); opa_jax through the
+    "unit" input convention from pixels 0-255.
+    """
+    import onnx
+    import onnxruntime
+
+    proto = onnx.load_model_from_string(onnx_bytes)
+    row = {
+        "opset": next((e.version for e in proto.opset_import if e.domain in ("", "ai.onnx")), None),
+        "missing": missing_operators(proto),
+        "mbytes": round(len(onnx_bytes) / 2**20, 2),
+    }
+    pixels = np.random.default_rng(seed).integers(0, 256, (NUM_IMAGES, size, size, 3))
+    pixels = pixels.astype(np.float32)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    runtime = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    inputs = {runtime.get_inputs()[0].name: (pixels / 255).transpose(0, 3, 1, 2)}
+    expected = runtime.run(None, inputs)[0]
+    start = time.perf_counter()
+    try:
+        model = onnx_import.load_onnx_model(onnx_bytes, InputConvention(scale=1 / 255))
+        logits = np.asarray(model.apply_fn(model.params, pixels))
+    except InputError as err:
+        return row | {"loads": False, "error": str(err)[:300]}
+    scale = max(float(np.abs(expected).max()), 1e-12)
+    return row | {
+        "loads": True,
+        "rel_diff": float(np.abs(logits - expected).max()) / scale,
+        "load_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def measure_architecture(name: str, exports=EXPORTS) -> list[dict]:
+    """One row per (exporter, opset) of `exports` for torchvision's `name`."""
+    import torch
+
+    torch.set_num_threads(1)
+    module = build(name)
+    params = sum(p.numel() for p in module.parameters())
+    base = {"model": name, "params_m": round(params / 1e6, 1)}
+    try:
+        size = smallest_size(module)
+    except ValueError as err:
+        return [
+            base | {"exporter": e, "opset_asked": o, "loads": False, "error": str(err)}
+            for e, o in exports
+        ]
+    base["size"] = size
+    rows = []
+    for exporter, opset in exports:
+        row = base | {"exporter": exporter, "opset_asked": opset, "opset": opset}
+        if 4 * params > MAX_BYTES:
+            rows.append(row | {"loads": False, "error": "over 2 GB: no in-memory ONNX"})
+            continue
+        start = time.perf_counter()
+        try:
+            onnx_bytes = torch_export.export_onnx(
+                module, (size, size, 3), exporter=exporter, opset=opset
+            )
+        except Exception as err:  # noqa: BLE001 - any exporter failure is a result here
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            rows.append(
+                row | {"loads": False, "error": f"export: {type(err).__name__}: {message}"[:300]}
+            )
+            continue
+        row["export_seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row | compare(onnx_bytes, size))
+    return rows
+
+
+def render_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table: model, exporter, opset, loads, max rel diff, missing."""
+    lines = [
+        "| model | size | exporter | opset | loads | max rel diff | missing operators |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if "rel_diff" in row:
+            diff = f"{row['rel_diff']:.1e}"
+        elif row.get("missing"):
+            diff = "-"
+        else:
+            diff = row.get("error", "-").replace("|", "/")[:90]
+        lines.append(
+            f"| {row['model']} | {row.get('size', '-')} | {row['exporter']} | "
+            f"{row.get('opset') or 'default'} | {'yes' if row.get('loads') else 'no'} | {diff} | "
+            f"{', '.join(row.get('missing', [])) or '-'} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,102 @@
+"""Which torchvision classifiers the ONNX importer runs, by exporter and opset.
+
+    nice -n 10 python scripts/onnx_coverage.py [--out=runs/onnx_coverage] [--models=a,b]
+
+For each architecture of torchvision.models (random weights, eval mode, the
+smallest image size it accepts): export with the TorchScript exporter at
+opset 17 and at its default opset, and with the dynamo exporter; load with
+opa_jax and compare with onnxruntime (opa_jax/models/torch_coverage.py).
+Each architecture runs in its own process, smallest first, and its rows are
+appended to OUT/results.jsonl as it finishes, so a second run resumes;
+OUT/table.md is rewritten after each. `--redo` measures the given models again.
+Needs the extra [torch], torchvision, onnxruntime and onnxscript.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from opa_jax.models import torch_coverage  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "runs/onnx_coverage", "Where the rows and the table go.")
+_MODELS = flags.DEFINE_list("models", [], "Architectures to measure (default: all).")
+_REDO = flags.DEFINE_bool("redo", False, "Measure the given models again.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds for one architecture.")
+_ONE = flags.DEFINE_string("one", None, "Measure this architecture here and print its rows.")
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of each model's last measurement (each is written as one block)."""
+    latest, previous = {}, None
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                if row["model"] != previous:
+                    latest[row["model"]] = []
+                latest[row["model"]].append(row)
+                previous = row["model"]
+    return [row for rows in latest.values() for row in rows]
+
+
+def main(argv):
+    del argv
+    if _ONE.value:
+        for row in torch_coverage.measure_architecture(_ONE.value):
+            print("ROW " + json.dumps(row))
+        return
+    os.makedirs(_OUT.value, exist_ok=True)
+    results = os.path.join(_OUT.value, "results.jsonl")
+    names = _MODELS.value or torch_coverage.architectures()
+    done = {row["model"] for row in read_rows(results)}
+    todo = [name for name in names if _REDO.value or name not in done]
+    for number, name in enumerate(todo, 1):
+        print(f"[{number}/{len(todo)}] {name}", flush=True)
+        try:
+            process = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), f"--one={name}"],
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT.value,
+            )
+            rows = [
+                json.loads(line[4:])
+                for line in process.stdout.splitlines()
+                if line.startswith("ROW ")
+            ]
+            if not rows:
+                error = (process.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                rows = [{"exporter": "-", "opset_asked": None, "loads": False, "error": error}]
+        except subprocess.TimeoutExpired:
+            rows = [
+                {
+                    "exporter": "-",
+                    "opset_asked": None,
+                    "loads": False,
+                    "error": f"over {_TIMEOUT.value} s",
+                }
+            ]
+        with open(results, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"model": name} | row) + "\n")
+        for row in rows:
+            print(
+                f"  {row['exporter']} {row.get('opset')}: loads={row.get('loads')} "
+                f"diff={row.get('rel_diff')} missing={row.get('missing')} "
+                f"{row.get('error', '')[:100]}",
+                flush=True,
+            )
+        table = sorted(
+            read_rows(results), key=lambda r: (r["model"], r["exporter"], str(r["opset_asked"]))
+        )
+        with open(os.path.join(_OUT.value, "table.md"), "w") as f:
+            f.write(torch_coverage.render_table(table))
+
+
+if __name__ == "__main__":
+    app.run(main)
