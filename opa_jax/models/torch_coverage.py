@@ -133,18 +133,32 @@ def measure_architecture(name: str, exports=EXPORTS) -> list[dict]:
             continue
         start = time.perf_counter()
         try:
-            onnx_bytes = torch_export.export_onnx(
-                module, (size, size, 3), exporter=exporter, opset=opset
-            )
+            export_size, onnx_bytes = _export(module, size, exporter, opset)
         except Exception as err:  # noqa: BLE001 - any exporter failure is a result here
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            rows.append(
-                row | {"loads": False, "error": f"export: {type(err).__name__}: {message}"[:300]}
-            )
+            error = f"export: {type(err).__name__}: {message}"[:300]
+            rows.append(row | {"loads": False, "error": error})
             continue
-        row["export_seconds"] = round(time.perf_counter() - start, 1)
-        rows.append(row | compare(onnx_bytes, size))
+        row |= {"size": export_size, "export_seconds": round(time.perf_counter() - start, 1)}
+        rows.append(row | compare(onnx_bytes, export_size))
     return rows
+
+
+def _export(module, size: int, exporter: str, opset: int | None) -> tuple[int, bytes]:
+    """(size, bytes) at the first size from `size` on at which the export succeeds, up to
+    224: the TorchScript exporter takes an adaptive pooling only when its output size
+    divides the input's (e.g. VGG's 7x7 needs 224)."""
+    sizes = [s for s in SIZES if size <= s <= max(size, 224)]
+    for number, export_size in enumerate(sizes, 1):
+        try:
+            onnx_bytes = torch_export.export_onnx(
+                module, (export_size, export_size, 3), exporter=exporter, opset=opset
+            )
+            return export_size, onnx_bytes
+        except Exception as err:  # noqa: BLE001 - retried at the next size
+            if number == len(sizes) or "adaptive" not in str(err):
+                raise
+    raise AssertionError("unreachable")
 
 
 def render_table(rows: list[dict]) -> str:
