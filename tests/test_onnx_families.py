@@ -338,12 +338,15 @@ def family_model(tmp_path, name, seed=0):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_matches_onnxruntime(tmp_path, name):
     path, shape = family_model(tmp_path, name)
-    images = images_for(shape) / 64  # moderate activations: attention not saturated
+    images = images_for(shape, n=5) / 64  # moderate activations: attention not saturated
     model, logits = imported_logits(path, images)
     assert model.image_shape == (*shape[2:], 3) and model.num_classes == 10
     want = onnxruntime_logits(path, images)
     assert np.abs(want).max() > 1e-3
     assert_close(logits, want)
+    if name == "vit":  # the class token, Expanded to the batch, is a parameter of its own shape
+        (expand,) = [node for node in model.params if node.startswith("Expand")]
+        assert model.params[expand]["input"].shape == (1, 1, 16)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -404,6 +407,19 @@ def split_case(form, opset):
         return flat(b, b.op("Concat", reordered, axis=-1 if form == "equal" else 1))
 
     return build, opset
+
+
+def scatter_into_tokens(b, x):
+    """ScatterND adding a weight to each image's first token: indices (n, 0) from a Range
+    over the batch size, updates the weight Expanded to the batch."""
+    batch = b.op("Range", [b.const(np.int64(0)), b.op("Gather", [b.op("Shape", [x]),
+                                                                 b.const(np.int64(0))]),
+                           b.const(np.int64(1))])  # fmt: skip
+    first = b.op("Mul", [batch, b.const(np.int64(0))])
+    indices = b.op("Concat", [b.op("Unsqueeze", [v, ints(b, 1)]) for v in (batch, first)], axis=1)
+    shape = b.op("Concat", [dim(b, x, 0), ints(b, 6)], axis=0)
+    updates = b.op("Expand", [b.const(b.rng.normal(0, 1, (1, 6)).astype(np.float32)), shape])
+    return flat(b, b.op("ScatterND", [tokens(b), indices, updates], reduction="add"))
 
 
 # name: (build(builder, x) -> [N, K] output, opset)
@@ -486,6 +502,18 @@ OP_CASES = {
         b.op("Concat", [b.op("Reshape", [b.conv(x, 3, 4), ints(b, 0, 4, -1)]),
                         b.op("Reshape", [b.conv(x, 3, 4), ints(b, 0, 4, -1)])], axis=2),
         b.const(np.float32(b.rng.normal(0, 1, (4, 1))))])], perm=[0, 2, 1])), 17),
+    "scatter_nd_mask_by_slice_assignment": (lambda b, x: flat(b, b.op("Add", [
+        b.op("MaxPool", [x], kernel_shape=[4, 4], strides=[4, 4]),
+        b.op("ScatterND", [b.op("ConstantOfShape", [ints(b, 4, 4)]), b.const(np.int64(
+            [[0, 0], [1, 2], [3, 3]])), b.const(np.float32([1.0, -2.0, 3.0]))])])), 17),
+    "scatter_nd_into_tokens_add": (scatter_into_tokens, 18),
+    "reduce_l2_l1_sum_square": (lambda b, x: b.op("Concat", [
+        b.op("ReduceL2", [tokens(b)], axes=[-1], keepdims=0),
+        b.op("ReduceL1", [tokens(b)], axes=[1], keepdims=0),
+        b.op("ReduceSumSquare", [scaled(b, tokens(b))], axes=[2], keepdims=0)], axis=1), 17),
+    "fill_of_the_batch_size": (lambda b, x: flat(b, b.op("Mul", [x, b.op("ConstantOfShape", [
+        b.op("Shape", [x])], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5]))])),
+        17),
     "tile": (lambda b, x: flat(b, b.op("Add", [
         b.op("Tile", [b.const(np.float32(b.rng.normal(0, 1, (1, 3, 1, 8)))),
                       ints(b, 1, 1, 16, 2)]),
@@ -498,7 +526,7 @@ def test_operator_matches_onnxruntime(tmp_path, case):
     build, opset = OP_CASES[case]
     b = GraphBuilder(seed=5)
     path = save(b, tmp_path / f"{case}.onnx", build(b, "images"), opset=opset)
-    images = images_for(("N", 3, 16, 16))
+    images = images_for(("N", 3, 16, 16), n=5)  # not a batch size the load traces
     _, logits = imported_logits(path, images)
     assert_close(logits, onnxruntime_logits(path, images))
 

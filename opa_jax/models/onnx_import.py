@@ -103,19 +103,28 @@ class NodeError(Exception):
 class Weights:
     """A node's float constants as parameters, converted to their layout once.
 
-    Loading (`params=None`): `get` builds the array and records it under the
-    node's name. Running: `get` reads it from `params`.
+    Loading, first pass (`params=None`): `get` builds the array and records it
+    under the node's name. Second pass, on another batch size (`against` the
+    first pass's records): `get` builds it again and notes in `inline` those that
+    changed, i.e. that depend on the batch size (a constant fill of shape
+    [N, ...] where a graph folds shape arithmetic). Running: `get` reads it
+    from `params`, or builds an `inline` one from the graph's constants.
     """
 
-    def __init__(self, params: dict | None = None):
-        self.params = params
+    def __init__(self, params: dict | None = None, inline=frozenset(), against=None):
+        self.params, self.inline, self.against = params, inline, against
         self.collected: dict[str, dict[str, np.ndarray]] = {}
 
     def get(self, node: Node, key: str, make: Callable[[], np.ndarray] | np.ndarray):
-        if self.params is not None:
+        if self.params is not None and (node.name, key) not in self.inline:
             return self.params[node.name][key]
         array = np.asarray(make() if callable(make) else make, np.float32)
-        self.collected.setdefault(node.name, {})[key] = array
+        if self.against is not None:
+            before = self.against.get(node.name, {}).get(key)
+            if before is None or not np.array_equal(before, array, equal_nan=True):
+                self.inline = self.inline | {(node.name, key)}
+        elif self.params is None:
+            self.collected.setdefault(node.name, {})[key] = array
         return array
 
 
@@ -796,14 +805,21 @@ def op_where(node: Node, inputs, weights: Weights):
     return [Value(jnp.where(choose, lhs, rhs))]
 
 
+def _is_weight(value: Value) -> bool:
+    """A float constant with more than one value: a weight, not a fill."""
+    if not value.static or not np.issubdtype(value.data.dtype, np.floating):
+        return False
+    return value.data.size > 1 and not np.all(value.data == value.data.flat[0])
+
+
 def op_expand(node: Node, inputs, weights: Weights):
-    """Broadcasts to a shape (both ways, as ONNX's Expand). A float constant stays a
-    parameter of its own shape, expanded inside the graph: the target shape usually holds
-    the batch size (a ViT's class token)."""
+    """Broadcasts to a shape (both ways, as ONNX's Expand). A weight stays a parameter of
+    its own shape, expanded inside the graph: the target shape usually holds the batch
+    size (a ViT's class token). Fill values (masks built by slice assignment) fold."""
     x = inputs[0]
     target = tuple(int(d) for d in static(inputs[1], "the shape"))
     out_shape = np.broadcast_shapes(x.shape, target)
-    if x.static and not np.issubdtype(x.data.dtype, np.floating):
+    if x.static and not _is_weight(x):
         return [Value(np.broadcast_to(x.data, out_shape).copy())]
     data = weights.get(node, "input", x.data) if x.static else plain(x)
     return [Value(jnp.broadcast_to(data, out_shape))]
@@ -811,19 +827,15 @@ def op_expand(node: Node, inputs, weights: Weights):
 
 def op_tile(node: Node, inputs, weights: Weights):
     x, repeats = inputs[0], [int(r) for r in static(inputs[1], "repeats")]
-    if x.static and not np.issubdtype(x.data.dtype, np.floating):
+    if x.static and not _is_weight(x):
         return [Value(np.tile(x.data, repeats))]
     data = weights.get(node, "input", x.data) if x.static else plain(x)
     return [Value(jnp.tile(data, repeats))]
 
 
 def op_constant_of_shape(node: Node, inputs, weights: Weights):
-    """Integers (shape arithmetic) in NumPy; floats as a filled JAX array, since the shape
-    may hold the batch size."""
     shape = tuple(int(d) for d in static(inputs[0], "the shape"))
     fill = np.asarray(node.attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
-    if np.issubdtype(fill.dtype, np.floating):
-        return [Value(jnp.full(shape, fill[0], fill.dtype))]
     return [Value(np.full(shape, fill[0], fill.dtype))]
 
 
@@ -871,6 +883,30 @@ def op_einsum(node: Node, inputs, weights: Weights):
     return [Value(jnp.einsum(equation, *operands, precision=HIGHEST))]
 
 
+def op_scatter_nd(node: Node, inputs, weights: Weights):
+    """ScatterND with constant indices (Swin's masks and relative position indices are
+    built by slice assignment): in NumPy when all is static, else `.at[...]`."""
+    data, updates = inputs[0], inputs[2]
+    indices = static(inputs[1], "indices")
+    where = tuple(np.moveaxis(indices, -1, 0))
+    reduction = node.attrs.get("reduction", "none")
+    if reduction not in ("none", "add", "mul", "max", "min"):
+        raise NodeError(f"reduction={reduction!r}; expected none, add, mul, max or min")
+    if data.static and updates.static:
+        out = data.data.copy()
+        if reduction == "none":
+            out[where] = updates.data
+        else:
+            ufunc = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+            ufunc[reduction].at(out, where, updates.data)
+        return [Value(out)]
+    base = float_operand(weights, node, "data", data) if data.static else plain(data)
+    new = float_operand(weights, node, "updates", updates) if updates.static else plain(updates)
+    at = jnp.asarray(base).at[where]
+    method = {"none": at.set, "add": at.add, "mul": at.multiply, "max": at.max, "min": at.min}
+    return [Value(method[reduction](new))]
+
+
 def _erf_numpy(x):
     return np.vectorize(math.erf, otypes=[np.asarray(x).dtype])(x)
 
@@ -907,6 +943,16 @@ OPERATORS: dict[str, Callable] = {
     "ReduceMax": _reduce(np.max, jnp.max),
     "ReduceMin": _reduce(np.min, jnp.min),
     "ReduceProd": _reduce(np.prod, jnp.prod),
+    "ReduceL1": _reduce(
+        lambda x, **kw: np.sum(np.abs(x), **kw), lambda x, **kw: jnp.sum(jnp.abs(x), **kw)
+    ),
+    "ReduceL2": _reduce(
+        lambda x, **kw: np.sqrt(np.sum(np.square(x), **kw)),
+        lambda x, **kw: jnp.sqrt(jnp.sum(jnp.square(x), **kw)),
+    ),
+    "ReduceSumSquare": _reduce(
+        lambda x, **kw: np.sum(np.square(x), **kw), lambda x, **kw: jnp.sum(jnp.square(x), **kw)
+    ),
     "Constant": op_constant,
     "Shape": op_shape,
     "Gather": op_gather,
@@ -950,6 +996,7 @@ OPERATORS: dict[str, Callable] = {
     "Range": op_range,
     "Split": op_split,
     "Einsum": op_einsum,
+    "ScatterND": op_scatter_nd,
 }
 
 
@@ -1013,8 +1060,11 @@ def load_onnx_model(
             return jax.vmap(lambda image: forward(graph, weights, image[None])[0])(x)
         return forward(graph, weights, x)
 
-    weights = Weights()  # the first pass collects the weights; both check the batch axis
+    # The first pass collects the weights, the second finds those that depend on the
+    # batch size; both check the batch axis.
+    collected = None
     for batch in (2, 3):
+        weights = Weights(against=collected)
         try:
             out = jax.eval_shape(
                 lambda images: run(weights, images),  # noqa: B023 - called at once
@@ -1031,14 +1081,18 @@ def load_onnx_model(
                 f"{list(out.shape)}; the graph fixes its batch size (e.g. a Reshape to "
                 "[1, -1]). Re-export it with a dynamic batch axis, or with batch size 1",
             )
-        if weights.params is None:
-            weights = Weights(jax.tree.map(jnp.asarray, weights.collected))
-    params = weights.params
+        collected = weights.collected if collected is None else collected
+    inline = weights.inline  # depend on the batch size: computed in the graph, not parameters
+    params = {}
+    for name, arrays in collected.items():
+        for key, array in arrays.items():
+            if (name, key) not in inline:
+                params.setdefault(name, {})[key] = jnp.asarray(array)
     num_classes = int(out.shape[1])
 
     def apply_fn(params, images):
         """[N, H, W, C] float pixels 0-255 -> logits [N, num_classes]."""
-        return run(Weights(params), images)
+        return run(Weights(params, inline), images)
 
     return importing.loaded_model(
         "onnx",
