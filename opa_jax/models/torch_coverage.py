@@ -26,16 +26,30 @@ MAX_BYTES = 2**31 - 1  # protobuf's limit on one serialized ModelProto
 NUM_IMAGES = 2
 
 
+# One architecture of each family first, so that a partial run covers them all.
+FIRST = (
+    "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
+    "googlenet", "inception_v3", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf",
+    "shufflenet_v2_x0_5", "squeezenet1_0", "vgg11", "vit_b_32", "swin_t", "swin_v2_t",
+    "maxvit_t", "densenet121", "resnext50_32x4d", "wide_resnet50_2", "alexnet", "convnext_tiny",
+)  # fmt: skip
 LARGE = ("large", "_l", "_h_", "b5", "b6", "b7", "16gf", "32gf", "128gf", "161", "152", "101")
 
 
 def architectures() -> list[str]:
-    """torchvision's classification models (those of `torchvision.models` itself), the
-    largest families last."""
+    """torchvision's classification models (those of `torchvision.models` itself): one of
+    each family, then the rest, the largest last."""
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(names, key=lambda name: any(part in name for part in LARGE))
+    return sorted(
+        names,
+        key=lambda name: (
+            name not in FIRST,
+            FIRST.index(name) if name in FIRST else 0,
+            any(part in name for part in LARGE),
+        ),
+    )
 
 
 def build(name: str):

@@ -77,6 +77,12 @@ def export_onnx(
     names = {"input_names": ["input"], "output_names": ["logits"]}
     training = module.training
     module.eval()
+    # nn.MultiheadAttention's inference fast path is one fused op that the TorchScript
+    # exporter cannot write; without it attention exports as MatMul and Softmax.
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha else None
+    if mha:
+        mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's notice
@@ -104,6 +110,8 @@ def export_onnx(
             return program.model_proto.SerializeToString()
     finally:
         module.train(training)
+        if mha:
+            mha.set_fastpath_enabled(fastpath)
 
 
 def load_torch_model(

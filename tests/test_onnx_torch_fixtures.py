@@ -1,0 +1,60 @@
+"""torchvision's families, exported by torch's own exporters, through the ONNX importer.
+
+tests/data/onnx_torch/ holds small-width instances (scripts/make_onnx_fixtures.py;
+manifest.json says which exporter and opset wrote each). Each file either loads and
+matches onnxruntime's logits to 1e-4 of the largest logit, or, where the graph holds
+operators the importer lacks, is refused with an error naming exactly those
+operators. Needs no torch.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from opa_jax.errors import InputError
+from opa_jax.models import onnx_import
+from opa_jax.models.convention import InputConvention
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "data" / "onnx_torch"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+FILES = [entry["file"] for entry in MANIFEST["files"]]
+
+
+def missing_operators(proto) -> set[str]:
+    return {node.op_type for node in proto.graph.node} - set(onnx_import.OPERATORS)
+
+
+def test_every_fixture_is_in_the_manifest_and_small():
+    assert sorted(p.name for p in FIXTURES.glob("*.onnx")) == sorted(FILES)
+    families = {entry["family"] for entry in MANIFEST["files"]}
+    assert {"mobilenet_v3_small", "vit", "swin", "convnext"} <= families
+    assert max((FIXTURES / name).stat().st_size for name in FILES) < 700 * 1024
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_fixture_loads_and_matches_onnxruntime_or_names_its_missing_operators(name):
+    path = str(FIXTURES / name)
+    proto = onnx.load(path)
+    entry = next(e for e in MANIFEST["files"] if e["file"] == name)
+    assert entry["opset"] == next(
+        o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")
+    )
+    missing = missing_operators(proto)
+    if missing:
+        with pytest.raises(InputError, match="unsupported operator") as raised:
+            onnx_import.load_onnx_model(path, InputConvention(scale=1 / 255))
+        unsupported = str(raised.value).split("; supported:")[0]
+        assert all(f"({op})" in unsupported for op in missing), (missing, unsupported)
+        return
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    model = onnx_import.load_onnx_model(path, InputConvention(scale=1 / 255))
+    ours = np.asarray(model.apply_fn(model.params, pixels))
+    runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    inputs = {runtime.get_inputs()[0].name: (pixels / 255).transpose(0, 3, 1, 2)}
+    theirs = runtime.run(None, inputs)[0]
+    assert ours.shape == theirs.shape == (3, 10)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
