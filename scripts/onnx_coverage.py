@@ -47,8 +47,8 @@ def read_rows(path: str) -> list[dict]:
 def main(argv):
     del argv
     if _ONE.value:
-        for row in torch_coverage.measure_architecture(_ONE.value):
-            print("ROW " + json.dumps(row))
+        for row in torch_coverage.iter_rows(_ONE.value):
+            print("ROW " + json.dumps(row), flush=True)
         return
     os.makedirs(_OUT.value, exist_ok=True)
     results = os.path.join(_OUT.value, "results.jsonl")
@@ -64,23 +64,18 @@ def main(argv):
                 text=True,
                 timeout=_TIMEOUT.value,
             )
-            rows = [
-                json.loads(line[4:])
-                for line in process.stdout.splitlines()
-                if line.startswith("ROW ")
-            ]
-            if not rows:
-                error = (process.stderr.strip().splitlines() or ["no output"])[-1][:300]
-                rows = [{"exporter": "-", "opset_asked": None, "loads": False, "error": error}]
-        except subprocess.TimeoutExpired:
-            rows = [
-                {
-                    "exporter": "-",
-                    "opset_asked": None,
-                    "loads": False,
-                    "error": f"over {_TIMEOUT.value} s",
-                }
-            ]
+            stdout, error = process.stdout, (process.stderr.strip().splitlines() or [""])[-1]
+        except subprocess.TimeoutExpired as timeout:
+            stdout, error = timeout.stdout or "", f"over {_TIMEOUT.value} s"
+            stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+        rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+        measured = {(row["exporter"], row["opset_asked"]) for row in rows}
+        rows += [
+            {"exporter": exporter, "opset_asked": opset, "opset": opset, "loads": False,
+             "error": error[:300] or "no output"}
+            for exporter, opset in torch_coverage.EXPORTS
+            if (exporter, opset) not in measured
+        ]  # fmt: skip
         with open(results, "a") as f:
             for row in rows:
                 f.write(json.dumps({"model": name} | row) + "\n")

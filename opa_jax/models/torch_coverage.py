@@ -125,6 +125,11 @@ def compare(onnx_bytes: bytes, size: int, seed: int = 0) -> dict:
 
 def measure_architecture(name: str, exports=EXPORTS) -> list[dict]:
     """One row per (exporter, opset) of `exports` for torchvision's `name`."""
+    return list(iter_rows(name, exports))
+
+
+def iter_rows(name: str, exports=EXPORTS):
+    """`measure_architecture`'s rows, each as soon as it is measured."""
     import torch
 
     torch.set_num_threads(1)
@@ -134,16 +139,15 @@ def measure_architecture(name: str, exports=EXPORTS) -> list[dict]:
     try:
         size = smallest_size(module)
     except ValueError as err:
-        return [
-            base | {"exporter": e, "opset_asked": o, "loads": False, "error": str(err)}
-            for e, o in exports
-        ]
+        for exporter, opset in exports:
+            yield base | {"exporter": exporter, "opset_asked": opset, "loads": False,
+                          "error": str(err)}  # fmt: skip
+        return
     base["size"] = size
-    rows = []
     for exporter, opset in exports:
         row = base | {"exporter": exporter, "opset_asked": opset, "opset": opset}
         if 4 * params > MAX_BYTES:
-            rows.append(row | {"loads": False, "error": "over 2 GB: no in-memory ONNX"})
+            yield row | {"loads": False, "error": "over 2 GB: no in-memory ONNX"}
             continue
         start = time.perf_counter()
         try:
@@ -151,11 +155,10 @@ def measure_architecture(name: str, exports=EXPORTS) -> list[dict]:
         except Exception as err:  # noqa: BLE001 - any exporter failure is a result here
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             error = f"export: {type(err).__name__}: {message}"[:300]
-            rows.append(row | {"loads": False, "error": error})
+            yield row | {"loads": False, "error": error}
             continue
         row |= {"size": export_size, "export_seconds": round(time.perf_counter() - start, 1)}
-        rows.append(row | compare(onnx_bytes, export_size))
-    return rows
+        yield row | compare(onnx_bytes, export_size)
 
 
 def _export(module, size: int, exporter: str, opset: int | None) -> tuple[int, bytes]:
