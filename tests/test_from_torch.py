@@ -111,6 +111,31 @@ def test_parity_with_torch_dynamo_exporter():
 
 
 @needs_torch
+def test_parity_with_torch_on_attention():
+    """A transformer encoder layer, which torch runs in eval mode as one fused op that
+    the TorchScript exporter cannot write unless its fast path is off."""
+    import torch
+
+    class TinyTransformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patches = torch.nn.Conv2d(3, 16, 8, stride=8)
+            self.encoder = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                            batch_first=True)  # fmt: skip
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            tokens = self.patches(x).flatten(2).transpose(1, 2)  # [N, 16 patches, 16]
+            return self.head(self.encoder(tokens).mean(1))
+
+    torch.manual_seed(0)
+    net = TinyTransformer().eval()
+    model = opa_jax.Model.from_torch(net, (32, 32, 3), input_convention=CIFAR)
+    assert "LayerNormalization" in model.meta["operators"]
+    assert_parity(model, net, pixels(), CIFAR)
+
+
+@needs_torch
 def test_torch_image_shape_non_square_and_another_opset():
     net = small_net("pool")
     model = opa_jax.Model.from_torch(net, (3, 24, 16), input_convention="unit", opset=13)

@@ -86,6 +86,7 @@ def export_onnx(
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's notice
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks as constants
             if exporter == "torchscript":
                 buffer = io.BytesIO()
                 torch.onnx.export(
