@@ -422,6 +422,18 @@ def scatter_into_tokens(b, x):
     return flat(b, b.op("ScatterND", [tokens(b), indices, updates], reduction="add"))
 
 
+def group_norm_by_instance_norm(b, x):
+    """nn.GroupNorm(2, 8) as PyTorch exports it before opset 21: Reshape to [N, 2, -1],
+    InstanceNormalization, Reshape back, per-channel Mul and Add."""
+    y = b.conv(x, 3, 8)
+    grouped = b.op("Reshape", [y, ints(b, 0, 2, -1)])
+    normed = b.op("InstanceNormalization", [grouped, b.const(np.ones(2, np.float32)),
+                                            b.const(np.zeros(2, np.float32))])  # fmt: skip
+    y = b.op("Reshape", [normed, b.op("Shape", [y])])
+    y = b.op("Mul", [y, b.const(b.rng.uniform(0.5, 1.5, (8, 1, 1)).astype(np.float32))])
+    return flat(b, b.op("Add", [y, b.const(b.rng.normal(0, 0.1, (8, 1, 1)).astype(np.float32))]))
+
+
 # name: (build(builder, x) -> [N, K] output, opset)
 OP_CASES = {
     "layer_norm_tokens": (lambda b, x: flat(b, layer_norm(b, tokens(b), 6)), 17),
@@ -514,6 +526,15 @@ OP_CASES = {
     "fill_of_the_batch_size": (lambda b, x: flat(b, b.op("Mul", [x, b.op("ConstantOfShape", [
         b.op("Shape", [x])], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5]))])),
         17),
+    "instance_norm_on_a_map": (lambda b, x: flat(b, b.op("InstanceNormalization", [
+        b.conv(x, 3, 4), b.const(np.float32([0.5, 1.0, 1.5, 2.0])),
+        b.const(np.float32([0.1, -0.2, 0.3, 0.0]))], epsilon=1e-3)), 17),
+    "group_norm_as_pytorch_writes_it": (group_norm_by_instance_norm, 17),
+    "group_norm_operator_opset_21": (lambda b, x: flat(b, b.op("GroupNormalization", [
+        b.conv(x, 3, 8), b.const(np.float32(b.rng.uniform(0.5, 1.5, 8))),
+        b.const(np.float32(b.rng.normal(0, 0.1, 8)))], num_groups=2, epsilon=1e-4)), 21),
+    "reduce_mean_of_a_flattened_map": (lambda b, x: b.op("ReduceMean", [
+        b.op("Reshape", [b.conv(x, 3, 4), ints(b, 0, 4, -1)])], axes=[2], keepdims=0), 17),
     "tile": (lambda b, x: flat(b, b.op("Add", [
         b.op("Tile", [b.const(np.float32(b.rng.normal(0, 1, (1, 3, 1, 8)))),
                       ints(b, 1, 1, 16, 2)]),

@@ -8,23 +8,24 @@ also checks shapes and operators before anything is returned), and then inside
 the attack's jit, where each node reads them back from `params`.
 
 NCHW graphs run channels-last: the images enter NHWC and stay so. A value
-carries its layout: `plain` (as the graph sees it, any rank: token tensors
-`[N, T, C]` of transformers are plain), `nhwc` (a 4-D NCHW value stored
+carries its layout: `plain` (as the graph sees it, any rank: a transformer's
+token tensors `[N, T, C]` are plain), `nhwc` (a 4-D NCHW value stored
 channels-last), `nlc` (a 3-D `[N, C, L]` value stored `[N, L, C]`: a map whose
 H and W were flattened, as a ViT's patch embedding writes `x.flatten(2)`, so
 that the Transpose to tokens moves no data) or `flat` (`[N, C*H*W]` flattened
-from an NCHW value, stored in H, W, C order). Weights are converted once, at load, to the layout
-of what they meet: Conv kernels OIHW -> HWIO, per-channel constants
-`[C, 1, 1]` -> `[C]`, and the rows of a Gemm/MatMul weight after a Flatten
-are permuted from C, H, W to H, W, C order, so no activation is transposed on
-the way. Shape arithmetic (Shape, Gather, Concat, ... on constants) runs in
-NumPy while tracing, so a dynamic batch axis costs nothing.
+from an NCHW value, stored in H, W, C order). Weights are converted once, at
+load, to the layout of what they meet: Conv kernels OIHW -> HWIO,
+per-channel constants `[C, 1, 1]` -> `[C]`, and the rows of a Gemm/MatMul
+weight after a Flatten are permuted from C, H, W to H, W, C order, so no
+activation is transposed on the way. Shape arithmetic (Shape, Gather, Concat,
+... on constants) runs in NumPy while tracing, so a dynamic batch axis costs
+nothing; so do masks built from constants.
 
 The input convention (pixel scale, mean, std, channel order) comes from
 `opa_jax.models.convention`; by default the graph gets float RGB pixels 0-255.
-The image's channel count is the graph's (3, or 1 for a grayscale graph): it is the
-last axis of `LoadedModel.image_shape`.
-A trailing Softmax (or LogSoftmax) is dropped, so the model returns logits.
+The channel count is the graph's (3, or 1 for a grayscale graph), the last
+axis of `LoadedModel.image_shape`. A trailing Softmax (or LogSoftmax) is
+dropped, so the model returns logits.
 """
 
 from __future__ import annotations
@@ -624,8 +625,8 @@ def _reduce(numpy_fn, jax_fn):
         if x.layout in _STORED_AXIS and keepdims:
             stored = tuple(_STORED_AXIS[x.layout][a] for a in axes)
             return [Value(jax_fn(x.data, axis=stored, keepdims=True), x.layout)]
-        if x.layout == NHWC and axes == [2, 3]:  # global average pooling to [N, C]
-            return [Value(jax_fn(x.data, axis=(1, 2)))]
+        if x.layout in _STORED_AXIS and axes == list(range(2, rank)):  # pooling to [N, C]
+            return [Value(jax_fn(x.data, axis=tuple(range(1, rank - 1))))]
         return [Value(jax_fn(plain(x), axis=tuple(axes), keepdims=keepdims))]
 
     return handler
@@ -730,10 +731,7 @@ def op_layer_norm(node: Node, inputs, weights: Weights):
     x = plain(inputs[0])
     axis = node.attrs.get("axis", -1) % x.ndim
     axes = tuple(range(axis, x.ndim))
-    mean = jnp.mean(x, axis=axes, keepdims=True)
-    centred = x - mean
-    variance = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
-    y = centred * jax.lax.rsqrt(variance + node.attrs.get("epsilon", 1e-5))
+    y = _normalized(x, axes, node.attrs.get("epsilon", 1e-5))
     y = y * (
         float_operand(weights, node, "scale", inputs[1]) if inputs[1].static else plain(inputs[1])
     )
@@ -741,6 +739,55 @@ def op_layer_norm(node: Node, inputs, weights: Weights):
         bias = inputs[2]
         y = y + (float_operand(weights, node, "bias", bias) if bias.static else plain(bias))
     return [Value(y)]
+
+
+def _normalized(x, axes, epsilon: float):
+    """(x - mean) / sqrt(var + epsilon) over `axes`."""
+    centred = x - jnp.mean(x, axis=axes, keepdims=True)
+    variance = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+    return centred * jax.lax.rsqrt(variance + epsilon)
+
+
+def op_instance_norm(node: Node, inputs, weights: Weights):
+    """InstanceNormalization: per image and channel over the spatial axes (also what
+    PyTorch writes for GroupNorm before opset 21, between two Reshapes)."""
+    x = inputs[0]
+    scale, bias = static(inputs[1], "scale"), static(inputs[2], "B")
+    epsilon = node.attrs.get("epsilon", 1e-5)
+    rank = len(x.shape)
+    per_channel = (-1,) + (1,) * (rank - 2)
+    if x.layout in _STORED_AXIS:  # channels last: the spatial axes are 1 .. rank-2
+        data, like = x.data, x
+        axes = tuple(range(1, rank - 1))
+    else:
+        data, like = plain(x), Value(None)
+        axes = tuple(range(2, rank))
+
+    def param(key, array):
+        return weights.get(node, key, lambda: to_layout(array.reshape(per_channel), like))
+
+    y = _normalized(data, axes, epsilon) * param("scale", scale) + param("bias", bias)
+    return [Value(y, like.layout)]
+
+
+def op_group_norm(node: Node, inputs, weights: Weights):
+    """GroupNormalization: over each group of channels and the spatial axes. Its scale
+    and bias are per group before opset 21, per channel from 21."""
+    x = plain(inputs[0])
+    groups = node.attrs["num_groups"]
+    n, channels = x.shape[:2]
+    grouped = x.reshape(n, groups, channels // groups, *x.shape[2:])
+    axes = tuple(range(2, grouped.ndim))
+    y = _normalized(grouped, axes, node.attrs.get("epsilon", 1e-5)).reshape(x.shape)
+    scale, bias = static(inputs[1], "scale"), static(inputs[2], "bias")
+    per_channel = (-1,) + (1,) * (x.ndim - 2)
+
+    def param(key, array):
+        if array.shape[0] == groups and groups != channels:  # per group: repeated per channel
+            array = np.repeat(array, channels // groups)
+        return weights.get(node, key, lambda: array.reshape(per_channel))
+
+    return [Value(y * param("scale", scale) + param("bias", bias))]
 
 
 def _gelu(node: Node, x):
@@ -961,6 +1008,8 @@ OPERATORS: dict[str, Callable] = {
     "Cast": op_cast,
     "Slice": op_slice,
     "LayerNormalization": op_layer_norm,
+    "InstanceNormalization": op_instance_norm,
+    "GroupNormalization": op_group_norm,
     "Gelu": _unary(_gelu),
     "Erf": _math(_erf_numpy, jax.lax.erf),
     "HardSigmoid": _unary(_hard_sigmoid),
