@@ -157,7 +157,7 @@ class Model(LoadedModel):
         """A PyTorch module (NCHW input, logits or probabilities out), exported to ONNX in
         memory and run by the ONNX importer; needs `pip install 'opa_jax[torch]'`.
 
-        `image_shape` (H, W, 3) or (3, H, W). `input_convention`: what the module
+        `image_shape` (H, W, C) or (C, H, W), e.g. (32, 32, 3). `input_convention`: what the module
         takes, an `InputConvention` or a name ("unit": [0, 1] pixels, "imagenet",
         "cifar10", ...; default: pixels 0-255 as they are). `exporter`: "torchscript"
         (`dynamo=False`, opset 17 unless `opset`) or "dynamo" (needs onnxscript).

@@ -145,6 +145,22 @@ def test_torch_image_shape_non_square_and_another_opset():
 
 
 @needs_torch
+def test_a_grayscale_module():
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 26 * 26, 10),
+    ).eval()
+    model = opa_jax.Model.from_torch(net, (1, 28, 28))
+    assert model.image_shape == (28, 28, 1)
+    assert_parity(model, net, pixels(2, (28, 28, 1)), opa_jax.InputConvention())
+
+
+@needs_torch
 def test_exported_in_eval_mode_and_left_in_its_mode():
     net = small_net("flatten").train()  # dropout on, batch norm on batch statistics
     model = opa_jax.Model.from_torch(net, (32, 32, 3))

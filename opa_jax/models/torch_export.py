@@ -40,19 +40,22 @@ def import_torch():
 
 
 def chw(image_shape) -> tuple[int, int, int]:
-    """(C, H, W) of an image shape given as (H, W, 3), or as torch's (3, H, W)."""
+    """(C, H, W) of an image shape given as (H, W, C), or as torch's (C, H, W); C is 1 to
+    4 (grayscale, RGB, ...)."""
     shape = tuple(int(d) for d in image_shape)
-    if len(shape) == 3 and shape[2] == 3:
-        return (3, shape[0], shape[1])
-    if len(shape) == 3 and shape[0] == 3:
+    if len(shape) == 3 and 1 <= shape[2] <= 4:
+        return (shape[2], shape[0], shape[1])
+    if len(shape) == 3 and 1 <= shape[0] <= 4:
         return shape
-    raise InputError(f"image_shape={list(shape)}: expected (H, W, 3) or (3, H, W)")
+    raise InputError(
+        f"image_shape={list(shape)}: expected (H, W, C) or (C, H, W), e.g. (32, 32, 3)"
+    )
 
 
 def export_onnx(
     module, image_shape, *, exporter: str = "torchscript", opset: int | None = None
 ) -> bytes:
-    """The module as a serialized ONNX model: input `input` [batch, 3, H, W], output `logits`.
+    """The module as a serialized ONNX model: input `input` [batch, C, H, W], output `logits`.
 
     `opset` None: the exporter's own default (`load_torch_model` asks for 17 from
     "torchscript").
@@ -137,8 +140,8 @@ def load_torch_model(
         opset = TORCHSCRIPT_OPSET
     onnx_bytes = export_onnx(module, image_shape, exporter=exporter, opset=opset)
     loaded = onnx_import.load_onnx_model(onnx_bytes, input_convention)
-    _, height, width = chw(image_shape)
-    if loaded.image_shape != (height, width, 3):
+    channels, height, width = chw(image_shape)
+    if tuple(loaded.image_shape) != (height, width, channels):
         raise InputError(
             f"the exported graph takes {list(loaded.image_shape)} images; "
             f"image_shape={list(image_shape)}"
