@@ -15,8 +15,9 @@ local device on a `data` mesh axis), the same record builder, the same keys (an
 image's random stream is keyed by its index), so an image attacked here with the
 same seed and index gets the record `scripts/attack.py` writes for it.
 
-The model convention: the attack hands the model float RGB pixels 0-255,
-`[N, H, W, 3]`. `Model.from_function` / `from_flax` wrap a function of another
+The model convention: the attack hands the model float pixels 0-255,
+`[N, H, W, C]` (RGB: C = 3; grayscale: 1; `image_shape` says which).
+`Model.from_function` / `from_flax` wrap a function of another
 input (e.g. `[0, 1]` pixels, normalised, NCHW) with an `InputConvention` and a
 layout, and take logits, or probabilities (then their log is used as logits).
 """
@@ -76,8 +77,9 @@ class Model(LoadedModel):
         if outputs not in OUTPUTS:
             raise InputError(f"outputs={outputs!r}: expected one of {OUTPUTS}")
         image_shape = tuple(int(d) for d in image_shape)
-        if len(image_shape) != 3 or image_shape[2] != 3:
-            raise InputError(f"image_shape={list(image_shape)}: expected (H, W, 3)")
+        if len(image_shape) != 3 or image_shape[2] < 1:
+            raise InputError(f"image_shape={list(image_shape)}: expected (H, W, C), e.g. (H, W, 3)")
+        convention = convention.for_channels(image_shape[2])
 
         def apply_fn(params, images):
             """[N, H, W, 3] float pixels 0-255 -> logits [N, C]."""
@@ -190,7 +192,7 @@ class AttackResult:
     records: list[dict]
     summary: dict  # success rate, clean and robust accuracy, confidence, ... (opa_jax.metrics)
     model: Any = dataclasses.field(repr=False)
-    images: np.ndarray = dataclasses.field(repr=False)  # [N, H, W, 3] the inputs
+    images: np.ndarray = dataclasses.field(repr=False)  # [N, H, W, C] the inputs
     positions: dict = dataclasses.field(repr=False)  # record's image index -> row of `images`
 
     def columns(self) -> dict[str, list]:
@@ -223,7 +225,7 @@ class AttackResult:
 
 
 def _pixels(images, image_shape) -> np.ndarray:
-    """Images as the engine holds them: uint8 pixels 0-255, [N, H, W, 3]."""
+    """Images as the engine holds them: uint8 pixels 0-255, [N, H, W, C]."""
     images = np.asarray(images)
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
         raise InputError(
@@ -294,7 +296,7 @@ def attack_images(
 ) -> AttackResult:
     """Attacks in-memory images with the CLI's engine; returns its records.
 
-    images [N, H, W, 3] pixels 0-255 (uint8, or floats with integer values); labels [N].
+    images [N, H, W, C] pixels 0-255 (uint8, or floats with integer values); labels [N].
     - `targeted`: attack every class in `targets` ("all", or class indices) other than
       the true one; or give `target_labels` [N], one target per image (implies targeted).
     - `preset` ("paper", "scipy", "random") and any DE field as a keyword (`popsize=100`,
@@ -318,11 +320,12 @@ def attack_images(
     if indices.shape != (n,) or len(set(indices.tolist())) != n:
         raise InputError(f"indices: expected {n} distinct image indices")
     overrides = de_fields
-    known = {f.name for f in dataclasses.fields(de.DEConfig)} - {"num_pixels"}
+    known = {f.name for f in dataclasses.fields(de.DEConfig)} - {"num_pixels", "channels"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise InputError(f"unknown DE field(s) {unknown}; known: {', '.join(sorted(known))}")
-    config = de.DEConfig.from_preset(preset, num_pixels=pixels, **overrides)
+    channels = de.image_channels(model.image_shape)
+    config = de.DEConfig.from_preset(preset, num_pixels=pixels, channels=channels, **overrides)
 
     clean = attack_lib.predict_probs(model, images.astype(np.float32))
     eligible = np.flatnonzero(clean.argmax(-1) == labels) if only_correct else np.arange(n)

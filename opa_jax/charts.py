@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An image [H, W, C] as imshow shows it: a grayscale one ([H, W, 1]) as gray RGB;
+    other channel counts than 1, 3 and 4 by their first channel."""
+    if image.shape[-1] in (3, 4):
+        return image
+    return np.repeat(image[..., :1], 3, axis=-1)
+
 
 def percent(value: float) -> str:
     return f"{100 * value:.1f}%"

@@ -40,6 +40,7 @@ class CornerSearchConfig:
     nontargeted_threshold: float = 0.05  # stop == threshold: p(true) below this
     targeted_threshold: float = 0.90  # and p(target) above this
     round_rgb: bool = True
+    channels: int = 3  # of the images: a pixel is x, y and one value per channel
 
     def __post_init__(self):
         exhaustive.colour_set(self.colours)
@@ -55,7 +56,7 @@ class CornerSearchConfig:
 
     @property
     def num_genes(self) -> int:
-        return self.num_pixels * 5
+        return self.num_pixels * de.pixel_genes(self.channels)
 
     def empty_state(self, num_classes: int, image_shape) -> CornerState:
         del image_shape
@@ -72,8 +73,8 @@ class CornerSearchConfig:
         )
 
     def _random_pixels(self, key, shape) -> jax.Array:
-        """Pixels at uniform positions with uniform colours of the set, [*shape, 5]."""
-        colours = jnp.asarray(exhaustive.colour_set(self.colours))
+        """Pixels at uniform positions with uniform colours of the set, [*shape, 2 + C]."""
+        colours = jnp.asarray(exhaustive.colour_set(self.colours, self.channels))
         key_pos, key_colour = jax.random.split(key)
         height, width = self.image_shape
         position = jax.random.randint(key_pos, shape, 0, height * width)
@@ -92,11 +93,11 @@ class CornerSearchConfig:
         initial = self._random_pixels(key_init, (self.popsize, k)).reshape(self.popsize, -1)
         key_which, key_new = jax.random.split(key_step)
         which = jax.random.randint(key_which, (self.popsize,), 0, k)  # the pixel to move
-        moved = self._random_pixels(key_new, (self.popsize,))  # [popsize, 5]
-        current = state.current.reshape(k, 5)
+        moved = self._random_pixels(key_new, (self.popsize,))  # [popsize, 2 + C]
+        current = state.current.reshape(k, -1)
         trial = jnp.where(
             (jnp.arange(k)[None, :, None] == which[:, None, None]), moved[:, None, :], current
-        ).reshape(self.popsize, -1)  # [popsize, k * 5]
+        ).reshape(self.popsize, -1)  # [popsize, k * (2 + C)]
         return jnp.where(fresh, initial, trial)
 
     def update(

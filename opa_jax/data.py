@@ -21,7 +21,11 @@ is passed over; any other failure (a corrupt folder, tfds without a network) sto
 with the reasons of every alternative.
 
 Images are decoded only when a batch is asked for, so memory stays flat in
-the number of images.
+the number of images. They come as uint8 `[n, H, W, C]` with the model's
+channel count C: grayscale files (MNIST-like) as `[n, H, W, 1]` for a
+one-channel model, colour files as RGB for a three-channel one (a grayscale
+file among colour ones, as ImageNet has, is converted). A dataset whose
+channels do not match the model's is refused, naming both.
 """
 
 from __future__ import annotations
@@ -37,6 +41,33 @@ import numpy as np
 from opa_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
+# The PIL mode an image file is decoded into, by the model's channel count.
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def channel_name(channels: int) -> str:
+    return {1: "1 channel (grayscale)", 3: "3 channels (RGB)"}.get(channels, f"{channels} channels")
+
+
+def _mode(image_shape, what: str) -> str:
+    """The PIL mode that files are decoded into for a model input of `image_shape`."""
+    channels = 3 if image_shape is None else int(image_shape[-1])
+    if channels not in MODES:
+        raise InputError(
+            f"{what}: image files hold 1, 3 or 4 channels, but the model expects "
+            f"{channel_name(channels)}; give such images as arrays (the Python API, or tfds)"
+        )
+    return MODES[channels]
+
+
+def check_channels(name: str, data_channels: int, image_shape) -> None:
+    """Refuses data whose channel count is not the model's, naming both."""
+    if image_shape is not None and data_channels != image_shape[-1]:
+        raise InputError(
+            f"dataset {name} has images of {channel_name(data_channels)}, but the model "
+            f"expects {channel_name(int(image_shape[-1]))} (input {list(image_shape)})"
+        )
 
 
 @dataclasses.dataclass
@@ -47,7 +78,7 @@ class Dataset:
     labels: np.ndarray  # [N] int32
     indices: np.ndarray  # [N] int64, the dataset index of each position
     class_names: tuple[str, ...]
-    read_fn: Callable[[Sequence[int]], np.ndarray]  # positions -> uint8 [n, H, W, 3]
+    read_fn: Callable[[Sequence[int]], np.ndarray]  # positions -> uint8 [n, H, W, C]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,9 +95,15 @@ class Dataset:
 def _decode(path: str, image_shape: tuple[int, int, int] | None, resize: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    mode = _mode(image_shape, f"image {path}")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            if mode == "L" and im.mode not in GRAYSCALE_MODES:
+                raise InputError(
+                    f"image {path} is in colour ({im.mode}), but the model expects "
+                    f"{channel_name(1)}"
+                )
+            im = im.convert(mode)
             if image_shape is not None and (im.height, im.width) != tuple(image_shape[:2]):
                 if resize == "none":
                     raise InputError(
@@ -75,7 +112,19 @@ def _decode(path: str, image_shape: tuple[int, int, int] | None, resize: str) ->
                         "to resize and centre-crop"
                     )
                 im = resize_center_crop(im, image_shape[:2])
-            return np.asarray(im, dtype=np.uint8)
+            pixels = np.asarray(im, dtype=np.uint8)
+            return pixels[..., None] if pixels.ndim == 2 else pixels  # [H, W, C]
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"image {path}: cannot be decoded ({e})") from e
+
+
+def _file_channels(path: str) -> int:
+    """1 for a grayscale image file, 4 for RGBA, else 3 (read from its header only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return 1 if im.mode in GRAYSCALE_MODES else 4 if im.mode == "RGBA" else 3
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"image {path}: cannot be decoded ({e})") from e
 
@@ -90,6 +139,17 @@ def resize_center_crop(im, size: tuple[int, int]):
     im = im.resize((new_w, new_h), Image.BILINEAR)
     top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
     return im.crop((left, top, left + crop_w, top + crop_h))
+
+
+def resize_array(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`resize_center_crop` of a uint8 [H, W, C] array (C = 1 as a grayscale image)."""
+    from PIL import Image
+
+    gray = image.shape[-1] == 1
+    resized = np.asarray(
+        resize_center_crop(Image.fromarray(image[..., 0] if gray else image), size)
+    )
+    return resized[..., None] if gray else resized
 
 
 def _files_reader(paths, image_shape, resize):
@@ -166,6 +226,10 @@ def load_folder(root: str, split: str, image_shape=None, resize: str = "none") -
         entries.sort(key=lambda e: (e[3], e[1]))
         indices = list(range(len(entries)))
     paths = [e[2] for e in entries]
+    if image_shape is not None:  # the first file says what the folder holds
+        found = _file_channels(paths[0])
+        if not (found == 4 and image_shape[-1] == 3):  # RGBA reads as RGB
+            check_channels(f"folder:{root}", found, image_shape)
     return Dataset(
         name=f"folder:{root}",
         labels=np.asarray([e[3] for e in entries], np.int32),
@@ -235,6 +299,8 @@ def load_tfds(name: str, split: str, image_shape=None, resize="none", data_dir=N
     except Exception as e:
         raise InputError(f"dataset tfds:{name} split {split!r} is not available: {e}") from e
     image_feature = builder.info.features["image"]
+    if image_feature.shape[-1] is not None:
+        check_channels(f"tfds:{name}", int(image_feature.shape[-1]), image_shape)
     class_names = tuple(builder.info.features["label"].names)
     labels = np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int32)
 
@@ -254,9 +320,7 @@ def load_tfds(name: str, split: str, image_shape=None, resize="none", data_dir=N
                         f"tfds:{name} image {p} is {image.shape[:2]}, model expects "
                         f"{tuple(image_shape[:2])}; set --config.resize=center_crop"
                     )
-                from PIL import Image
-
-                image = np.asarray(resize_center_crop(Image.fromarray(image), image_shape[:2]))
+                image = resize_array(image, image_shape[:2])
             images.append(image)
         return np.stack(images) if images else np.zeros((0, *image_shape), np.uint8)
 

@@ -1,7 +1,9 @@
 """Differential evolution for the one-pixel attack, one pure step over many images.
 
 A candidate is `num_pixels` pixels, each `(x, y, r, g, b)` (x is the row),
-flattened to `[num_pixels * 5]` floats (Su et al. 2019, Sec. III-B). Everything
+flattened to `[num_pixels * 5]` floats (Su et al. 2019, Sec. III-B). An image
+of C channels has pixels `(x, y, v_1, ..., v_C)` of `2 + C` genes
+(`pixel_genes`), so a grayscale pixel is `(x, y, v)`. Everything
 here is written for one image and one member, then vmapped over the population
 and over images; `opa_jax.engine` runs the loop on the device.
 
@@ -74,7 +76,7 @@ class DEConfig:
     mutation: float = 0.5  # F, or the low end of the dither range
     mutation_high: float = 0.0  # > mutation: F ~ U[mutation, mutation_high) per generation
     crossover: float = 1.0  # binomial crossover rate; 1.0 means no crossover
-    init: str = "paper"  # paper: xy uniform, rgb ~ N(rgb_mean, rgb_std) clipped
+    init: str = "paper"  # paper: xy uniform, each channel ~ N(rgb_mean, rgb_std) clipped
     rgb_mean: float = 128.0
     rgb_std: float = 127.0
     bounds_handling: str = "clip"  # clip, or resample out-of-bounds genes uniformly (SciPy)
@@ -82,6 +84,7 @@ class DEConfig:
     nontargeted_threshold: float = 0.05  # stop once p(true) < this
     targeted_threshold: float = 0.90  # stop once p(target) > this
     round_rgb: bool = True  # applied colours are integers, so adversarial images are real
+    channels: int = 3  # of the images: a pixel is x, y and one value per channel
 
     def __post_init__(self):
         checks = [
@@ -93,6 +96,7 @@ class DEConfig:
             ),
             (self.stop in STOP_RULES, f"de.stop={self.stop!r}: expected one of {STOP_RULES}"),
             (self.num_pixels >= 1, f"pixels={self.num_pixels}: expected >= 1"),
+            (self.channels >= 1, f"channels={self.channels}: expected >= 1"),
             (self.popsize >= 5, f"de.popsize={self.popsize}: expected >= 5"),
             (self.generations >= 0, f"de.generations={self.generations}: expected >= 0"),
             (0.0 <= self.crossover <= 1.0, f"de.crossover={self.crossover}: expected in [0, 1]"),
@@ -113,7 +117,7 @@ class DEConfig:
 
     @property
     def num_genes(self) -> int:
-        return self.num_pixels * 5
+        return self.num_pixels * pixel_genes(self.channels)
 
     # The search rule the engine runs (`opa_jax.search.Search`): DE's init, propose, update.
     def empty_state(self, num_classes: int, image_shape) -> ImageState:
@@ -137,18 +141,29 @@ class DEConfig:
         return {}
 
 
+def pixel_genes(channels: int) -> int:
+    """The genes of one pixel: x, y and one value per channel (5 for RGB)."""
+    return 2 + channels
+
+
+def image_channels(image_shape) -> int:
+    """The channel count of an image shape [H, W, C] (3 for a bare [H, W])."""
+    return int(image_shape[2]) if len(image_shape) > 2 else 3
+
+
 def bounds(image_shape, num_pixels: int) -> tuple[jax.Array, jax.Array]:
-    """Lower and upper bounds per gene, `[num_pixels * 5]` each."""
+    """Lower and upper bounds per gene, `[num_pixels * (2 + C)]` each."""
     height, width = image_shape[0], image_shape[1]
-    low = jnp.tile(jnp.zeros(5, jnp.float32), num_pixels)
-    high = jnp.tile(jnp.array([height, width, 255.0, 255.0, 255.0], jnp.float32), num_pixels)
+    channels = image_channels(image_shape)
+    low = jnp.tile(jnp.zeros(pixel_genes(channels), jnp.float32), num_pixels)
+    high = jnp.tile(jnp.array([height, width] + [255.0] * channels, jnp.float32), num_pixels)
     return low, high
 
 
 def apply_candidate(image: jax.Array, candidate: jax.Array, round_rgb: bool = True) -> jax.Array:
-    """Writes a candidate's pixels into one image. image [H, W, 3], candidate [k * 5]."""
+    """Writes a candidate's pixels into one image. image [H, W, C], candidate [k * (2 + C)]."""
     height, width = image.shape[0], image.shape[1]
-    pixels = candidate.reshape(-1, 5)  # [k, 5]
+    pixels = candidate.reshape(-1, pixel_genes(image.shape[-1]))  # [k, 2 + C]
     rows = jnp.clip(jnp.floor(pixels[:, 0]), 0, height - 1).astype(jnp.int32)
     cols = jnp.clip(jnp.floor(pixels[:, 1]), 0, width - 1).astype(jnp.int32)
     rgb = jnp.clip(pixels[:, 2:], 0.0, 255.0)
@@ -158,9 +173,12 @@ def apply_candidate(image: jax.Array, candidate: jax.Array, round_rgb: bool = Tr
 
 
 def applied_pixels(candidates: np.ndarray, image_shape, round_rgb: bool = True) -> np.ndarray:
-    """The pixels a candidate actually writes, [..., k, 5]: integer x, y and clipped colour."""
+    """The pixels a candidate actually writes, [..., k, 2 + C]: integer x, y and clipped
+    colour."""
     shape = np.shape(candidates)
-    pixels = np.asarray(candidates, np.float64).reshape(*shape[:-1], shape[-1] // 5, 5).copy()
+    genes = pixel_genes(image_channels(image_shape))
+    pixels = np.asarray(candidates, np.float64).reshape(*shape[:-1], shape[-1] // genes, genes)
+    pixels = pixels.copy()
     pixels[..., 0] = np.clip(np.floor(pixels[..., 0]), 0, image_shape[0] - 1)
     pixels[..., 1] = np.clip(np.floor(pixels[..., 1]), 0, image_shape[1] - 1)
     pixels[..., 2:] = np.clip(pixels[..., 2:], 0, 255)
@@ -181,7 +199,7 @@ def init_population(key, config: DEConfig, low, high) -> jax.Array:
         unit = jnp.take_along_axis(strata, order, axis=0)
     population = low + unit * (high - low)
     if config.init == "paper":
-        is_colour = (jnp.arange(config.num_genes) % 5) >= 2
+        is_colour = (jnp.arange(config.num_genes) % pixel_genes(config.channels)) >= 2
         colours = config.rgb_mean + config.rgb_std * jax.random.normal(key_normal, shape)
         population = jnp.where(is_colour, colours, population)
     return jnp.clip(population, low, high)

@@ -33,7 +33,7 @@ from opa_jax.search import Search
 class Queue:
     """A chunk of work items, padded to a fixed length; `length` are valid."""
 
-    images: jax.Array  # [Q, H, W, 3] uint8
+    images: jax.Array  # [Q, H, W, C] uint8
     true_labels: jax.Array  # [Q] int32
     target_labels: jax.Array  # [Q] int32, -1 when non-targeted
     indices: jax.Array  # [Q] int32 dataset index
@@ -45,7 +45,7 @@ class Queue:
 class EngineState:
     """Everything in flight between loop calls."""
 
-    images: jax.Array  # [S, H, W, 3] the slot's clean image, float32
+    images: jax.Array  # [S, H, W, C] the slot's clean image, float32
     true_labels: jax.Array  # [S]
     target_labels: jax.Array  # [S]
     indices: jax.Array  # [S]

@@ -40,9 +40,10 @@ from opa_jax.errors import InputError
 STOP_RULES = ("first", "none")
 
 
-def colour_set(spec: str) -> np.ndarray:
-    """The colours of `spec`, [C, 3] float32: `corners` (the 8 corners of the RGB cube)
-    or `levels:N` (N evenly spaced levels per channel, 0 and 255 included: N**3)."""
+def colour_set(spec: str, channels: int = 3) -> np.ndarray:
+    """The colours of `spec`, [colours, channels] float32: `corners` (the 8 corners of the
+    RGB cube; black and white for one channel) or `levels:N` (N evenly spaced levels per
+    channel, 0 and 255 included: N**channels)."""
     if spec == "corners":
         levels = np.array([0.0, 255.0])
     elif spec.startswith("levels:") and spec[7:].isdigit() and int(spec[7:]) >= 2:
@@ -51,7 +52,7 @@ def colour_set(spec: str) -> np.ndarray:
         raise InputError(
             f"exhaustive.colours={spec!r}: expected 'corners' or 'levels:N' with N >= 2"
         )
-    return np.asarray(list(itertools.product(levels, repeat=3)), np.float32)
+    return np.asarray(list(itertools.product(levels, repeat=channels)), np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ExhaustiveConfig:
     popsize: int = 512  # grid candidates per generation
     num_pixels: int = 1
     round_rgb: bool = True
+    channels: int = 3  # of the images: a pixel is x, y and one value per channel
 
     def __post_init__(self):
         colour_set(self.colours)  # checks the spec
@@ -76,11 +78,11 @@ class ExhaustiveConfig:
 
     @property
     def num_genes(self) -> int:
-        return 5
+        return de.pixel_genes(self.channels)
 
     @property
     def num_colours(self) -> int:
-        return len(colour_set(self.colours))
+        return len(colour_set(self.colours, self.channels))
 
     @property
     def grid_size(self) -> int:
@@ -96,7 +98,7 @@ class ExhaustiveConfig:
         del image_shape  # the grid's own image_shape sizes the state
         height, width = self.image_shape
         return GridState(
-            best_candidate=jnp.zeros((5,), jnp.float32),
+            best_candidate=jnp.zeros((self.num_genes,), jnp.float32),
             best_fitness=jnp.array(jnp.inf, jnp.float32),
             best_is_adv=jnp.array(False),
             best_probs=jnp.zeros((num_classes,), jnp.float32),
@@ -120,10 +122,10 @@ class ExhaustiveConfig:
         index, _, _ = self._chunk(state, fresh)
         position, colour = jnp.divmod(index, self.num_colours)
         row, col = jnp.divmod(position, self.image_shape[1])
-        rgb = jnp.asarray(colour_set(self.colours))[colour]  # [popsize, 3]
+        rgb = jnp.asarray(colour_set(self.colours, self.channels))[colour]  # [popsize, C]
         return jnp.concatenate(
             [row[:, None].astype(jnp.float32), col[:, None].astype(jnp.float32), rgb], axis=1
-        )  # [popsize, 5]
+        )  # [popsize, 2 + C]
 
     def update(
         self, state: GridState, fresh, candidates, probs, true_label, target_label, targeted: bool
@@ -190,7 +192,7 @@ class ExhaustiveConfig:
 class GridState:
     """Exhaustive-search state of one image (vmapped over in-flight slots)."""
 
-    best_candidate: jax.Array  # [5]
+    best_candidate: jax.Array  # [2 + C]
     best_fitness: jax.Array  # []
     best_is_adv: jax.Array  # [] bool
     best_probs: jax.Array  # [C]

@@ -1,18 +1,19 @@
 """The adversarial images of a run, rebuilt from its records and exported.
 
 A record keeps the perturbation as applied (`[pixels, 5]`: row, column, r, g,
-b), not the image. Each successful attack's image is rebuilt from the source
-image and that perturbation, and the model is asked again: it must still give
-the recorded adversarial label, or the export stops with an InputError (a
+b; `[pixels, 2 + C]` for C channels, e.g. row, column, v for grayscale), not
+the image. Each successful attack's image is rebuilt from the source image and
+that perturbation, and the model is asked again: it must still give the
+recorded adversarial label, or the export stops with an InputError (a
 different model, data or preprocessing than the run's).
 
 Two formats:
 - `png`: `OUT/<split>/<true class name>/<index>_adv<label>[_target<t>].png`, the
   layout of a `folder:` dataset, so the export reads back as one (labelled by the
-  true class, e.g. for adversarial training);
-- `npz`: `OUT/adversarial.npz` with `images` [R, H, W, 3], `indices`,
+  true class, e.g. for adversarial training); a one-channel image as a grayscale PNG;
+- `npz`: `OUT/adversarial.npz` with `images` [R, H, W, C], `indices`,
   `true_labels`, `adv_labels`, `target_labels` (-1 when non-targeted),
-  `perturbations` [R, pixels, 5] and `class_names`.
+  `perturbations` [R, pixels, 2 + C] and `class_names`.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ NPZ_FILE = "adversarial.npz"
 def apply_perturbations(images: np.ndarray, records: list[dict]) -> np.ndarray:
     """Each record's pixels written into its source image, as the engine does (float32).
 
-    images [R, H, W, 3] pixels 0-255 -> [R, H, W, 3] float32."""
+    images [R, H, W, C] pixels 0-255 -> [R, H, W, C] float32."""
     adversarial = np.array(images, np.float32, copy=True)
+    genes = 2 + adversarial.shape[-1]  # row, column and one value per channel
     for image, record in zip(adversarial, records, strict=True):
-        pixels = np.asarray(record["perturbation"], np.float64).reshape(-1, 5)
+        pixels = np.asarray(record["perturbation"], np.float64).reshape(-1, genes)
         if not len(pixels):
             raise InputError(
                 f"record of image {record['image']} (method {record.get('method')}) has no "
@@ -81,6 +83,7 @@ def write(out: str, fmt: str, adversarial, records, class_names, split: str = "t
     if fmt == "npz":
         path = os.path.join(out, NPZ_FILE)
         pixels = max((len(r["perturbation"]) for r in records), default=0)
+        genes = 2 + adversarial.shape[-1]
         np.savez_compressed(
             path,
             images=adversarial,
@@ -89,7 +92,7 @@ def write(out: str, fmt: str, adversarial, records, class_names, split: str = "t
             adv_labels=np.asarray([r["adv_label"] for r in records], np.int32),
             target_labels=targets.astype(np.int32),
             perturbations=np.asarray([r["perturbation"] for r in records], np.float32).reshape(
-                len(records), pixels, 5
+                len(records), pixels, genes
             ),
             class_names=np.asarray(list(class_names or [])),
         )
@@ -108,7 +111,9 @@ def write(out: str, fmt: str, adversarial, records, class_names, split: str = "t
         os.makedirs(folder, exist_ok=True)
         name = f"{record['image']:05d}_adv{record['adv_label']}"
         name += f"_target{target}.png" if target >= 0 else ".png"
-        Image.fromarray(image).save(os.path.join(folder, name))
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+            os.path.join(folder, name)
+        )
     return {"format": fmt, "path": os.path.join(out, split), "images": len(records)}
 
 

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from opa_jax import attack, devices, hosts, incremental, metrics, results, search
+from opa_jax import attack, de, devices, hosts, incremental, metrics, results, search
 from opa_jax import workdir as workdir_lib
 from opa_jax.errors import InputError
 
@@ -57,7 +57,9 @@ def stage_rule(config: ml_collections.ConfigDict, image_shape, k: int) -> search
     name = config.min_pixels.search
     budget = dict(popsize=config.min_pixels.popsize, generations=config.min_pixels.generations)
     if name == "de":
-        return search.de_config(config, num_pixels=k, **budget)
+        return search.de_config(
+            config, num_pixels=k, channels=de.image_channels(image_shape), **budget
+        )
     if name == "corner_search":
         with config.unlocked():
             stage = ml_collections.ConfigDict(config.to_dict())

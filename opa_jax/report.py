@@ -316,7 +316,8 @@ def comparison_table(runs: Sequence[RunResults], datasets: dict) -> str | None:
 
 
 def apply_perturbation(image: np.ndarray, perturbation) -> np.ndarray:
-    """Writes recorded pixels (x = row, y = column, r, g, b) into a copy of the image."""
+    """Writes recorded pixels (x = row, y = column, then one value per channel: r, g, b,
+    or v for grayscale) into a copy of the image."""
     adversarial = np.array(image, copy=True)
     for x, y, *rgb in perturbation:
         adversarial[int(x), int(y)] = np.asarray(rgb).astype(adversarial.dtype)
@@ -358,7 +359,7 @@ def open_dataset(run: RunResults):
         dataset = data.load_dataset(
             spec,
             config["split"],
-            shape if config.get("resize") != "none" else None,
+            shape,  # the model's input, so the images come with its channels
             config.get("resize", "none"),
             config.get("data_dir") or None,
         )
@@ -396,13 +397,13 @@ def plot_examples(run: RunResults, dataset, path: str, max_examples: int = 6) ->
         adversarial = apply_perturbation(original, record["perturbation"])
         true, adv = record["true_label"], record["adv_label"]
         top, bottom = axes[0, column], axes[1, column]
-        top.imshow(original, interpolation="nearest")
+        top.imshow(charts.as_rgb(original), interpolation="nearest")
         top.set_title(
             f"image {record['image']}\n{_short(names[true])} "
             f"{100 * record['clean_probs'][true]:.0f}%",
             fontsize=9,
         )
-        bottom.imshow(adversarial, interpolation="nearest")
+        bottom.imshow(charts.as_rgb(adversarial), interpolation="nearest")
         bottom.set_xlabel(
             f"{_short(names[adv])} {100 * record['adv_prob']:.0f}%\n"
             f"({_short(names[true])} {100 * record['adv_probs'][true]:.0f}%)",

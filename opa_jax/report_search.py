@@ -100,6 +100,7 @@ def plot_vulnerable_maps(run, dataset, path: str, max_examples: int = 6) -> bool
         height, width = image.shape[:2]
         vulnerable = np.zeros((height * width,), bool)
         vulnerable[record["vulnerable_pixels"]] = True
+        image = charts.as_rgb(image)
         shown = (0.35 * image).astype(np.uint8)  # dimmed, so the red stands out
         shown.reshape(-1, image.shape[-1])[vulnerable] = (255, 40, 40)
         true = record["true_label"]

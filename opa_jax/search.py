@@ -81,8 +81,9 @@ def search_config(
     at `config.pixels` (or `pixels`) pixels."""
     method = method or config.method
     pixels = pixels or config.pixels
+    channels = de.image_channels(image_shape)
     if method == "de":
-        return de_config(config, num_pixels=pixels)
+        return de_config(config, num_pixels=pixels, channels=channels)
     if method == "exhaustive":
         if pixels != 1:
             raise InputError(
@@ -95,6 +96,7 @@ def search_config(
             colours=ex.colours,
             stop=ex.stop,
             popsize=ex.popsize,
+            channels=channels,
         )
     if method == "corner_search":
         cs = config.corner_search
@@ -105,6 +107,7 @@ def search_config(
             generations=cs.generations,
             colours=cs.colours,
             stop=cs.stop,
+            channels=channels,
         )
     raise InputError(f"method={method!r}: expected one of {SEARCH_METHODS}")
 

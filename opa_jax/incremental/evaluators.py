@@ -89,7 +89,8 @@ def query_costs(model, num_pixels: int, program=None) -> dict[str, dict[str, flo
     full = FullEvaluator(model.apply_fn)
     incremental = IncrementalEvaluator(program)
     images = jax.ShapeDtypeStruct((1, *model.image_shape), jnp.float32)
-    candidates = jax.ShapeDtypeStruct((1, 1, 5 * num_pixels), jnp.float32)
+    genes = de.pixel_genes(model.image_shape[-1]) * num_pixels
+    candidates = jax.ShapeDtypeStruct((1, 1, genes), jnp.float32)
     activations = jax.eval_shape(incremental.activations, model.params, images)
     out = {}
     for evaluator in (full, incremental):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from opa_jax import de
 from opa_jax.incremental import thresholds
 from opa_jax.incremental.geometry import Context, Full, Span, Window
 from opa_jax.incremental.program import (
@@ -82,7 +83,7 @@ def _candidate_pixels(image, candidate, num_pixels: int, round_rgb: bool):
     pixels on one position resolve as they do there).
     """
     height, width = image.shape[0], image.shape[1]
-    pixels = candidate.reshape(num_pixels, 5)
+    pixels = candidate.reshape(num_pixels, -1)  # [k, 2 + C]
     rows = jnp.clip(jnp.floor(pixels[:, 0]), 0, height - 1).astype(jnp.int32)
     cols = jnp.clip(jnp.floor(pixels[:, 1]), 0, width - 1).astype(jnp.int32)
     rgb = jnp.clip(pixels[:, 2:], 0.0, 255.0)
@@ -157,7 +158,7 @@ def run(
 
 
 def candidate_logits(program: Program, params, activations, image, candidate, round_rgb=True):
-    """Logits [C] of one candidate [k * 5] on one clean image [H, W, C] and its cache."""
+    """Logits of one candidate [k * (2 + C)] on one clean image [H, W, C] and its cache."""
     return run(program, params, lambda key: activations[key.name], image, candidate, round_rgb)
 
 
@@ -176,7 +177,8 @@ def _record(program: Program, param_structs) -> tuple[tuple[CacheKey, ...], tupl
         return jnp.zeros(key.shape(program), program.avals[key.var].dtype)
 
     image = jax.ShapeDtypeStruct(program.image_shape, jnp.float32)
-    candidate = jax.ShapeDtypeStruct((program.num_pixels * 5,), jnp.float32)
+    genes = program.num_pixels * de.pixel_genes(program.image_shape[-1])
+    candidate = jax.ShapeDtypeStruct((genes,), jnp.float32)
     one = functools.partial(run, program, lookup=lookup, round_rgb=True, steps=steps)
     jax.eval_shape(one, param_structs, image=image, candidate=candidate)
     return tuple(requested.values()), tuple(steps)

@@ -8,12 +8,12 @@ normalises its own input. A model is chosen by a spec string:
 - `alexnet:PATH`: BVLC AlexNet weights (`.npz` converted, or `.npy` with allow_pickle).
 - `onnx:PATH.onnx`: an ONNX image classifier (e.g. from `torch.onnx.export`); its input
   convention (scale, mean, std, channel order) comes from `input_convention`.
-- `random:NAME`: a zoo architecture (nin, allconv, vgg16, alexnet) with random
+- `random:NAME`: a zoo architecture (nin, allconv, vgg16, alexnet, lenet5) with random
   weights, seed 0. Only for benchmarks and tests: it is not a trained model.
 
 The modules form one chain, each importing only those before it: `base`
 (the interface, constants) and `convention` (input conventions) <- `layers` <- the
-architectures (`nin`, `allconv`, `vgg`, `alexnet`) <- `zoo` (the registry) <- the
+architectures (`nin`, `allconv`, `vgg`, `alexnet`, `lenet5`) <- `zoo` (the registry) <- the
 loaders (`checkpoint`, `alexnet_weights`, and `keras_import` and `onnx_import` over
 `importing`, what the file importers share) <- this package (`load_model`).
 `model_card` renders a checkpoint's `model.json` as markdown.

@@ -1,7 +1,8 @@
 """What every model shares: the `LoadedModel` interface, CIFAR-10 constants, the
 jitted inference function of a Flax module, and the checks of loaded variables.
 
-Images enter as float RGB pixels in [0, 255], shape [N, H, W, 3]; every model
+Images enter as float pixels in [0, 255], shape [N, H, W, C] with the model's
+channel count C (`image_shape[-1]`: 3 for RGB, 1 for grayscale); every model
 normalises its own input and returns logits.
 """
 
@@ -35,6 +36,10 @@ CIFAR10_CLASSES = (
 # Per-channel RGB pixel mean and standard deviation of the CIFAR-10 training set.
 CIFAR10_MEAN = (125.307, 122.95, 113.865)
 CIFAR10_STD = (62.9932, 62.0887, 66.7048)
+# The MNIST training set's pixel mean and standard deviation (one channel).
+MNIST_MEAN = (0.1307 * 255,)  # 0.1307 and 0.3081 of [0, 1] pixels
+MNIST_STD = (0.3081 * 255,)
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -43,9 +48,9 @@ class LoadedModel:
     """A model ready for the attack: a pure apply function and its parameters."""
 
     name: str  # the spec it was loaded from
-    apply_fn: Callable[[Any, Any], Any]  # (params, images [N,H,W,3] f32 0-255) -> logits [N,C]
+    apply_fn: Callable[[Any, Any], Any]  # (params, images [N,H,W,C] f32 0-255) -> logits
     params: Any  # pytree; includes batch-norm statistics (inference mode)
-    image_shape: tuple[int, int, int]  # (H, W, 3)
+    image_shape: tuple[int, int, int]  # (H, W, C): the attack follows its channel count C
     num_classes: int
     class_names: tuple[str, ...] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
@@ -88,7 +93,7 @@ def make_apply_fn(module: nn.Module):
 
     @jax.jit
     def apply_fn(variables, images):
-        # images: [N, H, W, 3] float RGB 0-255 -> logits [N, num_classes] float32
+        # images: [N, H, W, C] float 0-255 -> logits [N, num_classes] float32
         return module.apply(variables, jnp.asarray(images, jnp.float32), train=False)
 
     return apply_fn

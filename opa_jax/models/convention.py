@@ -7,6 +7,10 @@ states that mapping once, and `apply` performs it inside the model's
 `apply_fn`, so the attack still perturbs pixels in 0-255.
 
     model input = (pixels[..., order] * scale - mean) / std
+
+An image of C channels other than 3 (grayscale: C = 1) takes a mean and std of
+one value (for every channel) or of C values, e.g. MNIST's `mean=(0.1307,)`,
+`std=(0.3081,)` after `scale=1/255`.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ class InputConvention:
     """The model input as a function of float RGB pixels 0-255 (see the module docstring)."""
 
     scale: float = 1.0  # 1/255 for models that take [0, 1] pixels
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # in scaled units, model channel order
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # In scaled units, model channel order: one value per channel, or one for all.
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
     channel_order: str = "rgb"  # "bgr": channels reversed before mean and std (Caffe models)
 
     def __post_init__(self):
@@ -37,25 +42,41 @@ class InputConvention:
         if not self.scale > 0:
             raise InputError(f"scale={self.scale}: expected a positive number")
         for field, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) != 3:
-                raise InputError(f"{field}={list(values)}: expected 3 values, one per channel")
+            if len(values) < 1:
+                raise InputError(f"{field}={list(values)}: expected one value per channel")
         if min(self.std) <= 0:
-            raise InputError(f"std={list(self.std)}: expected 3 positive values")
+            raise InputError(f"std={list(self.std)}: expected positive values")
+
+    def for_channels(self, channels: int) -> InputConvention:
+        """The convention for a C-channel input: a mean or std of equal values (the
+        defaults, `unit`) becomes one value for all channels; any other must give one
+        value per channel, or one for all."""
+        fields = {}
+        for field, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != channels and len(set(values)) == 1:
+                values = values[:1]
+            if len(values) not in (1, channels):
+                raise InputError(
+                    f"{field}={list(values)}: the model's input has {channels} channel(s); "
+                    "expected one value per channel, or one for all"
+                )
+            fields[field] = tuple(values)
+        return dataclasses.replace(self, **fields)
 
     @property
     def is_identity(self) -> bool:
         return self == InputConvention()
 
     def apply(self, images):
-        """[N, H, W, 3] float pixels 0-255 -> the model's input, same shape."""
+        """[N, H, W, C] float pixels 0-255 -> the model's input, same shape."""
         x = jnp.asarray(images, jnp.float32)
         if self.channel_order == "bgr":
             x = x[..., ::-1]
         if self.scale != 1.0:
             x = x * jnp.float32(self.scale)
-        if self.mean != (0.0, 0.0, 0.0):
+        if any(self.mean):
             x = x - jnp.asarray(self.mean, jnp.float32)
-        if self.std != (1.0, 1.0, 1.0):
+        if any(s != 1.0 for s in self.std):
             x = x / jnp.asarray(self.std, jnp.float32)
         return x
 
@@ -100,7 +121,9 @@ def _floats(text: str, field: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in str(text).replace(" ", "").strip("()[]").split(","))
     except ValueError as err:
-        raise InputError(f"{field}={text!r}: expected three comma-separated numbers") from err
+        raise InputError(
+            f"{field}={text!r}: expected comma-separated numbers, one per channel"
+        ) from err
 
 
 def from_config(config) -> InputConvention:

@@ -39,7 +39,7 @@ from jax import lax
 
 
 def normalize(images, mean, std, dtype):
-    """Per-channel standardisation of RGB pixels 0-255, cast to the compute dtype."""
+    """Per-channel standardisation of pixels 0-255, cast to the compute dtype."""
     return ((images - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
 
 

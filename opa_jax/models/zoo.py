@@ -16,7 +16,14 @@ import jax
 from opa_jax.errors import InputError
 from opa_jax.models.alexnet import AlexNet
 from opa_jax.models.allconv import AllConv
-from opa_jax.models.base import CIFAR10_CLASSES, LoadedModel, init_variables, make_apply_fn
+from opa_jax.models.base import (
+    CIFAR10_CLASSES,
+    MNIST_CLASSES,
+    LoadedModel,
+    init_variables,
+    make_apply_fn,
+)
+from opa_jax.models.lenet5 import LeNet5
 from opa_jax.models.nin import NiN
 from opa_jax.models.vgg import VGG16
 
@@ -24,7 +31,7 @@ from opa_jax.models.vgg import VGG16
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     module: type[nn.Module]
-    image_shape: tuple[int, int, int]  # (H, W, 3)
+    image_shape: tuple[int, int, int]  # (H, W, C)
     num_classes: int
     class_names: tuple[str, ...] | None
     description: str
@@ -35,6 +42,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "allconv": Architecture(AllConv, (32, 32, 3), 10, CIFAR10_CLASSES, "All-CNN-C, CIFAR-10"),
     "vgg16": Architecture(VGG16, (32, 32, 3), 10, CIFAR10_CLASSES, "VGG16 (BN, fc 2048), CIFAR-10"),
     "alexnet": Architecture(AlexNet, (227, 227, 3), 1000, None, "BVLC AlexNet, ImageNet"),
+    "lenet5": Architecture(LeNet5, (28, 28, 1), 10, MNIST_CLASSES, "LeNet-5, MNIST, grayscale"),
 }
 
 
