@@ -535,6 +535,12 @@ OP_CASES = {
         b.const(np.float32(b.rng.normal(0, 0.1, 8)))], num_groups=2, epsilon=1e-4)), 21),
     "reduce_mean_of_a_flattened_map": (lambda b, x: b.op("ReduceMean", [
         b.op("Reshape", [b.conv(x, 3, 4), ints(b, 0, 4, -1)])], axes=[2], keepdims=0), 17),
+    "gather_nd_of_a_table_and_per_image": (lambda b, x: flat(b, b.op("GatherND", [
+        b.op("Add", [tokens(b), b.op("GatherND", [
+            b.const(b.rng.normal(0, 1, (5, 4, 6)).astype(np.float32)),
+            b.const(b.rng.integers(-4, 4, (16, 2)))])]),
+        b.op("Expand", [b.const(np.int64([[[3], [0], [-1]]])), b.op("Concat", [
+            dim(b, x, 0), ints(b, 3, 1)], axis=0)])], batch_dims=1)), 17),
     "tile": (lambda b, x: flat(b, b.op("Add", [
         b.op("Tile", [b.const(np.float32(b.rng.normal(0, 1, (1, 3, 1, 8)))),
                       ints(b, 1, 1, 16, 2)]),

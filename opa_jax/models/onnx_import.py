@@ -485,6 +485,8 @@ def _reshaped(in_shape, target, allowzero: bool) -> tuple[int, ...]:
 def _flattened(value: Value, out_shape) -> Value:
     """A reshape that moves no data where the layouts allow: NHWC to [N, C*H*W] (FLAT) or
     [N, C, H*W] (NLC), and NLC back to [N, C, H, W]; else on the plain values."""
+    if value.static or value.layout == PLAIN:  # any rank, scalars included
+        return Value(value.data.reshape(out_shape))
     n = value.shape[0]
     if value.layout == NHWC and out_shape == (n, math.prod(value.shape[1:])):
         _, c, h, w = value.shape
@@ -496,8 +498,6 @@ def _flattened(value: Value, out_shape) -> Value:
         return Value(value.data.reshape(n, *out_shape[2:], out_shape[1]), NHWC)
     if value.layout == FLAT and out_shape == value.shape:
         return value
-    if value.static:
-        return Value(value.data.reshape(out_shape))
     return Value(plain(value).reshape(out_shape))
 
 
@@ -930,6 +930,25 @@ def op_einsum(node: Node, inputs, weights: Weights):
     return [Value(jnp.einsum(equation, *operands, precision=HIGHEST))]
 
 
+def op_gather_nd(node: Node, inputs, weights: Weights):
+    """GatherND with constant indices, `batch_dims` leading axes shared by data and indices."""
+    x, indices = inputs[0], static(inputs[1], "indices")
+    batch_dims = node.attrs.get("batch_dims", 0)
+    data = x.data if x.static else plain(x)
+    batch_shape = data.shape[:batch_dims]
+    data = data.reshape(-1, *data.shape[batch_dims:])
+    indices = indices.reshape(-1, *indices.shape[batch_dims:])
+
+    def gather(block, at):  # one batch entry: at [..., k] indexes block's first k axes
+        return block[tuple(at[..., i] for i in range(at.shape[-1]))]
+
+    if x.static:
+        out = np.stack([gather(block, at) for block, at in zip(data, indices, strict=True)])
+    else:
+        out = jax.vmap(gather)(data, jnp.asarray(indices))
+    return [Value(out.reshape(*batch_shape, *out.shape[1:]))]
+
+
 def op_scatter_nd(node: Node, inputs, weights: Weights):
     """ScatterND with constant indices (Swin's masks and relative position indices are
     built by slice assignment): in NumPy when all is static, else `.at[...]`."""
@@ -1046,6 +1065,7 @@ OPERATORS: dict[str, Callable] = {
     "Split": op_split,
     "Einsum": op_einsum,
     "ScatterND": op_scatter_nd,
+    "GatherND": op_gather_nd,
 }
 
 
