@@ -58,3 +58,9 @@ def test_fixture_loads_and_matches_onnxruntime_or_names_its_missing_operators(na
     theirs = runtime.run(None, inputs)[0]
     assert ours.shape == theirs.shape == (3, 10)
     assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_an_operator_the_importer_lacks_is_named(monkeypatch):
+    monkeypatch.delitem(onnx_import.OPERATORS, "LayerNormalization")
+    with pytest.raises(InputError, match=r"unsupported operator.*\(LayerNormalization\)"):
+        onnx_import.load_onnx_model(str(FIXTURES / "vit_torchscript.onnx"))
