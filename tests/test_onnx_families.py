@@ -447,6 +447,11 @@ OP_CASES = {
     "hard_swish": (lambda b, x: flat(b, b.op("HardSwish", [scaled(b, b.conv(x, 3, 4))])), 17),
     "hard_sigmoid_alpha_beta": (lambda b, x: flat(b, b.op("HardSigmoid", [
         scaled(b, b.conv(x, 3, 4))], alpha=0.3, beta=0.4)), 17),
+    "prelu_per_channel_mish_selu": (lambda b, x: flat(b, b.op("Concat", [
+        b.op("PRelu", [b.conv(x, 3, 4, k=1), b.const(np.float32([[[0.1]], [[0.2]], [[-0.3]],
+                                                                   [[0.5]]]))]),
+        b.op("Mish", [scaled(b, b.conv(x, 3, 2, k=1))]),
+        b.op("Selu", [scaled(b, b.conv(x, 3, 2, k=1))])], axis=1)), 18),
     "softmax_channels_of_a_map": (lambda b, x: flat(b, b.op("Softmax", [
         scaled(b, b.conv(x, 3, 4))], axis=1)), 17),
     "softmax_middle_axis_of_tokens": (lambda b, x: flat(b, b.op("Softmax", [

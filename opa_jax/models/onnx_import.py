@@ -1034,6 +1034,17 @@ OPERATORS: dict[str, Callable] = {
     "HardSigmoid": _unary(_hard_sigmoid),
     "HardSwish": _unary(lambda node, x: x * jnp.clip(x / 6 + 0.5, 0.0, 1.0)),
     "Softplus": _unary(lambda node, x: jax.nn.softplus(x)),
+    "Mish": _unary(lambda node, x: x * jnp.tanh(jax.nn.softplus(x))),
+    "Selu": _unary(
+        lambda node, x: (
+            node.attrs.get("gamma", 1.05070102214813232421875)
+            * jnp.where(x > 0, x, node.attrs.get("alpha", 1.67326319217681884765625) * jnp.expm1(x))
+        )
+    ),
+    "PRelu": _binary(
+        lambda x, slope: np.where(x < 0, x * slope, x),
+        lambda x, slope: jnp.where(x < 0, x * slope, x),
+    ),
     "Elu": _unary(lambda node, x: jax.nn.elu(x, node.attrs.get("alpha", 1.0))),
     "Sqrt": _math(np.sqrt, jnp.sqrt),
     "Exp": _math(np.exp, jnp.exp),
