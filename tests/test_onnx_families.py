@@ -87,10 +87,6 @@ def gelu_erf(b, x):
     return b.op("Mul", [half, b.const(np.float32(0.5))])
 
 
-def batch_norm(b, x, c):
-    return b.batch_norm(x, c)
-
-
 def attention(b, x, c, heads, bias_and_mask=None, split_form="num_outputs"):
     """Multi-head self-attention on tokens [B, T, c] (timm's Attention): qkv, Reshape to
     [B, T, 3, heads, d], Transpose, Split, q @ k^T * scale, Softmax, @ v, projection."""
@@ -248,13 +244,13 @@ def squeeze_excite(b, x, c, squeezed, gate="HardSigmoid", act="Relu"):
 def mobilenet_v3(b: GraphBuilder, x="images", classes=10):
     """MobileNetV3: HardSwish stem, an inverted residual with a HardSigmoid
     squeeze-excite, HardSwish classifier."""
-    x = b.op("HardSwish", [batch_norm(b, b.conv(x, 3, 8, bias=False, pads=[1, 1, 1, 1],
+    x = b.op("HardSwish", [b.batch_norm(b.conv(x, 3, 8, bias=False, pads=[1, 1, 1, 1],
                                                 strides=[2, 2]), 8)])  # fmt: skip  # 8x8
-    h = b.op("HardSwish", [batch_norm(b, b.conv(x, 8, 16, k=1, bias=False), 16)])
-    h = b.op("HardSwish", [batch_norm(b, b.conv(h, 16, 16, bias=False, group=16,
+    h = b.op("HardSwish", [b.batch_norm(b.conv(x, 8, 16, k=1, bias=False), 16)])
+    h = b.op("HardSwish", [b.batch_norm(b.conv(h, 16, 16, bias=False, group=16,
                                                 pads=[1, 1, 1, 1]), 16)])  # fmt: skip
     h = squeeze_excite(b, h, 16, 4)
-    x = b.op("Add", [x, batch_norm(b, b.conv(h, 16, 8, k=1, bias=False), 8)])
+    x = b.op("Add", [x, b.batch_norm(b.conv(h, 16, 8, k=1, bias=False), 8)])
     x = b.op("HardSwish", [b.conv(x, 8, 24, k=1)])
     x = b.op("Flatten", [b.op("GlobalAveragePool", [x])])
     x = b.op("HardSwish", [b.gemm(x, 24, 32)])
@@ -268,28 +264,28 @@ def silu(b, x):
 def efficientnet(b: GraphBuilder, x="images", classes=10):
     """EfficientNet: SiLU (Mul by Sigmoid) everywhere, an MBConv block with a Sigmoid
     squeeze-excite, residual Add."""
-    x = silu(b, batch_norm(b, b.conv(x, 3, 8, bias=False, pads=[1, 1, 1, 1]), 8))  # 16x16
-    h = silu(b, batch_norm(b, b.conv(x, 8, 24, k=1, bias=False), 24))
-    h = silu(b, batch_norm(b, b.conv(h, 24, 24, bias=False, group=24, pads=[1, 1, 1, 1]), 24))
+    x = silu(b, b.batch_norm(b.conv(x, 3, 8, bias=False, pads=[1, 1, 1, 1]), 8))  # 16x16
+    h = silu(b, b.batch_norm(b.conv(x, 8, 24, k=1, bias=False), 24))
+    h = silu(b, b.batch_norm(b.conv(h, 24, 24, bias=False, group=24, pads=[1, 1, 1, 1]), 24))
     h = squeeze_excite(b, h, 24, 4, gate="Sigmoid", act="SiLU")
-    x = b.op("Add", [x, batch_norm(b, b.conv(h, 24, 8, k=1, bias=False), 8)])
-    x = silu(b, batch_norm(b, b.conv(x, 8, 16, k=1, bias=False), 16))
+    x = b.op("Add", [x, b.batch_norm(b.conv(h, 24, 8, k=1, bias=False), 8)])
+    x = silu(b, b.batch_norm(b.conv(x, 8, 16, k=1, bias=False), 16))
     x = b.op("Flatten", [b.op("GlobalAveragePool", [x])])
     return b.gemm(x, 16, classes)
 
 
 def regnet(b: GraphBuilder, x="images", classes=10):
     """RegNet/ResNeXt: bottleneck blocks whose 3x3 Conv is grouped (group width 4)."""
-    x = b.op("Relu", [batch_norm(b, b.conv(x, 3, 8, bias=False, pads=[1, 1, 1, 1]), 8)])
+    x = b.op("Relu", [b.batch_norm(b.conv(x, 3, 8, bias=False, pads=[1, 1, 1, 1]), 8)])
 
     def block(x, cin, cout, stride):
-        h = b.op("Relu", [batch_norm(b, b.conv(x, cin, cout, k=1, bias=False), cout)])
+        h = b.op("Relu", [b.batch_norm(b.conv(x, cin, cout, k=1, bias=False), cout)])
         h = b.conv(h, cout, cout, bias=False, group=cout // 4, pads=[1, 1, 1, 1],
                    strides=[stride, stride])  # fmt: skip
-        h = b.op("Relu", [batch_norm(b, h, cout)])
-        h = batch_norm(b, b.conv(h, cout, cout, k=1, bias=False), cout)
+        h = b.op("Relu", [b.batch_norm(h, cout)])
+        h = b.batch_norm(b.conv(h, cout, cout, k=1, bias=False), cout)
         if stride != 1 or cin != cout:
-            x = batch_norm(b, b.conv(x, cin, cout, k=1, bias=False, strides=[stride, stride]),
+            x = b.batch_norm(b.conv(x, cin, cout, k=1, bias=False, strides=[stride, stride]),
                            cout)  # fmt: skip
         return b.op("Relu", [b.op("Add", [h, x])])
 
@@ -305,18 +301,18 @@ def densenet(b: GraphBuilder, x="images", classes=10, growth=4):
     c = 8
     for block in range(2):
         for _ in range(2):
-            h = b.conv(b.op("Relu", [batch_norm(b, x, c)]), c, 2 * growth, k=1, bias=False)
-            h = b.conv(b.op("Relu", [batch_norm(b, h, 2 * growth)]), 2 * growth, growth,
+            h = b.conv(b.op("Relu", [b.batch_norm(x, c)]), c, 2 * growth, k=1, bias=False)
+            h = b.conv(b.op("Relu", [b.batch_norm(h, 2 * growth)]), 2 * growth, growth,
                        bias=False, pads=[1, 1, 1, 1])  # fmt: skip
             x, c = b.op("Concat", [x, h], axis=1), c + growth
         if block == 0:
-            x = b.conv(b.op("Relu", [batch_norm(b, x, c)]), c, c // 2, k=1, bias=False)
+            x = b.conv(b.op("Relu", [b.batch_norm(x, c)]), c, c // 2, k=1, bias=False)
             x, c = b.op("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2]), c // 2
-    x = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [batch_norm(b, x, c)])])])
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.batch_norm(x, c)])])])
     return b.gemm(x, c, classes)
 
 
-# name: (build, input shape, operators the graph needs beyond the CNN basics)
+# name: (build(builder) -> logits, input shape); docs/models.md lists what each needs
 FAMILIES = {
     "vit": (vit, ("N", 3, 16, 16)),
     "swin": (swin, ("N", 3, 16, 16)),
