@@ -123,7 +123,7 @@ def test_unknown_architecture_in_model_json(nin, tmp_path):
     save(tmp_path / "model", variables)
     path = tmp_path / "model" / "model.json"
     path.write_text(path.read_text().replace('"model": "nin"', '"model": "resnet"'))
-    with pytest.raises(InputError, match="known: alexnet, allconv, nin, vgg16"):
+    with pytest.raises(InputError, match="known: alexnet, allconv, lenet5, nin, vgg16"):
         checkpoint.load_model_checkpoint(str(tmp_path / "model"))
 
 
