@@ -594,14 +594,16 @@ def test_grayscale_graph_loads_with_one_channel(tmp_path, nchw):
     assert model.image_shape == (28, 28, 1)
     assert model.meta["input"]["layout"] == ("NCHW" if nchw else "NHWC")
     assert_close(logits, onnxruntime_logits(path, images, nchw=nchw))
-    # a per-channel RGB convention cannot apply to one channel; a uniform one can
+    # a per-channel RGB convention cannot apply to one channel; one value for all can
     from opa_jax.models import convention
 
-    with pytest.raises(InputError, match="1-channel images"):
+    with pytest.raises(InputError, match=r"gray\.onnx.*1-channel images"):
         load_onnx_model(path, input_convention=convention.named("imagenet"))
-    unit = load_onnx_model(path, input_convention=convention.named("unit"))
-    want = onnxruntime_logits(path, images / np.float32(255), nchw=nchw)
-    assert_close(np.asarray(unit.apply_fn(unit.params, images)), want)
+    mnist = convention.InputConvention(scale=1 / 255, mean=(0.1307,), std=(0.3081,))
+    model = load_onnx_model(path, input_convention=mnist)
+    normalised = (images / np.float32(255) - np.float32(0.1307)) / np.float32(0.3081)
+    want = onnxruntime_logits(path, normalised.astype(np.float32), nchw=nchw)
+    assert_close(np.asarray(model.apply_fn(model.params, images)), want)
 
 
 def test_unsupported_operators_are_still_named(tmp_path):

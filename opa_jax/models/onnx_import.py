@@ -1431,26 +1431,12 @@ def _channels_first(dims) -> bool | None:
 
 
 def _prepare(convention: InputConvention, channels: int, path: str) -> Callable:
-    """The input convention for images of `channels` channels. The convention's
-    per-channel mean and std are RGB triples: a graph of another channel count takes
-    them only when the three are equal (e.g. `unit`, or a grayscale mean given thrice)."""
-    if channels == len(convention.mean):
-        return convention.apply
-    if len(set(convention.mean)) > 1 or len(set(convention.std)) > 1:
-        raise _error(
-            path,
-            f"the graph takes {channels}-channel images, and the input convention's mean "
-            f"{list(convention.mean)} and std {list(convention.std)} are per RGB channel; "
-            "give one value thrice (--config.onnx.mean=m,m,m --config.onnx.std=s,s,s)",
-        )
-    scale, mean, std = (
-        np.float32(v) for v in (convention.scale, convention.mean[0], convention.std[0])
-    )
-
-    def apply(images):
-        return (jnp.asarray(images, jnp.float32) * scale - mean) / std
-
-    return apply
+    """The input convention's `apply` for the graph's channel count (`for_channels`: one
+    mean and std per channel, or one for all)."""
+    try:
+        return convention.for_channels(channels).apply
+    except InputError as err:
+        raise _error(path, f"the graph takes {channels}-channel images: {err}") from err
 
 
 def _drop_final_softmax(nodes: list[Node], output_name: str) -> tuple[list[Node], str | None]:
