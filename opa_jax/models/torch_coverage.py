@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from opa_jax.errors import InputError
-from opa_jax.models import onnx_import, torch_export
+from opa_jax.models import onnx_import, torch_export, torch_fixtures
 from opa_jax.models.convention import InputConvention
 
 SIZES = (32, 64, 96, 128, 160, 224, 299, 384, 518)  # tried in order; the first that runs
@@ -55,12 +55,14 @@ def architectures() -> list[str]:
 
 
 def build(name: str):
-    """The architecture with random weights (seed 0), in eval mode."""
+    """The architecture with random weights (seed 0; an all-zero head, as ViT's, random),
+    in eval mode."""
     import torch
     import torchvision
 
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None).eval()
+    module = torchvision.models.get_model(name, weights=None)
+    return torch_fixtures.nonzero_heads(module).eval()
 
 
 def smallest_size(module) -> int:

@@ -96,11 +96,23 @@ FAMILIES: dict[str, Callable] = {
 
 
 def build(family: str):
-    """The family's small instance, random weights (seed 0), eval mode."""
+    """The family's small instance, random weights (seed 0, no all-zero head), eval mode."""
     import torch
 
     torch.manual_seed(0)
-    return FAMILIES[family]().eval()
+    return nonzero_heads(FAMILIES[family]()).eval()
+
+
+def nonzero_heads(module):
+    """The module with random weights in place of all-zero linear layers: torchvision
+    zero-initialises ViT's head, which leaves logits that do not depend on the image."""
+    import torch
+
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
+                torch.nn.init.normal_(layer.weight, std=0.5)
+    return module
 
 
 def exports() -> list[tuple[str, int | None]]:
