@@ -30,11 +30,29 @@ NUM_IMAGES = 2
 
 # One architecture of each family first, so that a partial run covers them all.
 FIRST = (
-    "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
-    "googlenet", "inception_v3", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf",
-    "shufflenet_v2_x0_5", "squeezenet1_0", "vgg11", "vit_b_32", "swin_t", "swin_v2_t",
-    "maxvit_t", "densenet121", "resnext50_32x4d", "wide_resnet50_2", "alexnet", "convnext_tiny",
-)  # fmt: skip
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "mnasnet0_5",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "vgg11",
+    "vit_b_32",
+    "swin_t",
+    "swin_v2_t",
+    "maxvit_t",
+    "densenet121",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "alexnet",
+    "convnext_tiny",
+)
 LARGE = ("large", "_l", "_h_", "b5", "b6", "b7", "16gf", "32gf", "128gf", "161", "152", "101")
 
 
@@ -148,8 +166,12 @@ def iter_rows(name: str, exports=EXPORTS):
         size = smallest_size(module)
     except ValueError as err:
         for exporter, opset in exports:
-            yield base | {"exporter": exporter, "opset_asked": opset, "loads": False,
-                          "error": str(err)}  # fmt: skip
+            yield base | {
+                "exporter": exporter,
+                "opset_asked": opset,
+                "loads": False,
+                "error": str(err),
+            }
         return
     base["size"] = size
     for exporter, opset in exports:

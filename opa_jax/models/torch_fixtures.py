@@ -41,22 +41,36 @@ def _vit():
     from torchvision.models import VisionTransformer
 
     return VisionTransformer(
-        image_size=IMAGE_SIZE, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
-        mlp_dim=32, num_classes=NUM_CLASSES,
-    )  # fmt: skip
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=NUM_CLASSES,
+    )
 
 
 def _swin(version: int):
     from torchvision.models import SwinTransformer, swin_transformer
 
-    blocks = {} if version == 1 else {
-        "block": swin_transformer.SwinTransformerBlockV2,
-        "downsample_layer": swin_transformer.PatchMergingV2,
-    }  # fmt: skip
+    blocks = (
+        {}
+        if version == 1
+        else {
+            "block": swin_transformer.SwinTransformerBlockV2,
+            "downsample_layer": swin_transformer.PatchMergingV2,
+        }
+    )
     return SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
-        num_classes=NUM_CLASSES, **blocks,
-    )  # fmt: skip
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=[4, 4],
+        num_classes=NUM_CLASSES,
+        **blocks,
+    )
 
 
 def _convnext():
@@ -77,10 +91,15 @@ def _maxvit():
     from torchvision.models import MaxVit
 
     return MaxVit(
-        input_size=(IMAGE_SIZE, IMAGE_SIZE), stem_channels=8, partition_size=4,
-        block_channels=[16], block_layers=[1], head_dim=8, stochastic_depth_prob=0.0,
+        input_size=(IMAGE_SIZE, IMAGE_SIZE),
+        stem_channels=8,
+        partition_size=4,
+        block_channels=[16],
+        block_layers=[1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
         num_classes=NUM_CLASSES,
-    )  # fmt: skip
+    )
 
 
 FAMILIES: dict[str, Callable] = {
@@ -144,12 +163,19 @@ def write_fixtures(out: str) -> list[dict]:
             name = f"{family}_{exporter}.onnx"
             with open(os.path.join(out, name), "wb") as f:
                 f.write(onnx_bytes)
-            entries.append({
-                "file": name, "family": family, "exporter": exporter,
-                "opset": next(e.version for e in proto.opset_import if e.domain in ("", "ai.onnx")),
-                "params": int(params), "bytes": len(onnx_bytes),
-                "operators": sorted({node.op_type for node in proto.graph.node}),
-            })  # fmt: skip
+            entries.append(
+                {
+                    "file": name,
+                    "family": family,
+                    "exporter": exporter,
+                    "opset": next(
+                        e.version for e in proto.opset_import if e.domain in ("", "ai.onnx")
+                    ),
+                    "params": int(params),
+                    "bytes": len(onnx_bytes),
+                    "operators": sorted({node.op_type for node in proto.graph.node}),
+                }
+            )
     manifest = {
         "made_by": "scripts/make_onnx_fixtures.py",
         "torch": torch.__version__,
