@@ -3,15 +3,14 @@ and robust accuracy over the images a run considers."""
 
 import json
 
-import numpy as np
 import pytest
-from test_records import MISLABELLED, NUM_IMAGES, config_for
+from test_records import MISLABELLED, NUM_IMAGES, config_for, tiny  # noqa: F401 (tiny: a fixture)
 from test_report import make_record
-from test_run import tiny_config, write_images, write_tiny_keras
+from test_run import tiny_config
 
-from opa_jax import attack, metrics, report, run
+from opa_jax import metrics, report, run
 from opa_jax import workdir as workdir_lib
-from opa_jax.models import LoadedModel, load_model
+from opa_jax.models import LoadedModel
 
 NUM_CLASSES = 4
 
@@ -210,17 +209,9 @@ def test_summary_json_reads_the_images_considered_from_run_info(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mislabelled(tmp_path_factory):
+def mislabelled(tiny):  # noqa: F811 (the fixture imported above)
     """test_records.py's tiny setup: images 1, 4 and 5 carry a label the model gets wrong."""
-    root = tmp_path_factory.mktemp("mislabelled")
-    model_spec = f"keras:{write_tiny_keras(root / 'tiny.h5')}"
-    model = load_model(model_spec)
-    images = np.random.default_rng(1).integers(0, 256, (NUM_IMAGES, 8, 8, 3), np.uint8)
-    labels = attack.predict_probs(model, images).argmax(-1)
-    labels[list(MISLABELLED)] = (labels[list(MISLABELLED)] + 1) % 10
-    write_images(root / "data", images, labels)
-    return {"model": model_spec, "data": f"folder:{root / 'data'}", "root": root,
-            "images": images, "labels": labels, "loaded": model}  # fmt: skip
+    return tiny
 
 
 @pytest.mark.parametrize(
