@@ -1,6 +1,8 @@
-"""Which torchvision classifiers the ONNX importer runs, by exporter and opset.
+"""Which torchvision and timm classifiers the ONNX importer runs, by exporter and opset;
+and the incremental evaluator's FLOP ratio on them at full size.
 
     nice -n 10 python scripts/onnx_coverage.py [--out=runs/onnx_coverage] [--models=a,b]
+    nice -n 10 python scripts/onnx_coverage.py --flops [--out=runs/onnx_coverage]
 
 For each architecture of torchvision.models (random weights, eval mode, the
 smallest image size it accepts): export with the TorchScript exporter at
@@ -9,7 +11,14 @@ opa_jax and compare with onnxruntime (opa_jax/models/torch_coverage.py).
 Each architecture runs in its own process, smallest first, and its rows are
 appended to OUT/results.jsonl as it finishes, so a second run resumes;
 OUT/table.md is rewritten after each. `--redo` measures the given models again.
-Needs the extra [torch], torchvision, onnxruntime and onnxscript.
+timm's families ("timm:NAME", `torch_coverage.TIMM_MODELS`) come first when timm is
+installed.
+
+`--flops`: for one architecture of each family (`torch_coverage.FLOP_MODELS`, or
+--models) at its full input size, XLA's FLOPs per query of the full and the
+incremental evaluator for one pixel, their ratio and `auto`'s choice, into
+OUT/flops.jsonl and OUT/flops.md, resumable the same way.
+Needs the extra [torch], torchvision, onnxruntime and onnxscript (and timm).
 """
 
 import json
@@ -28,6 +37,7 @@ _MODELS = flags.DEFINE_list("models", [], "Architectures to measure (default: al
 _REDO = flags.DEFINE_bool("redo", False, "Measure the given models again.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds for one architecture.")
 _ONE = flags.DEFINE_string("one", None, "Measure this architecture here and print its rows.")
+_FLOPS = flags.DEFINE_bool("flops", False, "Full-size FLOP ratios instead of coverage.")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -47,28 +57,21 @@ def read_rows(path: str) -> list[dict]:
 def main(argv):
     del argv
     if _ONE.value:
-        for row in torch_coverage.iter_rows(_ONE.value):
+        rows = [torch_coverage.flop_row(_ONE.value)] if _FLOPS.value else None
+        for row in rows or torch_coverage.iter_rows(_ONE.value):
             print("ROW " + json.dumps(row), flush=True)
         return
     os.makedirs(_OUT.value, exist_ok=True)
+    if _FLOPS.value:
+        measure_flops()
+        return
     results = os.path.join(_OUT.value, "results.jsonl")
     names = _MODELS.value or torch_coverage.architectures()
     done = {row["model"] for row in read_rows(results)}
     todo = [name for name in names if _REDO.value or name not in done]
     for number, name in enumerate(todo, 1):
         print(f"[{number}/{len(todo)}] {name}", flush=True)
-        try:
-            process = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), f"--one={name}"],
-                capture_output=True,
-                text=True,
-                timeout=_TIMEOUT.value,
-            )
-            stdout, error = process.stdout, (process.stderr.strip().splitlines() or [""])[-1]
-        except subprocess.TimeoutExpired as timeout:
-            stdout, error = timeout.stdout or "", f"over {_TIMEOUT.value} s"
-            stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
-        rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+        rows, error = run_one(name)
         measured = {(row["exporter"], row["opset_asked"]) for row in rows}
         rows += [
             {"exporter": exporter, "opset_asked": opset, "opset": opset, "loads": False,
@@ -91,6 +94,38 @@ def main(argv):
         )
         with open(os.path.join(_OUT.value, "table.md"), "w") as f:
             f.write(torch_coverage.render_table(table))
+
+
+def run_one(name: str, *flags_: str) -> tuple[list[dict], str]:
+    """(rows, last error line) of `--one=name` in its own process, within --timeout."""
+    command = [sys.executable, os.path.abspath(__file__), f"--one={name}", *flags_]
+    try:
+        process = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT.value)
+        stdout, error = process.stdout, (process.stderr.strip().splitlines() or [""])[-1]
+    except subprocess.TimeoutExpired as timeout:
+        stdout, error = timeout.stdout or "", f"over {_TIMEOUT.value} s"
+        stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+    rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+    return rows, error
+
+
+def measure_flops():
+    """Full-size FLOP ratios into OUT/flops.jsonl (resumed) and OUT/flops.md."""
+    results = os.path.join(_OUT.value, "flops.jsonl")
+    names = _MODELS.value or list(torch_coverage.FLOP_MODELS)
+    done = {row["model"] for row in read_rows(results)}
+    todo = [name for name in names if _REDO.value or name not in done]
+    for number, name in enumerate(todo, 1):
+        print(f"[{number}/{len(todo)}] {name}", flush=True)
+        rows, error = run_one(name, "--flops")
+        rows = rows or [{"model": name, "error": error[:300] or "no output"}]
+        with open(results, "a") as f:
+            f.write(json.dumps(rows[0]) + "\n")
+        print(f"  {rows[0]}", flush=True)
+        order = {name: number for number, name in enumerate(names)}
+        table = sorted(read_rows(results), key=lambda r: order.get(r["model"], len(order)))
+        with open(os.path.join(_OUT.value, "flops.md"), "w") as f:
+            f.write(torch_coverage.render_flops(table))
 
 
 if __name__ == "__main__":

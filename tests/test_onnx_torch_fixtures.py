@@ -1,4 +1,4 @@
-"""torchvision's families, exported by torch's own exporters, through the ONNX importer.
+"""torchvision's and timm's families, exported by torch's own exporters, through the ONNX importer.
 
 tests/data/onnx_torch/ holds small-width instances (scripts/make_onnx_fixtures.py;
 manifest.json says which exporter and opset wrote each). Each file either loads and
@@ -14,8 +14,11 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from test_incremental import assert_matches_full, placements
 
+from opa_jax import incremental
 from opa_jax.errors import InputError
+from opa_jax.incremental import thresholds
 from opa_jax.models import onnx_import
 from opa_jax.models.convention import InputConvention
 
@@ -30,9 +33,18 @@ def missing_operators(proto) -> set[str]:
 
 def test_every_fixture_is_in_the_manifest_and_small():
     assert sorted(p.name for p in FIXTURES.glob("*.onnx")) == sorted(FILES)
-    families = {entry["family"] for entry in MANIFEST["files"]}
-    assert {"mobilenet_v3_small", "vit", "swin", "convnext"} <= families
-    assert max((FIXTURES / name).stat().st_size for name in FILES) < 700 * 1024
+    assert max((FIXTURES / name).stat().st_size for name in FILES) < 800 * 1024
+
+
+def test_every_common_family_of_torchvision_and_timm_has_a_fixture_from_both_exporters():
+    made = {(entry["family"], entry["exporter"]) for entry in MANIFEST["files"]}
+    torchvision = {"vit", "swin", "swin_v2", "maxvit", "convnext", "efficientnet_b0"}
+    torchvision |= {"mobilenet_v2", "mobilenet_v3_small", "regnet", "resnext", "densenet"}
+    timm = {"vit", "deit", "swin", "convnext", "efficientnet", "mobilenetv2", "mobilenetv3"}
+    timm |= {"regnet", "resnet", "resnext", "densenet"}
+    families = torchvision | {f"timm_{name}" for name in timm}
+    for exporter in ("torchscript", "dynamo"):
+        assert {(family, exporter) for family in families} <= made
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -60,6 +72,24 @@ def test_fixture_loads_and_matches_onnxruntime_or_names_its_missing_operators(na
     # The logits depend on the image, so the comparison covers more than the head's bias.
     assert np.abs(theirs[0] - theirs[1]).max() > 1e-3 * np.abs(theirs).max()
     assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+TORCHSCRIPT = sorted(e["file"] for e in MANIFEST["files"] if e["exporter"] == "torchscript")
+
+
+@pytest.mark.parametrize("name", TORCHSCRIPT)
+def test_incremental_evaluator_is_exact_on_the_export_and_auto_follows_the_flop_ratio(name):
+    """One pixel at the corners, borders and random places: the incremental logits equal
+    the full pass's on every family's TorchScript export, and `auto` takes the incremental
+    evaluator exactly when it saves 1.2x the FLOPs."""
+    model = onnx_import.load_onnx_model(str(FIXTURES / name), InputConvention(scale=1 / 255))
+    assert_matches_full(model, 1, placements(model.image_shape, 1, 12))
+    flops = incremental.flops_per_query(model, 1)
+    ratio = flops["full"] / flops["incremental"]
+    chosen = incremental.make_evaluator("auto", model, 1)
+    takes_incremental = ratio >= thresholds.AUTO_MIN_FLOP_RATIO
+    assert isinstance(chosen, incremental.IncrementalEvaluator) == takes_incremental
+    print(f"\n{name}: auto={chosen.name} flop ratio {ratio:.2f}")
 
 
 def test_an_operator_the_importer_lacks_is_named(monkeypatch):

@@ -1,4 +1,5 @@
-"""Which torchvision classifiers the ONNX importer runs: export, load, compare with onnxruntime.
+"""Which torchvision and timm classifiers the ONNX importer runs, and what the incremental
+evaluator saves on them at full size.
 
 For one architecture (random weights, eval mode, the smallest image size it
 accepts from `SIZES`), `measure_architecture` exports the module with each
@@ -8,8 +9,12 @@ row says whether it loads, the largest logit difference relative to the
 largest logit, how much the logits depend on the image (random weights can
 leave only the classifier's bias), and the operators the graph holds that the
 importer lacks.
-`render_table` writes the rows as Markdown. Needs torch, torchvision and
-onnxruntime (and onnxscript for the dynamo exporter).
+`render_table` writes the rows as Markdown. Names of the form "timm:NAME" are timm's
+models (`TIMM_MODELS`: one of each of its common families). `flop_row` exports an
+architecture at its full input size and gives XLA's FLOPs per query of the full and
+the incremental evaluator, and `auto`'s choice (`render_flops` as Markdown). Needs
+torch, torchvision and onnxruntime (onnxscript for the dynamo exporter, timm for
+timm's models).
 """
 
 from __future__ import annotations
@@ -53,6 +58,48 @@ FIRST = (
     "alexnet",
     "convnext_tiny",
 )
+# timm's common families, one model of each (random weights); `architectures` lists them
+# after torchvision's when timm is installed.
+TIMM_MODELS = (
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "convnext_atto",
+    "efficientnet_b0",
+    "mobilenetv2_100",
+    "mobilenetv3_small_100",
+    "regnety_004",
+    "resnet18",
+    "resnext50_32x4d",
+    "densenet121",
+)
+# Full-size FLOP ratios: one architecture of each family of torchvision and of timm.
+FLOP_MODELS = (
+    "alexnet",
+    "vgg16",
+    "squeezenet1_1",
+    "googlenet",
+    "inception_v3",
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "densenet121",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mnasnet1_0",
+    "shufflenet_v2_x1_0",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "vit_b_16",
+    "swin_t",
+    "swin_v2_t",
+    "maxvit_t",
+) + tuple(f"timm:{name}" for name in TIMM_MODELS)
 LARGE = ("large", "_l", "_h_", "b5", "b6", "b7", "16gf", "32gf", "128gf", "161", "152", "101")
 
 
@@ -62,7 +109,13 @@ def architectures() -> list[str]:
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(
+    try:
+        import timm  # noqa: F401
+
+        timm_names = [f"timm:{name}" for name in TIMM_MODELS]
+    except ImportError:
+        timm_names = []
+    return timm_names + sorted(
         names,
         key=lambda name: (
             name not in FIRST,
@@ -74,13 +127,79 @@ def architectures() -> list[str]:
 
 def build(name: str):
     """The architecture with random weights (seed 0; an all-zero head, as ViT's, random),
-    in eval mode."""
+    in eval mode; "timm:NAME" is timm's."""
     import torch
-    import torchvision
 
     torch.manual_seed(0)
-    module = torchvision.models.get_model(name, weights=None)
+    if name.startswith("timm:"):
+        import timm
+
+        module = timm.create_model(name[len("timm:") :], pretrained=False)
+    else:
+        import torchvision
+
+        module = torchvision.models.get_model(name, weights=None)
     return torch_fixtures.nonzero_heads(module).eval()
+
+
+def full_size(name: str, module) -> int:
+    """The input size the architecture was designed for: timm's pretrained config, or
+    torchvision's default weights' crop (224 where it has none)."""
+    if name.startswith("timm:"):
+        return int(module.pretrained_cfg["input_size"][-1])
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    return int(weights.transforms().crop_size[0])
+
+
+def flop_row(name: str, num_pixels: int = 1) -> dict:
+    """XLA's FLOPs per query of the full and the incremental evaluator on the architecture
+    at its full size (TorchScript export at opset 17), their ratio and `auto`'s choice."""
+    from opa_jax import incremental
+    from opa_jax.incremental import thresholds
+
+    torch_threads()
+    module = build(name)
+    size = full_size(name, module)
+    row = {"model": name, "size": size, "pixels": num_pixels}
+    row["params_m"] = round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
+    onnx_bytes = torch_export.export_onnx(module, (size, size, 3), exporter="torchscript", opset=17)
+    model = onnx_import.load_onnx_model(onnx_bytes, InputConvention(scale=1 / 255))
+    start = time.perf_counter()
+    flops = incremental.flops_per_query(model, num_pixels)
+    ratio = flops["full"] / flops["incremental"]
+    return row | {
+        "gflops_full": flops["full"] / 1e9,
+        "gflops_incremental": flops["incremental"] / 1e9,
+        "ratio": ratio,
+        "auto": "incremental" if ratio >= thresholds.AUTO_MIN_FLOP_RATIO else "full",
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def render_flops(rows: list[dict]) -> str:
+    """`flop_row`s as a Markdown table."""
+    lines = [
+        "| model | size | parameters (M) | GFLOPs per query, full | incremental | ratio | `auto` |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if "ratio" not in row:
+            lines.append(f"| {row['model']} | - | - | {row.get('error', '-')[:90]} | - | - | - |")
+            continue
+        lines.append(
+            f"| {row['model']} | {row['size']} | {row['params_m']} | {row['gflops_full']:.3g} | "
+            f"{row['gflops_incremental']:.3g} | {row['ratio']:.2f} | {row['auto']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def torch_threads() -> None:
+    """One torch thread: the measurements run beside other work."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def smallest_size(module) -> int:
@@ -156,9 +275,7 @@ def measure_architecture(name: str, exports=EXPORTS) -> list[dict]:
 
 def iter_rows(name: str, exports=EXPORTS):
     """`measure_architecture`'s rows, each as soon as it is measured."""
-    import torch
-
-    torch.set_num_threads(1)
+    torch_threads()
     module = build(name)
     params = sum(p.numel() for p in module.parameters())
     base = {"model": name, "params_m": round(params / 1e6, 1)}

@@ -1,7 +1,7 @@
-"""Small-width instances of torchvision's families, for the ONNX fixtures of the tests.
+"""Small-width instances of torchvision's and timm's families, for the ONNX fixtures of the tests.
 
-`FAMILIES` builds each architecture at a width that keeps its .onnx file to a
-few hundred KB at most (random weights, seed 0, 10 classes, 32x32 images), with
+`FAMILIES` (torchvision) and `TIMM_FAMILIES` build each architecture at a width
+that keeps its .onnx file under 800 KB (random weights, seed 0, 10 classes, 32x32 images), with
 the operators its full-size sibling exports. `write_fixtures` exports them
 (scripts/make_onnx_fixtures.py); tests/test_onnx_torch_fixtures.py reads the
 files and needs no torch.
@@ -102,6 +102,124 @@ def _maxvit():
     )
 
 
+def _mobilenet_v2():
+    from torchvision.models import MobileNetV2
+
+    settings = [[1, 16, 1, 1], [6, 24, 1, 2], [6, 32, 1, 2]]  # t, c, n, s: three stages
+    return MobileNetV2(NUM_CLASSES, width_mult=0.25, inverted_residual_setting=settings)
+
+
+def _regnet():
+    from torchvision.models import RegNet
+    from torchvision.models.regnet import BlockParams
+
+    params = BlockParams.from_init_params(
+        depth=2, w_0=8, w_a=8.0, w_m=2.0, group_width=4, se_ratio=0.25
+    )
+    return RegNet(params, num_classes=NUM_CLASSES, stem_width=8)
+
+
+def _resnext():
+    """ResNeXt's stem and first stage (bottlenecks of 4 groups); the later stages, at
+    torchvision's fixed widths, would make a file of megabytes."""
+    import torch
+    from torchvision.models import ResNet
+    from torchvision.models.resnet import Bottleneck
+
+    module = ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4)
+    module.layer2 = module.layer3 = module.layer4 = torch.nn.Identity()
+    module.fc = torch.nn.Linear(256, NUM_CLASSES)
+    return module
+
+
+def _densenet():
+    from torchvision.models import DenseNet
+
+    return DenseNet(4, (1, 1), num_init_features=8, bn_size=2, num_classes=NUM_CLASSES)
+
+
+def _timm_vit(distilled: bool):
+    from timm.models import deit, vision_transformer
+
+    kind = deit.VisionTransformerDistilled if distilled else vision_transformer.VisionTransformer
+    return kind(
+        img_size=IMAGE_SIZE,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=2,
+        num_classes=NUM_CLASSES,
+    )
+
+
+def _timm_swin():
+    from timm.models import swin_transformer
+
+    return swin_transformer.SwinTransformer(
+        img_size=IMAGE_SIZE,
+        patch_size=4,
+        window_size=4,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        num_classes=NUM_CLASSES,
+    )
+
+
+def _timm_convnext():
+    from timm.models import convnext
+
+    return convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=NUM_CLASSES)
+
+
+def _timm_mobile(generator: str, variant: str):
+    """timm's EfficientNet, MobileNetV2 and MobileNetV3 builders at a quarter of the width
+    and depth."""
+    from timm.models import efficientnet, mobilenetv3
+
+    build = getattr(efficientnet, generator, None) or getattr(mobilenetv3, generator)
+    module = build(variant, 0.25, 0.25, num_classes=NUM_CLASSES)
+    if isinstance(module, mobilenetv3.MobileNetV3):  # a head of 64 features, not 1,024
+        import torch
+
+        module.conv_head = torch.nn.Conv2d(module.conv_head.in_channels, 64, 1)
+        module.classifier = torch.nn.Linear(64, NUM_CLASSES)
+    return module
+
+
+def _timm_regnet():
+    from timm.models import regnet
+
+    config = regnet.RegNetCfg(depth=4, w0=8, wa=16, wm=1.5, group_size=8, se_ratio=0.25)
+    return regnet.RegNet(config, num_classes=NUM_CLASSES, stem_width=8)
+
+
+def _timm_resnet(bottleneck: bool):
+    from timm.models import resnet
+
+    if bottleneck:  # ResNeXt: 4 groups
+        return resnet.ResNet(
+            resnet.Bottleneck,
+            (1, 1, 1, 1),
+            cardinality=4,
+            base_width=32,
+            channels=(8, 16, 32, 64),
+            stem_width=8,
+            num_classes=NUM_CLASSES,
+        )
+    block = resnet.BasicBlock
+    return resnet.ResNet(
+        block, (1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8, num_classes=NUM_CLASSES
+    )
+
+
+def _timm_densenet():
+    from timm.models import densenet
+
+    return densenet.DenseNet(growth_rate=4, block_config=(1, 1), bn_size=2, num_classes=NUM_CLASSES)
+
+
 FAMILIES: dict[str, Callable] = {
     "mobilenet_v3_small": _mobilenet_v3_small,
     "efficientnet_b0": _efficientnet_b0,
@@ -111,6 +229,25 @@ FAMILIES: dict[str, Callable] = {
     "swin": lambda: _swin(1),
     "swin_v2": lambda: _swin(2),
     "maxvit": _maxvit,
+    "mobilenet_v2": _mobilenet_v2,
+    "regnet": _regnet,
+    "resnext": _resnext,
+    "densenet": _densenet,
+}
+
+# timm's common families (timm's own modules; `write_fixtures` skips them without timm).
+TIMM_FAMILIES: dict[str, Callable] = {
+    "timm_vit": lambda: _timm_vit(False),
+    "timm_deit": lambda: _timm_vit(True),
+    "timm_swin": _timm_swin,
+    "timm_convnext": _timm_convnext,
+    "timm_efficientnet": lambda: _timm_mobile("_gen_efficientnet", "efficientnet_b0"),
+    "timm_mobilenetv2": lambda: _timm_mobile("_gen_mobilenet_v2", "mobilenetv2_100"),
+    "timm_mobilenetv3": lambda: _timm_mobile("_gen_mobilenet_v3", "mobilenetv3_small_100"),
+    "timm_regnet": _timm_regnet,
+    "timm_resnet": lambda: _timm_resnet(False),
+    "timm_resnext": lambda: _timm_resnet(True),
+    "timm_densenet": _timm_densenet,
 }
 
 
@@ -119,7 +256,8 @@ def build(family: str):
     import torch
 
     torch.manual_seed(0)
-    return nonzero_heads(FAMILIES[family]()).eval()
+    make = FAMILIES.get(family) or TIMM_FAMILIES[family]
+    return nonzero_heads(make()).eval()
 
 
 def nonzero_heads(module):
@@ -144,15 +282,26 @@ def exports() -> list[tuple[str, int | None]]:
     return [("torchscript", 17), ("dynamo", None)]
 
 
-def write_fixtures(out: str) -> list[dict]:
-    """Exports every family with every exporter of `exports()` into `out`, with
-    manifest.json; returns the manifest's entries."""
+def available_families() -> list[str]:
+    """`FAMILIES`, and `TIMM_FAMILIES` when timm is installed."""
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return list(FAMILIES)
+    return list(FAMILIES) + list(TIMM_FAMILIES)
+
+
+def write_fixtures(out: str, families: list[str] | None = None) -> list[dict]:
+    """Exports each of `families` (default: `available_families()`) with every exporter of
+    `exports()` into `out`, and records them in manifest.json beside the files of other
+    families already there; returns the new entries."""
     import onnx
     import torch
 
     os.makedirs(out, exist_ok=True)
+    families = families or available_families()
     entries = []
-    for family in FAMILIES:
+    for family in families:
         module = build(family)
         params = sum(p.numel() for p in module.parameters())
         for exporter, opset in exports():
@@ -176,14 +325,26 @@ def write_fixtures(out: str) -> list[dict]:
                     "operators": sorted({node.op_type for node in proto.graph.node}),
                 }
             )
+    _write_manifest(out, entries, torch.__version__)
+    return entries
+
+
+def _write_manifest(out: str, entries: list[dict], torch_version: str) -> None:
+    """manifest.json: the entries of earlier files whose family was not rewritten, then
+    `entries`."""
+    path = os.path.join(out, "manifest.json")
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rewritten = {entry["family"] for entry in entries}
+            kept = [e for e in json.load(f)["files"] if e["family"] not in rewritten]
     manifest = {
         "made_by": "scripts/make_onnx_fixtures.py",
-        "torch": torch.__version__,
+        "torch": torch_version,
         "image_size": IMAGE_SIZE,
         "input": "[batch, 3, 32, 32] float [0, 1] pixels; output [batch, 10] logits",
-        "files": entries,
+        "files": kept + entries,
     }
-    with open(os.path.join(out, "manifest.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-    return entries
