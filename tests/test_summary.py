@@ -101,6 +101,16 @@ def test_wilson_interval_matches_published_values():
     assert metrics.wilson_interval(0, 0) == (0.0, 1.0)
 
 
+def test_wilson_interval_reaches_exactly_0_and_1_at_the_ends():
+    """At n/n the upper bound is 1.0 itself, not a rounding below it (10/10 once gave
+    0.9999999999999999, and a plot's error bar below the point refused to draw)."""
+    for n in range(1, 60):
+        assert metrics.wilson_interval(n, n)[1] == 1.0
+        assert metrics.wilson_interval(0, n)[0] == 0.0
+        low, high = metrics.wilson_interval(n, n)
+        assert low < 1.0 and low == pytest.approx(n / (n + metrics.Z_95**2))
+
+
 def test_summary_intervals_of_the_hand_records():
     summary = metrics.Tally(NUM_CLASSES).update(hand_records()).summary()
     assert summary["success_rate_ci95"] == pytest.approx(metrics.wilson_interval(4, 6))
