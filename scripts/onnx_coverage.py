@@ -11,6 +11,7 @@ opa_jax and compare with onnxruntime (opa_jax/models/torch_coverage.py).
 Each architecture runs in its own process, smallest first, and its rows are
 appended to OUT/results.jsonl as it finishes, so a second run resumes;
 OUT/table.md is rewritten after each. `--redo` measures the given models again.
+Each measurement runs mostly on one thread, so --workers (default 2) run at once.
 timm's families ("timm:NAME", `torch_coverage.TIMM_MODELS`) come first when timm is
 installed.
 
@@ -21,6 +22,7 @@ OUT/flops.jsonl and OUT/flops.md, resumable the same way.
 Needs the extra [torch], torchvision, onnxruntime and onnxscript (and timm).
 """
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -37,6 +39,9 @@ _MODELS = flags.DEFINE_list("models", [], "Architectures to measure (default: al
 _REDO = flags.DEFINE_bool("redo", False, "Measure the given models again.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds for one architecture.")
 _ONE = flags.DEFINE_string("one", None, "Measure this architecture here and print its rows.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 2, "Architectures measured at once, each in its own process (mostly one thread)."
+)
 _FLOPS = flags.DEFINE_bool("flops", False, "Full-size FLOP ratios instead of coverage.")
 
 
@@ -69,16 +74,20 @@ def main(argv):
     names = _MODELS.value or torch_coverage.architectures()
     done = {row["model"] for row in read_rows(results)}
     todo = [name for name in names if _REDO.value or name not in done]
-    for number, name in enumerate(todo, 1):
+    for number, (name, (rows, error)) in enumerate(in_parallel(todo), 1):
         print(f"[{number}/{len(todo)}] {name}", flush=True)
-        rows, error = run_one(name)
         measured = {(row["exporter"], row["opset_asked"]) for row in rows}
         rows += [
-            {"exporter": exporter, "opset_asked": opset, "opset": opset, "loads": False,
-             "error": error[:300] or "no output"}
+            {
+                "exporter": exporter,
+                "opset_asked": opset,
+                "opset": opset,
+                "loads": False,
+                "error": error[:300] or "no output",
+            }
             for exporter, opset in torch_coverage.EXPORTS
             if (exporter, opset) not in measured
-        ]  # fmt: skip
+        ]
         with open(results, "a") as f:
             for row in rows:
                 f.write(json.dumps({"model": name} | row) + "\n")
@@ -94,6 +103,14 @@ def main(argv):
         )
         with open(os.path.join(_OUT.value, "table.md"), "w") as f:
             f.write(torch_coverage.render_table(table))
+
+
+def in_parallel(names: list[str], *flags_: str):
+    """(name, `run_one(name)`) for each name as it finishes, --workers at a time."""
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS.value) as pool:
+        futures = {pool.submit(run_one, name, *flags_): name for name in names}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
 
 
 def run_one(name: str, *flags_: str) -> tuple[list[dict], str]:
@@ -115,9 +132,8 @@ def measure_flops():
     names = _MODELS.value or list(torch_coverage.FLOP_MODELS)
     done = {row["model"] for row in read_rows(results)}
     todo = [name for name in names if _REDO.value or name not in done]
-    for number, name in enumerate(todo, 1):
+    for number, (name, (rows, error)) in enumerate(in_parallel(todo, "--flops"), 1):
         print(f"[{number}/{len(todo)}] {name}", flush=True)
-        rows, error = run_one(name, "--flops")
         rows = rows or [{"model": name, "error": error[:300] or "no output"}]
         with open(results, "a") as f:
             f.write(json.dumps(rows[0]) + "\n")
