@@ -10,7 +10,8 @@ opset 17 and at its default opset, and with the dynamo exporter; load with
 opa_jax and compare with onnxruntime (opa_jax/models/torch_coverage.py).
 Each architecture runs in its own process, smallest first, and its rows are
 appended to OUT/results.jsonl as it finishes, so a second run resumes;
-OUT/table.md is rewritten after each. `--redo` measures the given models again.
+OUT/table.md (a row per export) and OUT/summary.md (a line per architecture) are
+rewritten after each. `--redo` measures the given models again.
 Each measurement runs mostly on one thread, so --workers (default 2) run at once.
 timm's families ("timm:NAME", `torch_coverage.TIMM_MODELS`) come first when timm is
 installed.
@@ -103,6 +104,8 @@ def main(argv):
         )
         with open(os.path.join(_OUT.value, "table.md"), "w") as f:
             f.write(torch_coverage.render_table(table))
+        with open(os.path.join(_OUT.value, "summary.md"), "w") as f:
+            f.write(torch_coverage.render_summary(table))
 
 
 def in_parallel(names: list[str], *flags_: str):

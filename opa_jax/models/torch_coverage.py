@@ -9,7 +9,8 @@ row says whether it loads, the largest logit difference relative to the
 largest logit, how much the logits depend on the image (random weights can
 leave only the classifier's bias), and the operators the graph holds that the
 importer lacks.
-`render_table` writes the rows as Markdown. Names of the form "timm:NAME" are timm's
+`render_table` writes the rows as Markdown, `render_summary` one line per
+architecture. Names of the form "timm:NAME" are timm's
 models (`TIMM_MODELS`: one of each of its common families). `flop_row` exports an
 architecture at its full input size and gives XLA's FLOPs per query of the full and
 the incremental evaluator, and `auto`'s choice (`render_flops` as Markdown). Needs
@@ -176,6 +177,36 @@ def flop_row(name: str, num_pixels: int = 1) -> dict:
         "auto": "incremental" if ratio >= thresholds.AUTO_MIN_FLOP_RATIO else "full",
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def render_summary(rows: list[dict]) -> str:
+    """One line per architecture: for each of `EXPORTS`, whether the export loads and
+    its largest logit difference relative to the largest logit, else why not."""
+    by_model: dict[str, dict] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[(row["exporter"], row.get("opset_asked"))] = row
+    heads = [f"{exporter} {opset or 'default'}" for exporter, opset in EXPORTS]
+    lines = [
+        "| model | parameters (M) | size | " + " | ".join(heads) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in heads) + " |",
+    ]
+    for model, measured in by_model.items():
+        cells = []
+        for key in EXPORTS:
+            row = measured.get(key, {})
+            if "rel_diff" in row:
+                cells.append(f"opset {row.get('opset')}: {row['rel_diff']:.1e}")
+            elif row.get("missing"):
+                cells.append("lacks " + ", ".join(row["missing"]))
+            else:
+                cells.append(row.get("error", "-").replace("|", "/")[:70])
+        first = next(iter(measured.values()))
+        lines.append(
+            f"| {model} | {first.get('params_m', '-')} | {first.get('size', '-')} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def render_flops(rows: list[dict]) -> str:
