@@ -248,6 +248,27 @@ def smallest_size(module) -> int:
     raise ValueError(f"runs at none of {SIZES} ({'; '.join(errors[-2:])})")
 
 
+def calibrate_batch_norm(module, size: int, images: int = 8) -> None:
+    """Sets every batch norm's running statistics to those of random images at `size`.
+
+    At initialisation they are 0 and 1, and through a deep network of small random
+    weights (GoogLeNet's, ShuffleNet's) the features then shrink until the logits are
+    the classifier's bias whatever the image, which a comparison hardly tests.
+    """
+    import torch
+
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches seen
+    module.train()
+    with torch.no_grad():
+        module(torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    module.eval()
+
+
 def missing_operators(model_proto) -> list[str]:
     """The graph's operators that `onnx_import.OPERATORS` lacks (domain-qualified if not ONNX)."""
     missing = set()
@@ -322,6 +343,7 @@ def iter_rows(name: str, exports=EXPORTS):
             }
         return
     base["size"] = size
+    calibrate_batch_norm(module, size)
     for exporter, opset in exports:
         row = base | {"exporter": exporter, "opset_asked": opset, "opset": opset}
         if 4 * params > MAX_BYTES:
