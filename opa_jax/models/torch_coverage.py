@@ -264,8 +264,17 @@ def calibrate_batch_norm(module, size: int, images: int = 8) -> None:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches seen
     module.train()
-    with torch.no_grad():
-        module(torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    # Train mode can run more than eval mode (Inception's auxiliary head needs 299 pixels):
+    # the first size from `size` on at which it runs.
+    for calibration_size in [s for s in SIZES if s >= size]:
+        pixels = torch.rand(images, 3, calibration_size, calibration_size)
+        try:
+            with torch.no_grad():
+                module(pixels)
+            break
+        except (RuntimeError, ValueError, AssertionError):
+            for norm in norms:
+                norm.reset_running_stats()
     module.eval()
 
 
