@@ -624,8 +624,7 @@ def plot_fooled_by_margin(measures: Sequence[ModelMeasures], edges: np.ndarray, 
         x = np.asarray([p[0] for p in points])
         share = np.asarray([100 * f / n for _, f, n in points])
         bounds = np.asarray([metrics.wilson_interval(f, n) for _, f, n in points]) * 100
-        # Clipped at 0: a bin fooled throughout has a Wilson bound a rounding below 100%.
-        error = np.maximum(np.stack([share - bounds[:, 0], bounds[:, 1] - share]), 0.0)
+        error = np.stack([share - bounds[:, 0], bounds[:, 1] - share])
         ax.errorbar(x, share, yerr=error, marker="o", capsize=3, label=f"{m.name} ({label})")
     for edge in edges[1:-1]:
         ax.axvline(edge, color="0.85", linewidth=0.8, zorder=0)

@@ -158,7 +158,6 @@ def flop_row(name: str, num_pixels: int = 1) -> dict:
     """XLA's FLOPs per query of the full and the incremental evaluator on the architecture
     at its full size (TorchScript export at opset 17), their ratio and `auto`'s choice."""
     from opa_jax import incremental
-    from opa_jax.incremental import thresholds
 
     torch_threads()
     module = build(name)
@@ -169,12 +168,11 @@ def flop_row(name: str, num_pixels: int = 1) -> dict:
     model = onnx_import.load_onnx_model(onnx_bytes, InputConvention(scale=1 / 255))
     start = time.perf_counter()
     flops = incremental.flops_per_query(model, num_pixels)
-    ratio = flops["full"] / flops["incremental"]
     return row | {
         "gflops_full": flops["full"] / 1e9,
         "gflops_incremental": flops["incremental"] / 1e9,
-        "ratio": ratio,
-        "auto": "incremental" if ratio >= thresholds.AUTO_MIN_FLOP_RATIO else "full",
+        "ratio": flops["full"] / flops["incremental"],
+        "auto": incremental.make_evaluator("auto", model, num_pixels).name,
         "seconds": round(time.perf_counter() - start, 1),
     }
 

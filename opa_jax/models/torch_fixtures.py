@@ -196,21 +196,21 @@ def _timm_regnet():
 
 
 def _timm_resnet(bottleneck: bool):
+    """timm's ResNet at widths 8 to 64; with `bottleneck`, ResNeXt's 4-group bottlenecks."""
     from timm.models import resnet
 
-    if bottleneck:  # ResNeXt: 4 groups
-        return resnet.ResNet(
-            resnet.Bottleneck,
-            (1, 1, 1, 1),
-            cardinality=4,
-            base_width=32,
-            channels=(8, 16, 32, 64),
-            stem_width=8,
-            num_classes=NUM_CLASSES,
-        )
-    block = resnet.BasicBlock
+    block, groups = (
+        (resnet.Bottleneck, {"cardinality": 4, "base_width": 32})
+        if bottleneck
+        else (resnet.BasicBlock, {})
+    )
     return resnet.ResNet(
-        block, (1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8, num_classes=NUM_CLASSES
+        block,
+        (1, 1, 1, 1),
+        channels=(8, 16, 32, 64),
+        stem_width=8,
+        num_classes=NUM_CLASSES,
+        **groups,
     )
 
 
