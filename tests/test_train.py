@@ -633,6 +633,15 @@ def test_float16_model_keeps_its_stored_accuracy_time_and_card(dataset, tmp_path
     assert f"{100 * accuracy['accuracy']:.2f}% ({accuracy['correct']}/32)" in card
     curve = [line for line in card.splitlines() if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in curve] == ["| 1", "| 2", "| 3", "| 4", "| 5 (final)"]
+    assert "nan" not in card
+    stored = os.path.join(workdir, "model", "model.json")
+    with open(stored) as f:
+        description = json.load(f)
+    del description["history"][0]["train_accuracy"]  # as a resume evaluating before a log
+    with open(stored, "w") as f:
+        json.dump(description, f)
+    first = model_card.model_card(os.path.join(workdir, "model")).split("| 1 | ")[1]
+    assert first.split(" | ")[1] == "-"  # no train accuracy: a dash, not "nan%"
     script = os.path.join(REPO, "scripts", "model_card.py")
     completed = subprocess.run(
         [sys.executable, script, str(tmp_path / "missing")], capture_output=True, text=True

@@ -101,9 +101,10 @@ def _history_table(meta: dict, epochs: float, hours: float) -> list[str]:
     ]
     for record in history:
         cpu = record.get("train_cpu_seconds")
+        train = record.get("train_accuracy")  # none logged yet when a resume evaluates first
         lines.append(
             f"| {record['epoch']:g} | {100 * record['test_accuracy']:.2f}% | "
-            f"{100 * record.get('train_accuracy', float('nan')):.2f}% | "
+            f"{'-' if train is None else f'{100 * train:.2f}%'} | "
             f"{record['train_seconds'] / 3600:.2f} | "
             f"{'-' if cpu is None else f'{cpu / 3600:.2f}'} |"
         )
