@@ -7,8 +7,9 @@ python scripts/paper_gap.py --out=docs/paper_gap \
   --runs=nin:docs/runs/zoo_nin_1px,docs/runs/zoo_nin_1px_targeted,docs/runs/search_nin_none \
   --model=allconv:ckpt:checkpoints/cifar10/allconv --runs=allconv:docs/runs/zoo_allconv_1px
 
-Model names pick the factor rows: `nin_no_smoothing` and `nin_plain` are compared
-with `nin` (opa_jax.paper_gap.MODEL_FACTORS); `nin`, `allconv` and `vgg16` with the
+Model names pick the factor rows (opa_jax.paper_gap.MODEL_FACTORS): `nin_no_smoothing`,
+`nin_plain` and `nin_other_images` (the shipped NiN attacked on other images) are compared
+with `nin`, `nin_plain_noaug` with `nin_plain`; `nin`, `allconv` and `vgg16` with the
 paper's figures.
 """
 

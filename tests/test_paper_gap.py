@@ -193,6 +193,8 @@ def test_factor_rows(measured):
     assert smoothing.interval == paper_gap.unpaired_difference_interval(6, 8, 3, 10)
     assert smoothing.comparison.endswith("DE, each model on its own images")
     assert rows["paper recipe", "nin_plain vs nin"].note.startswith("not measured: needs")
+    images = rows["images", "nin_other_images vs nin"]  # the shipped NiN on other images
+    assert images.note.startswith("not measured: needs a model named nin_other_images")
     no_search = rows["search", "nin_no_smoothing"]
     assert no_search.share_a is None and "exhaustive" in no_search.note
 

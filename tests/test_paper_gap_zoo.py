@@ -3,7 +3,10 @@ trains, ships and searches them: here on a tiny NiN and a two-class synthetic se
 
 import json
 import os
+import shutil
 import sys
+
+import numpy as np
 
 import pytest
 from conftest import run_job_script
@@ -80,11 +83,22 @@ def test_the_job_trains_ships_searches_and_reports_and_resumes(dataset, tmp_path
     # The paper recipe's row needs the shipped NiN, which this tiny zoo lacks: said so.
     assert "not measured: needs a model named nin (--model=nin:SPEC)" in report
 
-    again = gap(tmp_path, dataset)
+    # Again, now with a NiN shipped: the variant is kept as it was, and NiN is searched on
+    # images drawn at random from a range (the test images are 1000-1031 here).
+    shutil.copytree(shipped, tmp_path / "checkpoints" / "nin")
+    again = gap(tmp_path, dataset, GAP_OTHER_IMAGES="1000:1032")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"nin_plain: shipped at {shipped}" in again.stdout and "training in" not in again.stdout
     kept = [json.loads(line) for line in (records / "results.jsonl").read_text().splitlines()]
     assert kept == rows
+    other = tmp_path / "records" / "search_nin_other_images_none"
+    drawn = np.random.default_rng(0).permutation(np.arange(1000, 1032))[:3]  # 1.4 x 2, up
+    config = json.loads((other / "config.json").read_text())
+    assert config["selection"] == ",".join(map(str, drawn))
+    attacked = [json.loads(line) for line in (other / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in attacked) == sorted(drawn[:2])  # only_correct=False
+    report = (tmp_path / "paper_gap" / "paper_gap.md").read_text()
+    assert "--model=nin_other_images:ckpt:" in report and "search_nin_other_images_none" in report
 
 
 def test_bad_settings_stop_before_any_work(tmp_path):
@@ -94,4 +108,6 @@ def test_bad_settings_stop_before_any_work(tmp_path):
     assert f"GAP_VARIANTS has 'nin_bn': {expected}" in done.stderr
     done = gap(tmp_path, "unused", GAP_MAX_TRAIN_HOURS="soon")
     assert done.returncode == 2 and "GAP_MAX_TRAIN_HOURS is 'soon'" in done.stderr
+    done = gap(tmp_path, "unused", GAP_OTHER_IMAGES="115-1017")
+    assert done.returncode == 2 and "GAP_OTHER_IMAGES is '115-1017': expected an A:B" in done.stderr
     assert not (tmp_path / "runs").exists()
