@@ -24,7 +24,7 @@
 #
 # Environment (defaults in brackets):
 #   PYTHON [.venv/bin/python]  GAP_RUNS [runs]  GAP_CHECKPOINTS [checkpoints/cifar10]
-#   GAP_VARIANTS ["nin_no_smoothing nin_plain"]  GAP_IMAGES [100]
+#   GAP_VARIANTS [all three]  GAP_IMAGES [100]
 #   GAP_RECORDS [docs/runs]  GAP_OUT [docs/paper_gap]
 #   GAP_OTHER_IMAGES [115:1017]: an A:B range of image indices: those after NiN's first
 #     100 correctly classified exact test images (0-114); empty: no such search.
@@ -38,7 +38,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 RUNS=${GAP_RUNS:-runs}
 CKPTS=${GAP_CHECKPOINTS:-checkpoints/cifar10}
-VARIANTS=${GAP_VARIANTS:-nin_no_smoothing nin_plain}
+VARIANTS=${GAP_VARIANTS:-nin_no_smoothing nin_plain nin_plain_noaug}
 IMAGES=${GAP_IMAGES:-100}
 RECORDS=${GAP_RECORDS:-docs/runs}
 OUT=${GAP_OUT:-docs/paper_gap}
