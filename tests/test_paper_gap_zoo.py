@@ -7,7 +7,6 @@ import shutil
 import sys
 
 import numpy as np
-
 import pytest
 from conftest import run_job_script
 from test_train import dataset  # noqa: F401  (the fixture: a two-class synthetic set)
